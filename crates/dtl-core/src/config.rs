@@ -1,0 +1,903 @@
+//! The pipeline schema: one TOML file describes one run.
+//!
+//! Parsing is strict (`deny_unknown_fields`), then [`validate`] checks meaning against the
+//! registry. Every error names the file, the key (and line where known) and what is valid.
+//! `docs/pipeline.md` documents every key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::registry::{resolve_path, Registry};
+use crate::{DtlError, Result};
+
+/// A whole pipeline.
+///
+/// ```
+/// let text = r#"
+/// [run]
+/// name = "demo"
+/// [backbone]
+/// kind = "vit_tiny_patch16_224"
+/// [data]
+/// kind = "image-folder"
+/// root = "data"
+/// "#;
+/// let cfg = dtl_core::PipelineConfig::from_str(text, "demo.toml".as_ref(), &[]).unwrap();
+/// assert_eq!(cfg.side.kind, "dtl");
+/// assert_eq!(cfg.optim.betas, [0.9, 0.999]);
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// `[run]`: name, seed, device, output folder, precision.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// `[backbone]`: the frozen model and its weights.
+    pub backbone: BackboneConfig,
+    /// `[side]`: the Compact Side Network.
+    #[serde(default)]
+    pub side: SideConfig,
+    /// `[head]`: the classifier.
+    #[serde(default)]
+    pub head: HeadConfig,
+    /// `[data]`: where samples come from and how they are batched.
+    pub data: DataConfig,
+    /// `[augment]`: ordered preprocessing and augmentation ops.
+    #[serde(default)]
+    pub augment: AugmentConfig,
+    /// `[optim]`: AdamW.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// `[schedule]`: epochs and the learning-rate schedule.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// `[eval]`: evaluation cadence.
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; the run directory is `<output_dir>/<name>`. Defaults to the file stem.
+    pub name: String,
+    /// Seed of every random choice (init, shuffling, augmentation, drop path).
+    pub seed: u64,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Parent folder of run directories, relative to the working directory.
+    pub output_dir: PathBuf,
+    /// `f32` or `bf16` (bf16 needs a CUDA device).
+    pub precision: String,
+    /// CPU threads for compute (0 = all cores).
+    pub threads: usize,
+    /// Write a step metrics line every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: String::new(),
+            seed: 0,
+            device: "cpu".into(),
+            output_dir: "runs".into(),
+            precision: "f32".into(),
+            threads: 0,
+            log_every: 10,
+        }
+    }
+}
+
+/// `[backbone]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// Registered variant name (`dtl list backbones`).
+    pub kind: String,
+    /// Checkpoint file (timm `.safetensors` or Google `.npz`); relative to the pipeline file.
+    /// Without it the backbone is randomly initialised (for benchmarks only).
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    /// `auto` (from the file), `safetensors` or `npz`.
+    #[serde(default = "auto")]
+    pub format: String,
+    /// Stochastic-depth rate of the last block (timm's `drop_path_rate`).
+    #[serde(default)]
+    pub drop_path: f64,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+/// `[side]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SideConfig {
+    /// `dtl`, `dtl+` or `linear` (or a registered plugin).
+    pub kind: String,
+    /// Rank r of each low-rank map.
+    pub rank: usize,
+    /// beta of swish_beta.
+    pub beta: f64,
+    /// Tapped blocks: `"0-11"`, `"0-3,8"`, `"all"` or a list. Default: all blocks.
+    pub taps: Option<Blocks>,
+    /// Blocks after which g(z) is added. Default: the second half of the blocks.
+    pub injects: Option<Blocks>,
+    /// Depthwise conv kernel of `dtl+` (0 = none). Default 3 for `dtl+`, 0 otherwise.
+    pub kernel: Option<usize>,
+    /// Extra parameters for plugin side networks.
+    pub options: toml::Table,
+}
+
+impl Default for SideConfig {
+    fn default() -> Self {
+        SideConfig {
+            kind: "dtl".into(),
+            rank: 2,
+            beta: 100.0,
+            taps: None,
+            injects: None,
+            kernel: None,
+            options: toml::Table::new(),
+        }
+    }
+}
+
+impl SideConfig {
+    /// Tapped blocks for a backbone of `depth` blocks (validated).
+    pub fn tap_blocks(&self, depth: usize) -> Vec<usize> {
+        match &self.taps {
+            Some(b) => b.resolve(depth),
+            None => (0..depth).collect(),
+        }
+    }
+
+    /// Inject blocks for a backbone of `depth` blocks (validated).
+    pub fn inject_blocks(&self, depth: usize) -> Vec<usize> {
+        match &self.injects {
+            Some(b) => b.resolve(depth),
+            None => (depth / 2..depth).collect(),
+        }
+    }
+
+    /// The conv kernel: the configured one, else 3 for `dtl+` and 0 otherwise.
+    pub fn kernel_size(&self) -> usize {
+        self.kernel
+            .unwrap_or(if self.kind == "dtl+" { 3 } else { 0 })
+    }
+}
+
+/// `[head]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    /// `linear` (or a registered plugin).
+    pub kind: String,
+    /// `mean` (mean of patch tokens, the DTL head) or `cls` (class token).
+    pub pool: String,
+    /// Number of classes; defaults to the dataset's.
+    pub classes: Option<usize>,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        HeadConfig {
+            kind: "linear".into(),
+            pool: "mean".into(),
+            classes: None,
+        }
+    }
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Registered dataset layout (`dtl list datasets`).
+    pub kind: String,
+    /// Dataset root folder or file; relative to the pipeline file.
+    pub root: PathBuf,
+    /// Task or dataset name inside the root (VTAB-1k task, few-shot dataset).
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Training split name (layout-specific; e.g. `train800val200`).
+    #[serde(default = "train_split")]
+    pub train: String,
+    /// Evaluation split name.
+    #[serde(default = "test_split")]
+    pub test: String,
+    /// Training batch size.
+    #[serde(default = "batch")]
+    pub batch_size: usize,
+    /// Evaluation batch size (defaults to the training one).
+    #[serde(default)]
+    pub eval_batch_size: Option<usize>,
+    /// Decoding/augmentation worker threads.
+    #[serde(default = "workers")]
+    pub workers: usize,
+    /// Batches prepared ahead of the trainer.
+    #[serde(default = "prefetch")]
+    pub prefetch: usize,
+    /// Drop the last incomplete training batch.
+    #[serde(default = "yes")]
+    pub drop_last: bool,
+    /// Per-channel mean subtracted after scaling pixels to [0, 1].
+    #[serde(default = "half3")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    #[serde(default = "half3")]
+    pub std: [f32; 3],
+    /// Use at most this many training items (quick runs).
+    #[serde(default)]
+    pub limit_train: Option<usize>,
+    /// Use at most this many evaluation items.
+    #[serde(default)]
+    pub limit_test: Option<usize>,
+    /// Layout-specific parameters (few-shot `shots`/`seed`, IDX file names, CSV columns).
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+fn train_split() -> String {
+    "train".into()
+}
+fn test_split() -> String {
+    "test".into()
+}
+fn batch() -> usize {
+    32
+}
+fn workers() -> usize {
+    2
+}
+fn prefetch() -> usize {
+    4
+}
+fn yes() -> bool {
+    true
+}
+fn half3() -> [f32; 3] {
+    [0.5; 3]
+}
+
+/// `[augment]`: op lists applied in order. Empty lists mean "resize to the backbone's input
+/// and normalise".
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Ops for training samples.
+    pub train: Vec<AugmentOp>,
+    /// Ops for evaluation samples.
+    pub test: Vec<AugmentOp>,
+    /// Batch-level ops (mixup/cutmix) for training batches.
+    pub batch: Vec<AugmentOp>,
+}
+
+/// One op: `{ op = "resize", size = 224 }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AugmentOp {
+    /// Registered op name (`dtl list augment`).
+    pub op: String,
+    /// The op's parameters.
+    #[serde(flatten)]
+    pub params: toml::Table,
+}
+
+/// `[optim]`: AdamW.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `adamw`.
+    pub kind: String,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Adam betas.
+    pub betas: [f64; 2],
+    /// Adam epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Parameters whose names end with one of these get no weight decay.
+    pub no_decay: Vec<String>,
+    /// Clip the global gradient norm to this value (none when absent).
+    pub clip_grad: Option<f64>,
+    /// Label smoothing of the cross-entropy loss.
+    pub label_smoothing: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: "adamw".into(),
+            lr: 1e-3,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.05,
+            no_decay: vec![".bias".into()],
+            clip_grad: None,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Whether the parameter `name` gets weight decay.
+    ///
+    /// ```
+    /// let o = dtl_core::config::OptimConfig::default();
+    /// assert!(!o.decays("head.bias"));
+    /// assert!(o.decays("side.0.a"));
+    /// ```
+    pub fn decays(&self, name: &str) -> bool {
+        !self.no_decay.iter().any(|s| name.ends_with(s.as_str()))
+    }
+}
+
+/// `[schedule]`: epochs and timm `CosineLRScheduler` semantics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// `cosine` or `constant`.
+    pub kind: String,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Length of the first cosine cycle in epochs (timm `t_initial`); defaults to `epochs`.
+    pub t_initial: Option<usize>,
+    /// Linear warm-up epochs (they overlap the cosine, as in timm).
+    pub warmup_epochs: usize,
+    /// Learning rate at the start of warm-up.
+    pub warmup_lr: f64,
+    /// Floor of the cosine.
+    pub min_lr: f64,
+    /// Peak decay factor per cycle.
+    pub cycle_decay: f64,
+    /// `epoch` (update once per epoch, timm's default) or `step` (every optimizer step).
+    pub per: String,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            kind: "cosine".into(),
+            epochs: 10,
+            t_initial: None,
+            warmup_epochs: 0,
+            warmup_lr: 1e-7,
+            min_lr: 1e-8,
+            cycle_decay: 0.5,
+            per: "epoch".into(),
+        }
+    }
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many epochs (and always after the last).
+    pub every: usize,
+    /// Also evaluate before training.
+    pub at_start: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 1,
+            at_start: false,
+        }
+    }
+}
+
+/// A set of block indices written as `"0-11"`, `"0-3,6,8-11"`, `"all"`, `"none"` or a list.
+///
+/// ```
+/// use dtl_core::config::Blocks;
+/// let b: Blocks = "0-2,5".parse().unwrap();
+/// assert_eq!(b.resolve(12), vec![0, 1, 2, 5]);
+/// assert_eq!("all".parse::<Blocks>().unwrap().resolve(3), vec![0, 1, 2]);
+/// assert!("3-1".parse::<Blocks>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocks {
+    /// Every block.
+    All,
+    /// Explicit indices, sorted and deduplicated.
+    List(Vec<usize>),
+}
+
+impl Blocks {
+    /// The indices for a backbone of `depth` blocks (indices past the depth are kept, so
+    /// that validation can report them).
+    pub fn resolve(&self, depth: usize) -> Vec<usize> {
+        match self {
+            Blocks::All => (0..depth).collect(),
+            Blocks::List(v) => v.clone(),
+        }
+    }
+}
+
+impl std::str::FromStr for Blocks {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim();
+        if t == "all" {
+            return Ok(Blocks::All);
+        }
+        if t == "none" || t.is_empty() {
+            return Ok(Blocks::List(vec![]));
+        }
+        let mut out = Vec::new();
+        for part in t.split(',') {
+            let part = part.trim();
+            let bad = || format!("`{part}` is not a block index or range; write e.g. \"0-11\", \"0-3,8\", \"all\" or [0, 1, 2]");
+            if let Some((a, b)) = part.split_once('-') {
+                let a: usize = a.trim().parse().map_err(|_| bad())?;
+                let b: usize = b.trim().parse().map_err(|_| bad())?;
+                if a > b {
+                    return Err(format!("range `{part}` is empty: its start is after its end"));
+                }
+                out.extend(a..=b);
+            } else {
+                out.push(part.parse().map_err(|_| bad())?);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(Blocks::List(out))
+    }
+}
+
+impl fmt::Display for Blocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Blocks::All => write!(f, "all"),
+            Blocks::List(v) => {
+                let mut parts = Vec::new();
+                let mut i = 0;
+                while i < v.len() {
+                    let mut j = i;
+                    while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+                        j += 1;
+                    }
+                    parts.push(if i == j {
+                        v[i].to_string()
+                    } else {
+                        format!("{}-{}", v[i], v[j])
+                    });
+                    i = j + 1;
+                }
+                if parts.is_empty() {
+                    write!(f, "none")
+                } else {
+                    write!(f, "{}", parts.join(","))
+                }
+            }
+        }
+    }
+}
+
+impl Serialize for Blocks {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Blocks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            List(Vec<i64>),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected block indices: a string like \"0-11\" or \"0-3,8\" or \"all\", or a list like [0, 1, 2]",
+            )
+        })? {
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+            Raw::List(v) => {
+                let mut out = Vec::new();
+                for i in v {
+                    if i < 0 {
+                        return Err(serde::de::Error::custom(format!(
+                            "block index {i} is negative"
+                        )));
+                    }
+                    out.push(i as usize);
+                }
+                out.sort_unstable();
+                out.dedup();
+                Ok(Blocks::List(out))
+            }
+        }
+    }
+}
+
+/// A parsed `cpu` / `cuda:N` device string.
+///
+/// ```
+/// use dtl_core::config::DeviceSpec;
+/// assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+/// assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+/// assert!("gpu".parse::<DeviceSpec>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device; use \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")")),
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Parses a `key=value` override into a dotted key and a TOML value. Values are read as
+/// TOML (`3e-4`, `true`, `[1, 2]`, `"x"`); anything that is not valid TOML is a string.
+///
+/// ```
+/// let (k, v) = dtl_core::config::parse_override("optim.lr=3e-4").unwrap();
+/// assert_eq!(k, "optim.lr");
+/// assert_eq!(v.as_float(), Some(3e-4));
+/// let (_, v) = dtl_core::config::parse_override("side.taps=0-11").unwrap();
+/// assert_eq!(v.as_str(), Some("0-11"));
+/// ```
+pub fn parse_override(text: &str) -> Result<(String, toml::Value)> {
+    let (key, value) = text.split_once('=').ok_or_else(|| {
+        DtlError::config(
+            "command line",
+            text,
+            None,
+            "an override must look like `section.key=value`, e.g. `optim.lr=3e-4`",
+        )
+    })?;
+    let key = key.trim().to_string();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(DtlError::config(
+            "command line",
+            text,
+            None,
+            "an override key must be dotted like `optim.lr`",
+        ));
+    }
+    let value = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    Ok((key, parsed))
+}
+
+fn apply_override(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for (i, p) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            cur.insert(p.to_string(), value);
+            return Ok(());
+        }
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| {
+            DtlError::config(
+                "command line",
+                key,
+                None,
+                format!("`{}` is not a table, so `{key}` cannot be set", parts[..=i].join(".")),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn deserialize_with_path(text: &str, file: &Path, origin: &Path) -> Result<PipelineConfig> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize::<_, PipelineConfig>(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        let line = inner.span().map(|s| line_of(text, s.start));
+        let msg = inner.message().trim().to_string();
+        let msg = explain(&msg);
+        let _ = file;
+        DtlError::config(origin, key, line, msg)
+    })
+}
+
+/// Rewrites serde's messages into ones that say what would be valid.
+fn explain(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        return format!("unknown key {rest}");
+    }
+    if msg.starts_with("missing field") {
+        return msg.replacen("missing field", "missing required key", 1);
+    }
+    msg.to_string()
+}
+
+impl PipelineConfig {
+    /// Reads and parses a pipeline file, applies `key=value` overrides and resolves relative
+    /// paths against the file's folder. Semantic checks are [`validate`]'s job.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DtlError::io(path, e))?;
+        Self::from_str(&text, path, overrides)
+    }
+
+    /// Parses pipeline text as if read from `path`.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        // The file on its own first, so that its errors carry line numbers.
+        let mut cfg = deserialize_with_path(text, path, path)?;
+        if !overrides.is_empty() {
+            let mut table: toml::Table = toml::from_str(text)
+                .map_err(|e| DtlError::config(path, "", None, e.message().to_string()))?;
+            for o in overrides {
+                let (k, v) = parse_override(o)?;
+                apply_override(&mut table, &k, v)?;
+            }
+            let merged = toml::to_string(&table)
+                .map_err(|e| DtlError::config("command line", "", None, e.to_string()))?;
+            cfg = deserialize_with_path(&merged, path, Path::new("command line"))
+                .map_err(|e| match e {
+                    DtlError::Config { key, message, .. } => DtlError::config(
+                        format!("{} (with overrides)", path.display()),
+                        key,
+                        None,
+                        message,
+                    ),
+                    other => other,
+                })?;
+        }
+        if cfg.run.name.is_empty() {
+            cfg.run.name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
+        }
+        if let Some(w) = &cfg.backbone.weights {
+            cfg.backbone.weights = Some(resolve_path(path, w));
+        }
+        cfg.data.root = resolve_path(path, &cfg.data.root);
+        Ok(cfg)
+    }
+
+    /// The resolved pipeline as TOML, every default filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+
+    /// The number of classes: `head.classes` if set, else `fallback` (the dataset's).
+    pub fn classes(&self, fallback: usize) -> usize {
+        self.head.classes.unwrap_or(fallback)
+    }
+
+    /// Evaluation batch size.
+    pub fn eval_batch_size(&self) -> usize {
+        self.data.eval_batch_size.unwrap_or(self.data.batch_size)
+    }
+
+    /// The parsed device.
+    pub fn device(&self) -> Result<DeviceSpec> {
+        self.run
+            .device
+            .parse()
+            .map_err(|m| DtlError::config("pipeline", "run.device", None, m))
+    }
+}
+
+/// What [`validate`] needs besides the pipeline.
+pub struct ValidationContext<'a> {
+    /// The pipeline file (named in every message).
+    pub file: &'a Path,
+    /// The component registry.
+    pub registry: &'a Registry,
+    /// Says why a device cannot be used, or `Ok` when it can.
+    pub device_check: &'a dyn Fn(DeviceSpec) -> std::result::Result<(), String>,
+}
+
+/// Checks a parsed pipeline's meaning and returns every problem found (empty when valid).
+pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlError> {
+    let mut errs = Vec::new();
+    let file = cx.file;
+    let mut err = |key: &str, msg: String| errs.push(DtlError::config(file, key, None, msg));
+    let reg = cx.registry;
+
+    // [run]
+    match cfg.run.device.parse::<DeviceSpec>() {
+        Ok(d) => {
+            if let Err(m) = (cx.device_check)(d) {
+                err("run.device", m);
+            }
+        }
+        Err(m) => err("run.device", m),
+    }
+    if !["f32", "bf16"].contains(&cfg.run.precision.as_str()) {
+        err("run.precision", format!("`{}` is not a precision; use \"f32\" or \"bf16\"", cfg.run.precision));
+    } else if cfg.run.precision == "bf16" && cfg.run.device == "cpu" {
+        err("run.precision", "bf16 needs a CUDA device; use \"f32\" on the CPU".into());
+    }
+    if cfg.run.log_every == 0 {
+        err("run.log_every", "must be at least 1".into());
+    }
+
+    // [backbone]
+    let depth = match reg.backbone(&cfg.backbone.kind) {
+        Ok(b) => Some(b.spec().depth),
+        Err(e) => {
+            err("backbone.kind", e.to_string());
+            None
+        }
+    };
+    if let Some(w) = &cfg.backbone.weights {
+        if !w.is_file() {
+            err("backbone.weights", format!("file `{}` does not exist; give the path of a timm .safetensors or Google .npz checkpoint (relative to the pipeline file), or remove the key for random weights", w.display()));
+        }
+    }
+    if !["auto", "safetensors", "npz"].contains(&cfg.backbone.format.as_str()) {
+        err("backbone.format", format!("`{}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\"", cfg.backbone.format));
+    }
+    if !(0.0..1.0).contains(&cfg.backbone.drop_path) {
+        err("backbone.drop_path", format!("must be in [0, 1), got {}", cfg.backbone.drop_path));
+    }
+
+    // [side]
+    match reg.side(&cfg.side.kind) {
+        Err(e) => err("side.kind", e.to_string()),
+        Ok(_) if cfg.side.kind != "linear" => {
+            if cfg.side.rank == 0 {
+                err("side.rank", "must be at least 1, got 0".into());
+            }
+            if !(cfg.side.beta.is_finite() && cfg.side.beta > 0.0) {
+                err("side.beta", format!("must be a positive number, got {}", cfg.side.beta));
+            }
+            let k = cfg.side.kernel_size();
+            if k > 7 {
+                err("side.kernel", format!("must be 0 (no conv) or 1 to 7, got {k}"));
+            }
+            if let Some(depth) = depth {
+                let taps = cfg.side.tap_blocks(depth);
+                let injects = cfg.side.inject_blocks(depth);
+                for (key, set) in [("side.taps", &taps), ("side.injects", &injects)] {
+                    if let Some(bad) = set.iter().find(|&&i| i >= depth) {
+                        err(key, format!("block {bad} is past the backbone's depth: `{}` has blocks 0-{}", cfg.backbone.kind, depth - 1));
+                    }
+                }
+                if taps.is_empty() {
+                    err("side.taps", "no block is tapped; tap at least one block or use side.kind = \"linear\"".into());
+                } else if let Some(&first) = injects.first() {
+                    if first < taps[0] {
+                        err("side.injects", format!("block {first} is injected before the first tapped block {}; injects must not come before the first tap", taps[0]));
+                    }
+                } else {
+                    err("side.injects", "no inject block; add at least one (default: the second half of the blocks)".into());
+                }
+            }
+        }
+        Ok(_) => {}
+    }
+
+    // [head]
+    if let Err(e) = reg.head(&cfg.head.kind) {
+        err("head.kind", e.to_string());
+    }
+    if !["mean", "cls"].contains(&cfg.head.pool.as_str()) {
+        err("head.pool", format!("`{}` is not a pooling; use \"mean\" (patch tokens, the DTL head) or \"cls\" (class token)", cfg.head.pool));
+    }
+    if let Some(c) = cfg.head.classes {
+        if c < 2 {
+            err("head.classes", format!("must be at least 2, got {c}"));
+        }
+    }
+
+    // [data]
+    if let Err(e) = reg.dataset(&cfg.data.kind) {
+        err("data.kind", e.to_string());
+    }
+    if !cfg.data.root.exists() {
+        err("data.root", format!("`{}` does not exist; point it at the dataset folder (relative to the pipeline file)", cfg.data.root.display()));
+    }
+    if cfg.data.batch_size == 0 {
+        err("data.batch_size", "must be at least 1, got 0".into());
+    }
+    if cfg.data.eval_batch_size == Some(0) {
+        err("data.eval_batch_size", "must be at least 1, got 0".into());
+    }
+    if cfg.data.prefetch == 0 {
+        err("data.prefetch", "must be at least 1, got 0".into());
+    }
+    for (i, s) in cfg.data.std.iter().enumerate() {
+        if *s <= 0.0 {
+            err("data.std", format!("channel {i} has std {s}; every std must be positive"));
+        }
+    }
+
+    // [augment]
+    for (list, ops) in [("train", &cfg.augment.train), ("test", &cfg.augment.test), ("batch", &cfg.augment.batch)] {
+        for (i, op) in ops.iter().enumerate() {
+            let key = format!("augment.{list}[{i}]");
+            match reg.augment(&op.op) {
+                Err(e) => err(&format!("{key}.op"), e.to_string()),
+                Ok(entry) => {
+                    if let Err(e) = (entry.build)(op, &key) {
+                        err(&key, e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    // [optim]
+    if cfg.optim.kind != "adamw" {
+        err("optim.kind", format!("`{}` is not an optimizer; use \"adamw\"", cfg.optim.kind));
+    }
+    if !(cfg.optim.lr.is_finite() && cfg.optim.lr > 0.0) {
+        err("optim.lr", format!("must be a positive number, got {}", cfg.optim.lr));
+    }
+    for (i, b) in cfg.optim.betas.iter().enumerate() {
+        if !(0.0..1.0).contains(b) {
+            err("optim.betas", format!("beta{} must be in [0, 1), got {b}", i + 1));
+        }
+    }
+    if !(cfg.optim.eps > 0.0) {
+        err("optim.eps", format!("must be positive, got {}", cfg.optim.eps));
+    }
+    if !(cfg.optim.weight_decay >= 0.0) {
+        err("optim.weight_decay", format!("must be 0 or more, got {}", cfg.optim.weight_decay));
+    }
+    if let Some(c) = cfg.optim.clip_grad {
+        if !(c > 0.0) {
+            err("optim.clip_grad", format!("must be positive, got {c}; remove the key for no clipping"));
+        }
+    }
+    if !(0.0..1.0).contains(&cfg.optim.label_smoothing) {
+        err("optim.label_smoothing", format!("must be in [0, 1), got {}", cfg.optim.label_smoothing));
+    }
+
+    // [schedule]
+    let s = &cfg.schedule;
+    if !["cosine", "constant"].contains(&s.kind.as_str()) {
+        err("schedule.kind", format!("`{}` is not a schedule; use \"cosine\" or \"constant\"", s.kind));
+    }
+    if s.epochs == 0 {
+        err("schedule.epochs", "must be at least 1, got 0".into());
+    }
+    if s.t_initial == Some(0) {
+        err("schedule.t_initial", "must be at least 1, got 0".into());
+    }
+    if !["epoch", "step"].contains(&s.per.as_str()) {
+        err("schedule.per", format!("`{}` is not valid; use \"epoch\" or \"step\"", s.per));
+    }
+    if s.min_lr < 0.0 || s.warmup_lr < 0.0 {
+        err("schedule.min_lr", "learning rates must not be negative".into());
+    }
+
+    // [eval]
+    if cfg.eval.every == 0 {
+        err("eval.every", "must be at least 1, got 0".into());
+    }
+    errs
+}

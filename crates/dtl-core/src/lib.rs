@@ -1,0 +1,35 @@
+//! Core of dtl: the traits of disentangled transfer learning, the component registry and
+//! the pipeline schema.
+//!
+//! - [`Backbone`]: a frozen model with a per-block forward and an input-only VJP.
+//! - [`SideNetwork`] and [`Head`]: the trainable parts, ordinary dfdx computations on a tape.
+//! - [`tape`]: frozen blocks as custom operations on dfdx's tape.
+//! - [`Dataset`] and [`Augment`]: where samples come from and what happens to them.
+//! - [`registry`]: every component a pipeline can name, gathered with `inventory`.
+//! - [`config`]: the pipeline TOML schema and its validation.
+
+#![warn(missing_docs)]
+
+pub mod backbone;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod job;
+pub mod registry;
+pub mod side;
+pub mod tape;
+
+pub use backbone::{Backbone, BackboneSpec, DropPath, FeaturesOf, Images, TokensOf};
+pub use config::PipelineConfig;
+pub use data::{Augment, Dataset, Example, FloatImage, RgbImage, Sample};
+pub use error::{DtlError, Result};
+pub use job::{BenchOptions, Job, RunEnv};
+pub use registry::{
+    registry, AugmentEntry, BackboneEntry, BuildContext, DatasetEntry, HeadEntry, Registry,
+    SideEntry, Split,
+};
+pub use side::{Act, Head, Param, Parameters, SideNetwork};
+pub use tape::{frozen_block, frozen_norm, AccumulateGrad};
+
+#[doc(hidden)]
+pub use inventory;

@@ -1,0 +1,302 @@
+//! The component registry: every backbone, side network, head, dataset and augmentation op
+//! that dtl can name in a pipeline.
+//!
+//! Plugins register with `inventory::submit!`; the registry is gathered once, sorted by name,
+//! and a duplicate name is an error naming both registrations. A binary must reference every
+//! plugin crate it wants (`use dtl_vit as _;`) or the linker drops its registrations.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use dfdx::prelude::Cpu;
+
+use crate::config::{AugmentOp, DataConfig, PipelineConfig, SideConfig, HeadConfig};
+use crate::data::{Augment, Dataset};
+use crate::side::{Head, SideNetwork};
+use crate::job::Job;
+use crate::{BackboneSpec, DtlError, Result};
+
+/// Which split of a dataset to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training split (`data.train`).
+    Train,
+    /// The evaluation split (`data.test`).
+    Test,
+}
+
+/// Everything a backbone's job constructor needs besides the pipeline.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// The pipeline file the configuration came from (for messages).
+    pub pipeline_file: std::path::PathBuf,
+}
+
+/// A registered backbone variant.
+///
+/// `build` is a monomorphised constructor: it instantiates the runner for this variant's
+/// compile-time dims and returns it as a type-erased [`Job`].
+///
+/// ```
+/// use dtl_core::registry::{BackboneEntry, BuildContext};
+/// use dtl_core::{BackboneSpec, PipelineConfig, Result, Job};
+/// fn spec() -> BackboneSpec { BackboneSpec::vit("toy_vit", 32, 8, 48, 4, 3) }
+/// fn build(_: &PipelineConfig, _: &BuildContext) -> Result<Box<dyn Job>> {
+///     Err(dtl_core::DtlError::invalid("toy backbone cannot run"))
+/// }
+/// dtl_core::inventory::submit! {
+///     BackboneEntry { name: "toy_vit", description: "a toy", spec, build, origin: module_path!() }
+/// }
+/// let reg = dtl_core::registry::registry().unwrap();
+/// assert_eq!(reg.backbone("toy_vit").unwrap().spec().depth, 4);
+/// ```
+pub struct BackboneEntry {
+    /// Name used in `backbone.kind`.
+    pub name: &'static str,
+    /// One line for `dtl list`.
+    pub description: &'static str,
+    /// The variant's numbers, without loading anything.
+    pub spec: fn() -> BackboneSpec,
+    /// Builds the runnable pipeline for this variant.
+    pub build: fn(&PipelineConfig, &BuildContext) -> Result<Box<dyn Job>>,
+    /// Where the registration comes from (`module_path!()`).
+    pub origin: &'static str,
+}
+
+/// Builds a side network for the CPU device; other devices get their own constructors.
+pub type SideBuilder =
+    fn(&SideConfig, &BackboneSpec, &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>>;
+
+/// A registered side network.
+pub struct SideEntry {
+    /// Name used in `side.kind`.
+    pub name: &'static str,
+    /// One line for `dtl list`.
+    pub description: &'static str,
+    /// Constructor on the CPU.
+    pub build_cpu: SideBuilder,
+    /// Where the registration comes from.
+    pub origin: &'static str,
+}
+
+/// Builds a head for the CPU device: `(config, backbone spec, classes, device)`.
+pub type HeadBuilder =
+    fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
+
+/// A registered head.
+pub struct HeadEntry {
+    /// Name used in `head.kind`.
+    pub name: &'static str,
+    /// One line for `dtl list`.
+    pub description: &'static str,
+    /// Constructor on the CPU.
+    pub build_cpu: HeadBuilder,
+    /// Where the registration comes from.
+    pub origin: &'static str,
+}
+
+/// Opens a dataset split: `(data config, split)`.
+pub type DatasetBuilder = fn(&DataConfig, Split) -> Result<Box<dyn Dataset>>;
+
+/// A registered dataset layout.
+pub struct DatasetEntry {
+    /// Name used in `data.kind`.
+    pub name: &'static str,
+    /// One line for `dtl list`.
+    pub description: &'static str,
+    /// Opens a split.
+    pub build: DatasetBuilder,
+    /// Where the registration comes from.
+    pub origin: &'static str,
+}
+
+/// Builds an augmentation op from its table: `(op, key path for messages)`.
+pub type AugmentBuilder = fn(&AugmentOp, &str) -> Result<Box<dyn Augment>>;
+
+/// A registered augmentation op.
+pub struct AugmentEntry {
+    /// Name used in `op = "..."`.
+    pub name: &'static str,
+    /// One line for `dtl list`.
+    pub description: &'static str,
+    /// Builds the op from its parameters.
+    pub build: AugmentBuilder,
+    /// Where the registration comes from.
+    pub origin: &'static str,
+}
+
+inventory::collect!(BackboneEntry);
+inventory::collect!(SideEntry);
+inventory::collect!(HeadEntry);
+inventory::collect!(DatasetEntry);
+inventory::collect!(AugmentEntry);
+
+/// Common view of every entry kind.
+pub trait Entry: 'static {
+    /// Registry kind in messages (`backbone`, `side network`, ...).
+    const KIND: &'static str;
+    /// Registered name.
+    fn name(&self) -> &'static str;
+    /// One-line description.
+    fn description(&self) -> &'static str;
+    /// Registration origin.
+    fn origin(&self) -> &'static str;
+}
+
+macro_rules! entry {
+    ($t:ty, $kind:literal) => {
+        impl Entry for $t {
+            const KIND: &'static str = $kind;
+            fn name(&self) -> &'static str {
+                self.name
+            }
+            fn description(&self) -> &'static str {
+                self.description
+            }
+            fn origin(&self) -> &'static str {
+                self.origin
+            }
+        }
+    };
+}
+entry!(BackboneEntry, "backbone");
+entry!(SideEntry, "side network");
+entry!(HeadEntry, "head");
+entry!(DatasetEntry, "dataset");
+entry!(AugmentEntry, "augmentation op");
+
+impl BackboneEntry {
+    /// The variant's numbers.
+    pub fn spec(&self) -> BackboneSpec {
+        (self.spec)()
+    }
+}
+
+/// One kind of component, sorted by name.
+pub struct Table<E: 'static> {
+    by_name: BTreeMap<&'static str, &'static E>,
+}
+
+impl<E: Entry> Table<E> {
+    fn gather(items: impl Iterator<Item = &'static E>) -> Result<Self> {
+        let mut by_name: BTreeMap<&'static str, &'static E> = BTreeMap::new();
+        for e in items {
+            if let Some(prev) = by_name.insert(e.name(), e) {
+                return Err(DtlError::DuplicateComponent {
+                    kind: E::KIND,
+                    name: e.name().to_string(),
+                    first: prev.origin().to_string(),
+                    second: e.origin().to_string(),
+                });
+            }
+        }
+        Ok(Table { by_name })
+    }
+
+    /// Looks a name up; an unknown name gives the nearest registered one and the full list.
+    pub fn get(&self, name: &str) -> Result<&'static E> {
+        self.by_name.get(name).copied().ok_or_else(|| self.unknown(name))
+    }
+
+    /// The error for an unknown name.
+    pub fn unknown(&self, name: &str) -> DtlError {
+        DtlError::UnknownComponent {
+            kind: E::KIND,
+            name: name.to_string(),
+            suggestion: crate::error::closest(name, self.by_name.keys().copied()),
+            registered: self.names().iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Whether `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Sorted names.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.by_name.keys().copied().collect()
+    }
+
+    /// Entries sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &'static E> + '_ {
+        self.by_name.values().copied()
+    }
+}
+
+/// Every registered component, sorted.
+pub struct Registry {
+    /// Backbone variants.
+    pub backbones: Table<BackboneEntry>,
+    /// Side networks.
+    pub sides: Table<SideEntry>,
+    /// Heads.
+    pub heads: Table<HeadEntry>,
+    /// Dataset layouts.
+    pub datasets: Table<DatasetEntry>,
+    /// Augmentation ops.
+    pub augments: Table<AugmentEntry>,
+}
+
+impl Registry {
+    /// Gathers what the linked crates registered, refusing duplicate names.
+    pub fn gather() -> Result<Self> {
+        Ok(Registry {
+            backbones: Table::gather(inventory::iter::<BackboneEntry>.into_iter())?,
+            sides: Table::gather(inventory::iter::<SideEntry>.into_iter())?,
+            heads: Table::gather(inventory::iter::<HeadEntry>.into_iter())?,
+            datasets: Table::gather(inventory::iter::<DatasetEntry>.into_iter())?,
+            augments: Table::gather(inventory::iter::<AugmentEntry>.into_iter())?,
+        })
+    }
+
+    /// A backbone by name.
+    pub fn backbone(&self, name: &str) -> Result<&'static BackboneEntry> {
+        self.backbones.get(name)
+    }
+
+    /// A side network by name.
+    pub fn side(&self, name: &str) -> Result<&'static SideEntry> {
+        self.sides.get(name)
+    }
+
+    /// A head by name.
+    pub fn head(&self, name: &str) -> Result<&'static HeadEntry> {
+        self.heads.get(name)
+    }
+
+    /// A dataset layout by name.
+    pub fn dataset(&self, name: &str) -> Result<&'static DatasetEntry> {
+        self.datasets.get(name)
+    }
+
+    /// An augmentation op by name.
+    pub fn augment(&self, name: &str) -> Result<&'static AugmentEntry> {
+        self.augments.get(name)
+    }
+
+    /// Opens a dataset split through its registered layout.
+    pub fn open_dataset(&self, cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
+        (self.dataset(&cfg.kind)?.build)(cfg, split)
+    }
+}
+
+/// The process-wide registry, gathered on first use.
+///
+/// Returns the duplicate-name error every time it is called if registration was inconsistent.
+pub fn registry() -> Result<&'static Registry> {
+    static REG: OnceLock<std::result::Result<Registry, String>> = OnceLock::new();
+    REG.get_or_init(|| Registry::gather().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| DtlError::invalid(e.clone()))
+}
+
+/// Resolves `path` against the folder of the pipeline file `base` when it is relative.
+pub fn resolve_path(base: &Path, path: &Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(path)
+    }
+}

@@ -1,0 +1,1 @@
+//! Datasets, decoding, augmentation and the data loader.
