@@ -551,6 +551,12 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+/// `path` made absolute against the working directory, `.`/`..` folded where possible.
+fn absolute(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    abs.canonicalize().unwrap_or(abs)
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -652,12 +658,14 @@ impl PipelineConfig {
     pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // The file on its own first, so that its errors carry line numbers.
         let mut cfg = deserialize_with_path(text, path, path)?;
+        let mut overridden = Vec::new();
         if !overrides.is_empty() {
             let mut table: toml::Table = toml::from_str(text)
                 .map_err(|e| DtlError::config(path, "", None, e.message().to_string()))?;
             for o in overrides {
                 let (k, v) = parse_override(o)?;
                 apply_override(&mut table, &k, v)?;
+                overridden.push(k);
             }
             let merged = toml::to_string(&table)
                 .map_err(|e| DtlError::config("command line", "", None, e.to_string()))?;
@@ -678,10 +686,20 @@ impl PipelineConfig {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into());
         }
+        // Paths written in the file are relative to the file; paths given on the command line
+        // are relative to the working directory, as a shell user expects.
+        let resolve = |key: &str, p: &Path| {
+            if overridden.iter().any(|k| k == key) {
+                absolute(p)
+            } else {
+                absolute(&resolve_path(path, p))
+            }
+        };
         if let Some(w) = &cfg.backbone.weights {
-            cfg.backbone.weights = Some(resolve_path(path, w));
+            cfg.backbone.weights = Some(resolve("backbone.weights", w));
         }
-        cfg.data.root = resolve_path(path, &cfg.data.root);
+        cfg.data.root = resolve("data.root", &cfg.data.root);
+        cfg.run.output_dir = absolute(&cfg.run.output_dir);
         Ok(cfg)
     }
 

@@ -1,0 +1,131 @@
+//! The `dtl` binary as a user meets it: broken pipelines, listing, help.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dtl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dtl"))
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("the dtl binary runs")
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_path_buf()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Every file in `tests/pipelines/broken/` fails validation with exit code 1 and a one-line
+/// error containing the text of its `.expected` file; nothing panics.
+#[test]
+fn broken_pipelines_give_one_clear_line_each() {
+    let dir = workspace().join("tests/pipelines/broken");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "expected the broken-pipeline collection");
+    for case in cases {
+        let expected = std::fs::read_to_string(case.with_extension("expected"))
+            .unwrap_or_else(|_| panic!("{} has no .expected file", case.display()));
+        let expected = expected.trim();
+        let rel = case.strip_prefix(workspace()).unwrap();
+        for sub in [&["validate"][..], &["run"][..]] {
+            let mut args: Vec<&str> = sub.to_vec();
+            args.push(rel.to_str().unwrap());
+            let out = dtl(&args);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{}: {err}", case.display());
+            assert!(!err.contains("panicked"), "{}: {err}", case.display());
+            let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+            assert_eq!(lines.len(), 1, "{}: want one error line, got:\n{err}", case.display());
+            assert!(
+                lines[0].contains(expected),
+                "{}:\n  want: {expected}\n  got:  {}",
+                case.display(),
+                lines[0]
+            );
+            assert!(
+                lines[0].contains(case.file_name().unwrap().to_str().unwrap()),
+                "{}: the message must name the file: {}",
+                case.display(),
+                lines[0]
+            );
+        }
+    }
+}
+
+#[test]
+fn validate_reports_every_file_and_every_error() {
+    let out = dtl(&[
+        "validate",
+        "tests/pipelines/broken/zero-rank.toml",
+        "tests/pipelines/broken/inject-past-depth.toml",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("zero-rank.toml"), "{err}");
+    assert!(err.contains("inject-past-depth.toml"), "{err}");
+    assert!(err.contains("2 of 2 pipeline(s) invalid"), "{err}");
+}
+
+#[test]
+fn list_backbones_is_sorted_and_shows_shapes() {
+    let out = dtl(&["list", "backbones"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let names: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.trim_start().starts_with("image "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert!(names.contains(&"vit_base_patch16_224"), "{stdout}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    assert!(stdout.contains("image 224 patch 16 width 768 depth 12 heads 12 tokens 197"), "{stdout}");
+}
+
+#[test]
+fn overrides_apply_and_print_config_fills_defaults() {
+    let out = dtl(&[
+        "run",
+        "tests/pipelines/valid.toml",
+        "optim.lr=0.25",
+        "side.taps=0-1",
+        "--print-config",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("lr = 0.25"), "{stdout}");
+    assert!(stdout.contains("taps = \"0-1\""), "{stdout}");
+    assert!(stdout.contains("weight_decay = 0.05"), "{stdout}");
+    assert!(stdout.contains("[schedule]"), "{stdout}");
+}
+
+#[test]
+fn a_bad_override_names_the_key() {
+    let out = dtl(&["run", "tests/pipelines/valid.toml", "optim.lrr=1", "--print-config"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("unknown key `lrr`"), "{err}");
+    assert!(err.contains("with overrides"), "{err}");
+    let out = dtl(&["run", "tests/pipelines/valid.toml", "side.rank=0", "--print-config"]);
+    assert!(text(&out.stderr).contains("key `side.rank`: must be at least 1"));
+}
+
+#[test]
+fn help_shows_examples() {
+    let out = dtl(&["--help"]);
+    assert!(text(&out.stdout).contains("dtl run pipelines/quickstart.toml"));
+}
