@@ -554,7 +554,20 @@ impl std::str::FromStr for DeviceSpec {
 /// `path` made absolute against the working directory, `.`/`..` folded where possible.
 fn absolute(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    abs.canonicalize().unwrap_or(abs)
+    abs.canonicalize().unwrap_or_else(|_| {
+        // The path does not exist (yet): fold `..` lexically so messages stay readable.
+        let mut out = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -642,7 +655,10 @@ fn explain(msg: &str) -> String {
     if msg.starts_with("missing field") {
         return msg.replacen("missing field", "missing required key", 1);
     }
-    msg.to_string()
+    msg.replace("expected usize", "expected a whole number (0 or more)")
+        .replace("expected u64", "expected a whole number (0 or more)")
+        .replace("expected f64", "expected a number")
+        .replace("expected f32", "expected a number")
 }
 
 impl PipelineConfig {

@@ -146,11 +146,22 @@ pub type Result<T, E = DtlError> = std::result::Result<T, E>;
 /// assert_eq!(dtl_core::error::closest("vit_bse_patch16_224", names.iter().copied()),
 ///            Some("vit_base_patch16_224".to_string()));
 /// assert_eq!(dtl_core::error::closest("resnet", names.iter().copied()), None);
+/// assert_eq!(dtl_core::error::closest("dtlplus", ["dtl", "dtl+"]), Some("dtl+".to_string()));
 /// ```
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    // Compare spellings, not punctuation: `dtl+`, `DTL_plus` and `dtlplus` are the same word.
+    fn fold(s: &str) -> String {
+        s.to_lowercase()
+            .replace('+', "plus")
+            .chars()
+            .filter(|c| c.is_alphanumeric())
+            .collect()
+    }
+    let folded = fold(name);
     let mut best: Option<(f64, &str)> = None;
     for c in candidates {
-        let score = strsim::normalized_damerau_levenshtein(name, c);
+        let score = strsim::normalized_damerau_levenshtein(name, c)
+            .max(strsim::normalized_damerau_levenshtein(&folded, &fold(c)));
         if best.map(|(s, _)| score > s).unwrap_or(true) {
             best = Some((score, c));
         }
