@@ -135,4 +135,99 @@ pub trait Dataset: Send + Sync {
 pub trait Augment: Send + Sync {
     /// Transforms one sample; all randomness comes from `rng`.
     fn apply(&self, sample: Sample, rng: &mut dyn RngCore) -> Result<Sample>;
+
+    /// The batch-level form of this op, for ops that work on whole batches (mixup, cutmix).
+    /// Such ops belong in `augment.batch`; per-sample ops return `None`.
+    fn as_batch(&self) -> Option<&dyn BatchAugment> {
+        None
+    }
+}
+
+/// A batch of equally sized float images (`n x channels x height x width`, `CHW` per image)
+/// with their labels, as batch-level ops such as mixup and cutmix see it.
+///
+/// ```
+/// let b = dtl_core::data::TensorBatch::new(vec![0.0; 2 * 3 * 4 * 4], 3, 4, 4, vec![0, 1], 2).unwrap();
+/// assert_eq!(b.n(), 2);
+/// assert_eq!(b.image_len(), 48);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorBatch {
+    /// `n * channels * height * width` values.
+    pub images: Vec<f32>,
+    /// Channels per image.
+    pub channels: usize,
+    /// Rows per image.
+    pub height: usize,
+    /// Columns per image.
+    pub width: usize,
+    /// One class index per image.
+    pub labels: Vec<usize>,
+    /// `n * num_classes` target probabilities once a batch op has mixed the labels.
+    pub soft_targets: Option<Vec<f32>>,
+    /// Number of classes (the width of a soft-target row).
+    pub num_classes: usize,
+}
+
+impl TensorBatch {
+    /// Wraps images and labels, checking that the sizes agree.
+    pub fn new(
+        images: Vec<f32>,
+        channels: usize,
+        height: usize,
+        width: usize,
+        labels: Vec<usize>,
+        num_classes: usize,
+    ) -> Result<Self> {
+        let per = channels * height * width;
+        if images.len() != per * labels.len() {
+            return Err(crate::DtlError::invalid(format!(
+                "a batch of {} images of {channels}x{height}x{width} needs {} values, got {}",
+                labels.len(),
+                per * labels.len(),
+                images.len()
+            )));
+        }
+        Ok(TensorBatch {
+            images,
+            channels,
+            height,
+            width,
+            labels,
+            soft_targets: None,
+            num_classes,
+        })
+    }
+
+    /// Number of images.
+    pub fn n(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Values per image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// An op on a whole batch (mixup, cutmix): it may mix images and sets soft targets.
+///
+/// ```
+/// use dtl_core::data::{BatchAugment, TensorBatch};
+/// struct OneHot;
+/// impl BatchAugment for OneHot {
+///     fn apply_batch(&self, b: &mut TensorBatch, _rng: &mut dyn rand::RngCore) -> dtl_core::Result<()> {
+///         let mut t = vec![0.0; b.n() * b.num_classes];
+///         for (i, &l) in b.labels.iter().enumerate() { t[i * b.num_classes + l] = 1.0; }
+///         b.soft_targets = Some(t);
+///         Ok(())
+///     }
+/// }
+/// let mut b = TensorBatch::new(vec![0.0; 2], 1, 1, 1, vec![1, 0], 2).unwrap();
+/// OneHot.apply_batch(&mut b, &mut rand::rngs::mock::StepRng::new(0, 1)).unwrap();
+/// assert_eq!(b.soft_targets.unwrap(), vec![0.0, 1.0, 1.0, 0.0]);
+/// ```
+pub trait BatchAugment: Send + Sync {
+    /// Transforms the batch in place; all randomness comes from `rng`.
+    fn apply_batch(&self, batch: &mut TensorBatch, rng: &mut dyn RngCore) -> Result<()>;
 }
