@@ -1,6 +1,7 @@
 //! A plugin registered from outside the workspace's crates, through the public API only.
 
 use dfdx::prelude::*;
+use dfdx::tensor::Merge;
 use dtl_core::config::SideConfig;
 use dtl_core::registry::{registry, BackboneEntry, BuildContext, SideEntry};
 use dtl_core::{
@@ -91,15 +92,15 @@ impl SideNetwork<Cpu> for Gain {
     fn injects(&self) -> &[usize] {
         &self.injects
     }
-    fn tap(&self, _: usize, x: &Act<Cpu, NoneTape>, z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+    fn tap(&self, _: usize, x: Act<Cpu>, z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+        let shape = *x.shape();
         let g = self
             .gain
             .value
             .retaped::<OwnedTape<f32, Cpu>>()
             .reshape_like(&())
-            .unwrap()
-            .broadcast_like(x.shape());
-        let contribution = g * x.clone();
+            .broadcast_like(&shape);
+        let contribution = g * x;
         Ok(match z {
             Some(z) => z + contribution,
             None => contribution,
@@ -159,8 +160,13 @@ fn a_registered_side_network_runs_through_frozen_blocks() {
     let backbone = std::sync::Arc::new(Negate(spec));
     let x0 = backbone.embed(&dev.zeros_like(&(2, Const::<3>, 8, 8))).unwrap();
     // z = 0.5 * x0; x1 = -x0 + z; then block 1 negates again: x2 = x0 - z.
-    let z = side.tap(0, &x0.clone().realize::<(usize, usize, usize)>(), None).unwrap();
-    let g = side.inject(0, &z).unwrap();
+    let x0_dyn = x0.clone().realize::<(usize, usize, usize)>();
+    let z = side.tap_frozen(0, &x0_dyn, None).unwrap();
+    // As the runner does: inject sees z with an empty tape; z's history rides on g.
+    let (z, z_tape) = z.split_tape();
+    let g = side.inject(0, &z.put_tape(OwnedTape::default())).unwrap();
+    let (g, g_tape) = g.split_tape();
+    let g = g.put_tape(g_tape.merge(z_tape));
     let x1 = dtl_core::frozen_block(&backbone, 0, x0.clone().retaped::<OwnedTape<f32, Cpu>>(), None)
         .unwrap();
     let x1 = x1 + g.realize::<(usize, Const<2>, Const<4>)>();

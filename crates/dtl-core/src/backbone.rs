@@ -216,25 +216,28 @@ pub trait Backbone<D: Device<f32>>: 'static {
     }
 
     /// Patch embedding, prefix tokens and position embedding: `x_0`.
-    fn embed(&self, images: &Images<D>) -> Result<Tensor<(usize, Self::Tokens, Self::Width), f32, D>>;
+    fn embed(
+        &self,
+        images: &Images<D>,
+    ) -> Result<TokensOf<Self, D>>;
 
     /// `x_{i+1} = Block_i(x_i)`; `drop` holds the stochastic-depth scales in training.
     fn block_forward(
         &self,
         block: usize,
-        x: &Tensor<(usize, Self::Tokens, Self::Width), f32, D>,
+        x: &TokensOf<Self, D>,
         drop: Option<&DropPath>,
-    ) -> Result<Tensor<(usize, Self::Tokens, Self::Width), f32, D>>;
+    ) -> Result<TokensOf<Self, D>>;
 
     /// The gradient with respect to the block input `x`, given the gradient of the block
     /// output; internals are recomputed from `x`, weights get no gradient.
     fn block_vjp(
         &self,
         block: usize,
-        x: &Tensor<(usize, Self::Tokens, Self::Width), f32, D>,
-        grad_out: &Tensor<(usize, Self::Tokens, Self::Width), f32, D>,
+        x: &TokensOf<Self, D>,
+        grad_out: &TokensOf<Self, D>,
         drop: Option<&DropPath>,
-    ) -> Result<Tensor<(usize, Self::Tokens, Self::Width), f32, D>>;
+    ) -> Result<TokensOf<Self, D>>;
 
     /// The final LayerNorm applied row-wise to (rows, width).
     fn norm_forward(

@@ -435,12 +435,16 @@ impl std::str::FromStr for Blocks {
         let mut out = Vec::new();
         for part in t.split(',') {
             let part = part.trim();
-            let bad = || format!("`{part}` is not a block index or range; write e.g. \"0-11\", \"0-3,8\", \"all\" or [0, 1, 2]");
+            let bad = || {
+                format!("`{part}` is not a block index or range; write e.g. \"0-11\", \"0-3,8\", \"all\" or [0, 1, 2]")
+            };
             if let Some((a, b)) = part.split_once('-') {
                 let a: usize = a.trim().parse().map_err(|_| bad())?;
                 let b: usize = b.trim().parse().map_err(|_| bad())?;
                 if a > b {
-                    return Err(format!("range `{part}` is empty: its start is after its end"));
+                    return Err(format!(
+                        "range `{part}` is empty: its start is after its end"
+                    ));
                 }
                 out.extend(a..=b);
             } else {
@@ -546,7 +550,9 @@ impl std::str::FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| format!("`{s}` is not a device; use \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")")),
+                .ok_or_else(|| {
+                    format!("`{s}` is not a device; use \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")")
+                }),
         }
     }
 }
@@ -626,7 +632,10 @@ fn apply_override(table: &mut toml::Table, key: &str, value: toml::Value) -> Res
                 "command line",
                 key,
                 None,
-                format!("`{}` is not a table, so `{key}` cannot be set", parts[..=i].join(".")),
+                format!(
+                    "`{}` is not a table, so `{key}` cannot be set",
+                    parts[..=i].join(".")
+                ),
             )
         })?;
     }
@@ -685,16 +694,18 @@ impl PipelineConfig {
             }
             let merged = toml::to_string(&table)
                 .map_err(|e| DtlError::config("command line", "", None, e.to_string()))?;
-            cfg = deserialize_with_path(&merged, path, Path::new("command line"))
-                .map_err(|e| match e {
-                    DtlError::Config { key, message, .. } => DtlError::config(
-                        format!("{} (with overrides)", path.display()),
-                        key,
-                        None,
-                        message,
-                    ),
-                    other => other,
-                })?;
+            cfg =
+                deserialize_with_path(&merged, path, Path::new("command line")).map_err(
+                    |e| match e {
+                        DtlError::Config { key, message, .. } => DtlError::config(
+                            format!("{} (with overrides)", path.display()),
+                            key,
+                            None,
+                            message,
+                        ),
+                        other => other,
+                    },
+                )?;
         }
         if cfg.run.name.is_empty() {
             cfg.run.name = path
@@ -743,6 +754,11 @@ impl PipelineConfig {
     }
 }
 
+/// `x > 0`, false for NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 /// What [`validate`] needs besides the pipeline.
 pub struct ValidationContext<'a> {
     /// The pipeline file (named in every message).
@@ -770,9 +786,18 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
         Err(m) => err("run.device", m),
     }
     if !["f32", "bf16"].contains(&cfg.run.precision.as_str()) {
-        err("run.precision", format!("`{}` is not a precision; use \"f32\" or \"bf16\"", cfg.run.precision));
+        err(
+            "run.precision",
+            format!(
+                "`{}` is not a precision; use \"f32\" or \"bf16\"",
+                cfg.run.precision
+            ),
+        );
     } else if cfg.run.precision == "bf16" && cfg.run.device == "cpu" {
-        err("run.precision", "bf16 needs a CUDA device; use \"f32\" on the CPU".into());
+        err(
+            "run.precision",
+            "bf16 needs a CUDA device; use \"f32\" on the CPU".into(),
+        );
     }
     if cfg.run.log_every == 0 {
         err("run.log_every", "must be at least 1".into());
@@ -792,10 +817,19 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
         }
     }
     if !["auto", "safetensors", "npz"].contains(&cfg.backbone.format.as_str()) {
-        err("backbone.format", format!("`{}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\"", cfg.backbone.format));
+        err(
+            "backbone.format",
+            format!(
+                "`{}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\"",
+                cfg.backbone.format
+            ),
+        );
     }
     if !(0.0..1.0).contains(&cfg.backbone.drop_path) {
-        err("backbone.drop_path", format!("must be in [0, 1), got {}", cfg.backbone.drop_path));
+        err(
+            "backbone.drop_path",
+            format!("must be in [0, 1), got {}", cfg.backbone.drop_path),
+        );
     }
 
     // [side]
@@ -806,22 +840,39 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
                 err("side.rank", "must be at least 1, got 0".into());
             }
             if !(cfg.side.beta.is_finite() && cfg.side.beta > 0.0) {
-                err("side.beta", format!("must be a positive number, got {}", cfg.side.beta));
+                err(
+                    "side.beta",
+                    format!("must be a positive number, got {}", cfg.side.beta),
+                );
             }
             let k = cfg.side.kernel_size();
             if k > 7 {
-                err("side.kernel", format!("must be 0 (no conv) or 1 to 7, got {k}"));
+                err(
+                    "side.kernel",
+                    format!("must be 0 (no conv) or 1 to 7, got {k}"),
+                );
             }
             if let Some(depth) = depth {
                 let taps = cfg.side.tap_blocks(depth);
                 let injects = cfg.side.inject_blocks(depth);
                 for (key, set) in [("side.taps", &taps), ("side.injects", &injects)] {
                     if let Some(bad) = set.iter().find(|&&i| i >= depth) {
-                        err(key, format!("block {bad} is past the backbone's depth: `{}` has blocks 0-{}", cfg.backbone.kind, depth - 1));
+                        err(
+                            key,
+                            format!(
+                                "block {bad} is past the backbone's depth: `{}` has blocks 0-{}",
+                                cfg.backbone.kind,
+                                depth - 1
+                            ),
+                        );
                     }
                 }
                 if taps.is_empty() {
-                    err("side.taps", "no block is tapped; tap at least one block or use side.kind = \"linear\"".into());
+                    err(
+                        "side.taps",
+                        "no block is tapped; tap at least one block or use side.kind = \"linear\""
+                            .into(),
+                    );
                 } else if let Some(&first) = injects.first() {
                     if first < taps[0] {
                         err("side.injects", format!("block {first} is injected before the first tapped block {}; injects must not come before the first tap", taps[0]));
@@ -865,12 +916,19 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     }
     for (i, s) in cfg.data.std.iter().enumerate() {
         if *s <= 0.0 {
-            err("data.std", format!("channel {i} has std {s}; every std must be positive"));
+            err(
+                "data.std",
+                format!("channel {i} has std {s}; every std must be positive"),
+            );
         }
     }
 
     // [augment]
-    for (list, ops) in [("train", &cfg.augment.train), ("test", &cfg.augment.test), ("batch", &cfg.augment.batch)] {
+    for (list, ops) in [
+        ("train", &cfg.augment.train),
+        ("test", &cfg.augment.test),
+        ("batch", &cfg.augment.batch),
+    ] {
         for (i, op) in ops.iter().enumerate() {
             let key = format!("augment.{list}[{i}]");
             match reg.augment(&op.op) {
@@ -886,35 +944,62 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
 
     // [optim]
     if cfg.optim.kind != "adamw" {
-        err("optim.kind", format!("`{}` is not an optimizer; use \"adamw\"", cfg.optim.kind));
+        err(
+            "optim.kind",
+            format!("`{}` is not an optimizer; use \"adamw\"", cfg.optim.kind),
+        );
     }
     if !(cfg.optim.lr.is_finite() && cfg.optim.lr > 0.0) {
-        err("optim.lr", format!("must be a positive number, got {}", cfg.optim.lr));
+        err(
+            "optim.lr",
+            format!("must be a positive number, got {}", cfg.optim.lr),
+        );
     }
     for (i, b) in cfg.optim.betas.iter().enumerate() {
         if !(0.0..1.0).contains(b) {
-            err("optim.betas", format!("beta{} must be in [0, 1), got {b}", i + 1));
+            err(
+                "optim.betas",
+                format!("beta{} must be in [0, 1), got {b}", i + 1),
+            );
         }
     }
-    if !(cfg.optim.eps > 0.0) {
-        err("optim.eps", format!("must be positive, got {}", cfg.optim.eps));
+    if !positive(cfg.optim.eps) {
+        err(
+            "optim.eps",
+            format!("must be positive, got {}", cfg.optim.eps),
+        );
     }
-    if !(cfg.optim.weight_decay >= 0.0) {
-        err("optim.weight_decay", format!("must be 0 or more, got {}", cfg.optim.weight_decay));
+    if !(positive(cfg.optim.weight_decay) || cfg.optim.weight_decay == 0.0) {
+        err(
+            "optim.weight_decay",
+            format!("must be 0 or more, got {}", cfg.optim.weight_decay),
+        );
     }
     if let Some(c) = cfg.optim.clip_grad {
-        if !(c > 0.0) {
-            err("optim.clip_grad", format!("must be positive, got {c}; remove the key for no clipping"));
+        if !positive(c) {
+            err(
+                "optim.clip_grad",
+                format!("must be positive, got {c}; remove the key for no clipping"),
+            );
         }
     }
     if !(0.0..1.0).contains(&cfg.optim.label_smoothing) {
-        err("optim.label_smoothing", format!("must be in [0, 1), got {}", cfg.optim.label_smoothing));
+        err(
+            "optim.label_smoothing",
+            format!("must be in [0, 1), got {}", cfg.optim.label_smoothing),
+        );
     }
 
     // [schedule]
     let s = &cfg.schedule;
     if !["cosine", "constant"].contains(&s.kind.as_str()) {
-        err("schedule.kind", format!("`{}` is not a schedule; use \"cosine\" or \"constant\"", s.kind));
+        err(
+            "schedule.kind",
+            format!(
+                "`{}` is not a schedule; use \"cosine\" or \"constant\"",
+                s.kind
+            ),
+        );
     }
     if s.epochs == 0 {
         err("schedule.epochs", "must be at least 1, got 0".into());
@@ -923,10 +1008,16 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
         err("schedule.t_initial", "must be at least 1, got 0".into());
     }
     if !["epoch", "step"].contains(&s.per.as_str()) {
-        err("schedule.per", format!("`{}` is not valid; use \"epoch\" or \"step\"", s.per));
+        err(
+            "schedule.per",
+            format!("`{}` is not valid; use \"epoch\" or \"step\"", s.per),
+        );
     }
     if s.min_lr < 0.0 || s.warmup_lr < 0.0 {
-        err("schedule.min_lr", "learning rates must not be negative".into());
+        err(
+            "schedule.min_lr",
+            "learning rates must not be negative".into(),
+        );
     }
 
     // [eval]

@@ -47,7 +47,8 @@ pub trait Job {
     /// Trains (or resumes), evaluates, writes metrics, checkpoints and the report; returns the report.
     fn train(&mut self, env: &RunEnv) -> Result<serde_json::Value>;
     /// Evaluates a checkpoint on the pipeline's test split.
-    fn evaluate(&mut self, env: &RunEnv, checkpoint: &std::path::Path) -> Result<serde_json::Value>;
+    fn evaluate(&mut self, env: &RunEnv, checkpoint: &std::path::Path)
+        -> Result<serde_json::Value>;
     /// Measures throughput and memory.
     fn bench(&mut self, opts: &BenchOptions) -> Result<serde_json::Value>;
 }

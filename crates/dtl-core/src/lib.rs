@@ -28,7 +28,7 @@ pub use registry::{
     registry, AugmentEntry, BackboneEntry, BuildContext, DatasetEntry, HeadEntry, Registry,
     SideEntry, Split,
 };
-pub use side::{Act, Head, Param, Parameters, SideNetwork};
+pub use side::{Act, Head, Matrix, Param, Parameters, SideNetwork};
 pub use tape::{frozen_block, frozen_norm, AccumulateGrad};
 
 #[doc(hidden)]

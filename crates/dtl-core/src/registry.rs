@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 
 use dfdx::prelude::Cpu;
 
-use crate::config::{AugmentOp, DataConfig, PipelineConfig, SideConfig, HeadConfig};
+use crate::config::{AugmentOp, DataConfig, HeadConfig, PipelineConfig, SideConfig};
 use crate::data::{Augment, Dataset};
-use crate::side::{Head, SideNetwork};
 use crate::job::Job;
+use crate::side::{Head, SideNetwork};
 use crate::{BackboneSpec, DtlError, Result};
 
 /// Which split of a dataset to open.
@@ -65,8 +65,7 @@ pub struct BackboneEntry {
 }
 
 /// Builds a side network for the CPU device; other devices get their own constructors.
-pub type SideBuilder =
-    fn(&SideConfig, &BackboneSpec, &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>>;
+pub type SideBuilder = fn(&SideConfig, &BackboneSpec, &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>>;
 
 /// A registered side network.
 pub struct SideEntry {
@@ -81,8 +80,7 @@ pub struct SideEntry {
 }
 
 /// Builds a head for the CPU device: `(config, backbone spec, classes, device)`.
-pub type HeadBuilder =
-    fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
+pub type HeadBuilder = fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
 
 /// A registered head.
 pub struct HeadEntry {
@@ -196,7 +194,10 @@ impl<E: Entry> Table<E> {
 
     /// Looks a name up; an unknown name gives the nearest registered one and the full list.
     pub fn get(&self, name: &str) -> Result<&'static E> {
-        self.by_name.get(name).copied().ok_or_else(|| self.unknown(name))
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| self.unknown(name))
     }
 
     /// The error for an unknown name.

@@ -10,6 +10,9 @@ use crate::Result;
 /// the dims and copies nothing.
 pub type Act<D, T = OwnedTape<f32, D>> = Tensor<(usize, usize, usize), f32, D, T>;
 
+/// A traced (rows, columns) matrix: pooled features entering a head, logits leaving it.
+pub type Matrix<D> = Tensor<(usize, usize), f32, D, OwnedTape<f32, D>>;
+
 /// One trainable tensor, stored flat with its logical shape.
 ///
 /// Names follow the checkpoint layout (`side.3.a`, `fusion.weight`, `head.bias`); the
@@ -90,8 +93,13 @@ pub trait Parameters<D: Device<f32>> {
 ///     if i in injects(): x_{i+1} = x_{i+1} + side.inject(i, z)
 /// ```
 ///
-/// `x_i` arrives without a tape (the side network never differentiates the backbone's
-/// activations with respect to anything but its own parameters); `z` carries the tape.
+/// After the first inject block, `x_i` depends on the side network's own parameters through
+/// the earlier injects, so [`SideNetwork::tap`] receives it with a tape and the gradient
+/// flows into it as well (exactly what autodiff of the whole model gives). Before the first
+/// inject nothing upstream is trainable: the runner calls [`SideNetwork::tap_frozen`], whose
+/// default forwards to `tap` with an empty tape and which a side network may override to
+/// skip the gradient with respect to `x`. `z` carries the tape of the running state;
+/// [`SideNetwork::inject`] receives `z` with an empty tape (the runner keeps its history).
 ///
 /// ```
 /// use dfdx::prelude::*;
@@ -106,16 +114,17 @@ pub trait Parameters<D: Device<f32>> {
 /// impl SideNetwork<Cpu> for Scale {
 ///     fn taps(&self) -> &[usize] { &[0] }
 ///     fn injects(&self) -> &[usize] { &[0] }
-///     fn tap(&self, _i: usize, x: &Act<Cpu, NoneTape>, _z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
-///         let s = self.p.value.retaped::<OwnedTape<f32, Cpu>>().reshape_like(&()).unwrap();
-///         Ok(s.broadcast_like(x.shape()) * x.clone())
+///     fn tap(&self, _i: usize, x: Act<Cpu>, _z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+///         let s = self.p.value.retaped::<OwnedTape<f32, Cpu>>().reshape_like(&());
+///         let shape = *x.shape();
+///         Ok(s.broadcast_like(&shape) * x)
 ///     }
 ///     fn inject(&self, _i: usize, z: &Act<Cpu>) -> Result<Act<Cpu>> { Ok(z.with_empty_tape()) }
 /// }
 /// let dev = Cpu::default();
 /// let side = Scale { p: Param::from_vec(&dev, "side.scale", &[1], vec![0.5]).unwrap() };
 /// let x = dev.ones_like(&(1, 2, 3));
-/// let z = side.tap(0, &x, None).unwrap();
+/// let z = side.tap_frozen(0, &x, None).unwrap();
 /// assert_eq!(z.as_vec(), vec![0.5; 6]);
 /// ```
 pub trait SideNetwork<D: Device<f32>>: Parameters<D> {
@@ -123,8 +132,14 @@ pub trait SideNetwork<D: Device<f32>>: Parameters<D> {
     fn taps(&self) -> &[usize];
     /// Blocks after which `g(z)` is added to the block output, ascending.
     fn injects(&self) -> &[usize];
-    /// Adds block `block`'s contribution computed from its input `x` to the running state `z`.
-    fn tap(&self, block: usize, x: &Act<D, NoneTape>, z: Option<Act<D>>) -> Result<Act<D>>;
+    /// Adds block `block`'s contribution computed from its input `x` to the running state `z`;
+    /// `x` carries a tape and its gradient is needed.
+    fn tap(&self, block: usize, x: Act<D>, z: Option<Act<D>>) -> Result<Act<D>>;
+    /// [`SideNetwork::tap`] for a block before the first inject, whose input needs no
+    /// gradient. The default gives `x` an empty tape and calls `tap`.
+    fn tap_frozen(&self, block: usize, x: &Act<D, NoneTape>, z: Option<Act<D>>) -> Result<Act<D>> {
+        self.tap(block, x.retaped::<OwnedTape<f32, D>>(), z)
+    }
     /// The value to add to the output of block `block`, computed from the running state.
     fn inject(&self, block: usize, z: &Act<D>) -> Result<Act<D>>;
     /// Whether the backbone can run with no tape at all (a linear probe has no taps).
@@ -148,7 +163,7 @@ pub trait SideNetwork<D: Device<f32>>: Parameters<D> {
 ///     fn forward(&self, f: Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>)
 ///         -> Result<Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>> {
 ///         let b = f.shape().0;
-///         Ok(f.sum::<(usize,), _>().reshape_like(&(b, 1)).unwrap().broadcast_like(&(b, self.classes)) * 0.0)
+///         Ok(f.sum::<(usize,), _>().reshape_like(&(b, 1)).broadcast_like(&(b, self.classes)) * 0.0)
 ///     }
 /// }
 /// let dev = Cpu::default();
@@ -160,8 +175,5 @@ pub trait Head<D: Device<f32>>: Parameters<D> {
     /// Number of classes.
     fn classes(&self) -> usize;
     /// Logits for a batch of features.
-    fn forward(
-        &self,
-        features: Tensor<(usize, usize), f32, D, OwnedTape<f32, D>>,
-    ) -> Result<Tensor<(usize, usize), f32, D, OwnedTape<f32, D>>>;
+    fn forward(&self, features: Matrix<D>) -> Result<Matrix<D>>;
 }

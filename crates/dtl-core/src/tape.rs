@@ -9,7 +9,7 @@ use std::sync::Arc;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 
-use crate::backbone::{Backbone, DropPath};
+use crate::backbone::{Backbone, DropPath, FeaturesOf, TokensOf};
 use crate::Result;
 
 /// A device whose gradient buffers can accumulate a tensor computed elsewhere.
@@ -60,9 +60,9 @@ fn report<T>(r: Result<T>) -> Option<T> {
 pub fn frozen_block<B, D, T>(
     backbone: &Arc<B>,
     block: usize,
-    x: Tensor<(usize, B::Tokens, B::Width), f32, D, T>,
+    x: TokensOf<B, D, T>,
     drop: Option<Arc<DropPath>>,
-) -> Result<Tensor<(usize, B::Tokens, B::Width), f32, D, T>>
+) -> Result<TokensOf<B, D, T>>
 where
     B: Backbone<D>,
     D: AccumulateGrad,
@@ -88,8 +88,8 @@ where
 /// The backbone's final LayerNorm on (rows, width) with an input-only backward.
 pub fn frozen_norm<B, D, T>(
     backbone: &Arc<B>,
-    x: Tensor<(usize, B::Width), f32, D, T>,
-) -> Result<Tensor<(usize, B::Width), f32, D, T>>
+    x: FeaturesOf<B, D, T>,
+) -> Result<FeaturesOf<B, D, T>>
 where
     B: Backbone<D>,
     D: AccumulateGrad,
@@ -110,4 +110,3 @@ where
     }
     Ok(y.put_tape(tape))
 }
-
