@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use dtl_core::config::{validate as validate_config, DeviceSpec, ValidationContext};
-use dtl_core::{registry, BenchOptions, BuildContext, DtlError, Job, PipelineConfig, Registry, Result, RunEnv};
+use dtl_core::{
+    registry, BenchOptions, BuildContext, DtlError, Job, PipelineConfig, Registry, Result, RunEnv,
+};
 
 fn device_check(d: DeviceSpec) -> std::result::Result<(), String> {
     match d {
@@ -248,7 +250,10 @@ pub fn list(what: Option<&str>) -> Result<ExitCode> {
 pub fn eval(target: &Path, overrides: &[String]) -> Result<ExitCode> {
     let reg = registry()?;
     let (pipeline, checkpoint) = if target.is_dir() {
-        (target.join("pipeline.toml"), target.join("best.safetensors"))
+        (
+            target.join("pipeline.toml"),
+            target.join("best.safetensors"),
+        )
     } else if target.is_file() {
         let dir = target.parent().unwrap_or(Path::new("."));
         (dir.join("pipeline.toml"), target.to_path_buf())
@@ -299,7 +304,9 @@ pub fn bench(
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
     let [file] = files.as_slice() else {
-        return Err(DtlError::invalid("dtl bench takes exactly one pipeline file"));
+        return Err(DtlError::invalid(
+            "dtl bench takes exactly one pipeline file",
+        ));
     };
     if batches.contains(&0) || steps == 0 {
         return Err(DtlError::invalid("--batch and --steps must be at least 1"));

@@ -36,8 +36,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train and evaluate one or more pipelines; several are compared side by side at the end.
-    #[command(after_help = "Arguments containing `=` are overrides applied to every pipeline, \
-e.g. `optim.lr=3e-4 data.batch_size=16`.")]
+    #[command(
+        after_help = "Arguments containing `=` are overrides applied to every pipeline, \
+e.g. `optim.lr=3e-4 data.batch_size=16`."
+    )]
     Run {
         /// Pipeline files, then optional `section.key=value` overrides.
         #[arg(required = true, value_name = "PIPELINE.toml|KEY=VALUE")]

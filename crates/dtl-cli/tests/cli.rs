@@ -48,7 +48,12 @@ fn broken_pipelines_give_one_clear_line_each() {
             assert_eq!(out.status.code(), Some(1), "{}: {err}", case.display());
             assert!(!err.contains("panicked"), "{}: {err}", case.display());
             let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-            assert_eq!(lines.len(), 1, "{}: want one error line, got:\n{err}", case.display());
+            assert_eq!(
+                lines.len(),
+                1,
+                "{}: want one error line, got:\n{err}",
+                case.display()
+            );
             assert!(
                 lines[0].contains(expected),
                 "{}:\n  want: {expected}\n  got:  {}",
@@ -93,7 +98,10 @@ fn list_backbones_is_sorted_and_shows_shapes() {
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
-    assert!(stdout.contains("image 224 patch 16 width 768 depth 12 heads 12 tokens 197"), "{stdout}");
+    assert!(
+        stdout.contains("image 224 patch 16 width 768 depth 12 heads 12 tokens 197"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -115,12 +123,22 @@ fn overrides_apply_and_print_config_fills_defaults() {
 
 #[test]
 fn a_bad_override_names_the_key() {
-    let out = dtl(&["run", "tests/pipelines/valid.toml", "optim.lrr=1", "--print-config"]);
+    let out = dtl(&[
+        "run",
+        "tests/pipelines/valid.toml",
+        "optim.lrr=1",
+        "--print-config",
+    ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("unknown key `lrr`"), "{err}");
     assert!(err.contains("with overrides"), "{err}");
-    let out = dtl(&["run", "tests/pipelines/valid.toml", "side.rank=0", "--print-config"]);
+    let out = dtl(&[
+        "run",
+        "tests/pipelines/valid.toml",
+        "side.rank=0",
+        "--print-config",
+    ]);
     assert!(text(&out.stderr).contains("key `side.rank`: must be at least 1"));
 }
 
