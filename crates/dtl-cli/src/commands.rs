@@ -172,7 +172,7 @@ pub fn run(
                 cfg.side.kind,
                 fmt_pct(&r["top1"]),
                 fmt_pct(&r["top5"]),
-                r["trainable_params"],
+                r["trainable_params"].to_string(),
                 fmt_num(&r["train_img_per_s"], 1),
                 fmt_num(&r["wall_s"], 1)
             );

@@ -163,7 +163,7 @@ pub trait SideNetwork<D: Device<f32>>: Parameters<D> {
 ///     fn forward(&self, f: Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>)
 ///         -> Result<Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>> {
 ///         let b = f.shape().0;
-///         Ok(f.sum::<(usize,), _>().reshape_like(&(b, 1)).broadcast_like(&(b, self.classes)) * 0.0)
+///         Ok(f.sum::<(usize,), Axis<1>>().broadcast_like::<_, Axis<1>>(&(b, self.classes)) * 0.0)
 ///     }
 /// }
 /// let dev = Cpu::default();

@@ -1,0 +1,596 @@
+//! The training job: train, resume, evaluate and benchmark one pipeline on the CPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dfdx::prelude::*;
+use dtl_core::{
+    Backbone, BenchOptions, BuildContext, DropPath, DtlError, Job, PipelineConfig, Result, RunEnv,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use crate::checkpoint;
+use crate::data::{Batch, BatchSource};
+use crate::model::{smoothed_targets, soft_cross_entropy, Model};
+use crate::optim::{clip_grad_norm, AdamW, Schedule};
+use crate::report::{self, Metrics};
+
+/// How often `last.safetensors` is refreshed inside an epoch (it is always written at the
+/// end of an epoch).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// Where training stands; saved in every checkpoint.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Position {
+    /// The epoch in progress (or the next one when `batch` is 0).
+    epoch: usize,
+    /// Batches of `epoch` already trained.
+    batch: usize,
+    /// Optimizer steps taken in total.
+    step: u64,
+    optim_steps: u64,
+    best_top1: Option<f64>,
+    best_epoch: Option<usize>,
+    epoch_loss_sum: f64,
+    epoch_loss_count: usize,
+    images_trained: u64,
+    train_seconds: f64,
+    wall_seconds: f64,
+}
+
+/// Results of one evaluation pass.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalResult {
+    /// Top-1 accuracy in [0, 1].
+    pub top1: f64,
+    /// Top-5 accuracy in [0, 1].
+    pub top5: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Images evaluated.
+    pub images: usize,
+}
+
+/// The runnable pipeline for one backbone on the CPU; see [`crate::build_job`].
+pub struct DtlJob<B: Backbone<Cpu> + Send + Sync> {
+    cfg: PipelineConfig,
+    pipeline_file: PathBuf,
+    backbone: Arc<B>,
+    data: Option<Box<dyn BatchSource>>,
+    checkpoint_every: Duration,
+    step_limit: Option<u64>,
+}
+
+fn pos_state(p: &Position) -> Value {
+    serde_json::to_value(p).unwrap_or(Value::Null)
+}
+
+impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
+    /// A job for `cfg` on `backbone`; its data is opened on first use.
+    pub fn new(cfg: &PipelineConfig, cx: &BuildContext, backbone: B) -> Self {
+        DtlJob {
+            cfg: cfg.clone(),
+            pipeline_file: cx.pipeline_file.clone(),
+            backbone: Arc::new(backbone),
+            data: None,
+            checkpoint_every: CHECKPOINT_EVERY,
+            step_limit: None,
+        }
+    }
+
+    /// Uses `data` instead of the data crate's pipeline (generated data, tests, examples).
+    pub fn with_data(mut self, data: Box<dyn BatchSource>) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// Refreshes `last.safetensors` inside an epoch at most this often (default 60 s; zero
+    /// writes it after every step).
+    pub fn with_checkpoint_interval(mut self, every: Duration) -> Self {
+        self.checkpoint_every = every;
+        self
+    }
+
+    /// Stops after this many optimizer steps in total, leaving `last.safetensors` where a
+    /// later [`RunEnv::resume`] picks up (a time-boxed run, or a simulated interruption).
+    pub fn with_step_limit(mut self, steps: u64) -> Self {
+        self.step_limit = Some(steps);
+        self
+    }
+
+    fn data(&mut self) -> Result<&mut Box<dyn BatchSource>> {
+        if self.data.is_none() {
+            self.data = Some(crate::data::open_pipeline(
+                &self.cfg,
+                self.backbone.spec().image_size,
+            )?);
+        }
+        Ok(self.data.as_mut().expect("data opened above"))
+    }
+
+    /// The model of this pipeline with freshly initialised side network and head.
+    pub fn build_model(&self, classes: usize) -> Result<Model<B>> {
+        build_model(&self.cfg, &self.backbone, classes)
+    }
+
+    fn images(&self, batch: &Batch) -> Result<Images> {
+        let s = self.backbone.spec().image_size;
+        if batch.images.len() != batch.n * 3 * s * s || batch.labels.len() != batch.n {
+            return Err(DtlError::invalid(format!(
+                "a batch of {} images needs {} values at {s}x{s}, got {} (and {} labels)",
+                batch.n,
+                batch.n * 3 * s * s,
+                batch.images.len(),
+                batch.labels.len()
+            )));
+        }
+        Ok(Cpu::default().tensor_from_vec(batch.images.clone(), (batch.n, Const::<3>, s, s)))
+    }
+
+    /// Evaluates `model` on the test split.
+    pub fn evaluate_model(&mut self, model: &Model<B>) -> Result<EvalResult> {
+        let classes = model.head.classes();
+        let loader = self.data()?.test_loader()?;
+        let mut res = EvalResult {
+            top1: 0.0,
+            top5: 0.0,
+            loss: 0.0,
+            images: 0,
+        };
+        let (mut c1, mut c5) = (0usize, 0usize);
+        for batch in loader {
+            let batch = batch?;
+            let images = self.images(&batch)?;
+            let logits = model.forward_eval(&images)?.as_vec();
+            for (row, &l) in logits.chunks_exact(classes).zip(&batch.labels) {
+                if l >= classes {
+                    return Err(DtlError::invalid(format!(
+                        "label {l} is out of range for {classes} classes"
+                    )));
+                }
+                let above = row.iter().filter(|&&v| v > row[l]).count();
+                c1 += (above == 0) as usize;
+                c5 += (above < 5) as usize;
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                res.loss += lse - row[l] as f64;
+            }
+            res.images += batch.n;
+        }
+        if res.images > 0 {
+            res.top1 = c1 as f64 / res.images as f64;
+            res.top5 = c5 as f64 / res.images as f64;
+            res.loss /= res.images as f64;
+        }
+        Ok(res)
+    }
+
+    fn steps_per_epoch(&mut self) -> Result<usize> {
+        let n = self.data()?.train_len();
+        let b = self.cfg.data.batch_size.max(1);
+        Ok(if self.cfg.data.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        })
+    }
+
+    fn save(
+        &self,
+        path: &Path,
+        model: &Model<B>,
+        opt: Option<&AdamW>,
+        pos: &Position,
+    ) -> Result<()> {
+        checkpoint::save(
+            path,
+            &model.params(),
+            opt,
+            &self.cfg.to_toml(),
+            &pos_state(pos),
+        )
+    }
+}
+
+/// The images tensor type of a batch.
+type Images = dtl_core::Images<Cpu>;
+
+/// Builds the model of `cfg` on `backbone` through the registry (side network and head
+/// initialised from `run.seed`).
+pub fn build_model<B: Backbone<Cpu>>(
+    cfg: &PipelineConfig,
+    backbone: &Arc<B>,
+    classes: usize,
+) -> Result<Model<B>> {
+    let reg = dtl_core::registry()?;
+    let dev = Cpu::seed_from_u64(cfg.run.seed);
+    let spec = backbone.spec();
+    let side = (reg.side(&cfg.side.kind)?.build_cpu)(&cfg.side, spec, &dev)?;
+    let head = (reg.head(&cfg.head.kind)?.build_cpu)(&cfg.head, spec, classes, &dev)?;
+    Ok(Model::new(
+        Arc::clone(backbone),
+        side,
+        head,
+        cfg.head.pool == "cls",
+    ))
+}
+
+/// The outcome of one forward and backward pass.
+#[derive(Debug, Clone)]
+pub struct StepGrads {
+    /// The mean loss.
+    pub loss: f32,
+    /// The logits, (batch, classes) row-major.
+    pub logits: Vec<f32>,
+    /// The gradient of every trainable tensor, in [`Model::params`] order.
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// Forward and backward pass of one batch: loss, logits and every trainable gradient.
+pub fn loss_and_grads<B: Backbone<Cpu>>(
+    model: &Model<B>,
+    images: &dtl_core::Images<Cpu>,
+    targets: &[f32],
+    drops: &[Option<Arc<DropPath>>],
+) -> Result<StepGrads> {
+    let logits = model.forward_train(images, drops)?;
+    let logit_values = logits.as_vec();
+    let loss = soft_cross_entropy(logits, targets)?;
+    let value = loss.as_vec()[0];
+    let mut grads = loss.backward();
+    let mut gs = Vec::new();
+    for p in model.params() {
+        gs.push(
+            grads
+                .get_or_alloc_mut(&p.value)
+                .map_err(crate::ops::dev_err)?
+                .to_vec(),
+        );
+    }
+    Ok(StepGrads {
+        loss: value,
+        logits: logit_values,
+        grads: gs,
+    })
+}
+
+/// One optimisation step; returns the loss before the update.
+pub fn train_step<B: Backbone<Cpu>>(
+    model: &mut Model<B>,
+    opt: &mut AdamW,
+    images: &dtl_core::Images<Cpu>,
+    targets: &[f32],
+    drops: &[Option<Arc<DropPath>>],
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<f32> {
+    let StepGrads {
+        loss, mut grads, ..
+    } = loss_and_grads(model, images, targets, drops)?;
+    if let Some(c) = clip {
+        clip_grad_norm(&mut grads, c);
+    }
+    let mut vals: Vec<Vec<f32>> = model.params().iter().map(|p| p.value.as_vec()).collect();
+    opt.step(&mut vals, &grads, lr)?;
+    for (p, v) in model.params_mut().into_iter().zip(vals) {
+        p.value.copy_from(&v);
+    }
+    Ok(loss)
+}
+
+/// Stochastic-depth masks for every block of one step, drawn from a generator seeded by the
+/// run seed and the global step (so a resumed run draws the same masks).
+pub fn drop_masks(
+    rate: f64,
+    depth: usize,
+    batch: usize,
+    seed: u64,
+    step: u64,
+) -> Vec<Option<Arc<DropPath>>> {
+    if rate <= 0.0 {
+        return vec![None; depth];
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD0F),
+    );
+    DropPath::block_rates(rate, depth)
+        .into_iter()
+        .map(|r| DropPath::sample(r, batch, &mut rng).map(Arc::new))
+        .collect()
+}
+
+fn set_threads(n: usize) {
+    if n > 0 {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+impl<B: Backbone<Cpu> + Send + Sync> Job for DtlJob<B> {
+    fn train(&mut self, env: &RunEnv) -> Result<Value> {
+        let wall = Instant::now();
+        set_threads(self.cfg.run.threads);
+        let run_dir = env.run_dir.clone();
+        std::fs::create_dir_all(&run_dir).map_err(|e| DtlError::io(&run_dir, e))?;
+        let cfg = self.cfg.clone();
+        let spec = self.backbone.spec().clone();
+        let classes = cfg.classes(self.data()?.num_classes());
+        let mut model = self.build_model(classes)?;
+        let names: Vec<(String, usize)> = model
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.numel()))
+            .collect();
+        let plain: Vec<String> = names.iter().map(|n| n.0.clone()).collect();
+        let mut opt = AdamW::from_config(&cfg.optim, &names);
+        let spe = self.steps_per_epoch()?;
+        if spe == 0 {
+            return Err(DtlError::invalid(format!(
+                "the training split has {} images, fewer than one batch of {}; lower data.batch_size or set data.drop_last = false",
+                self.data()?.train_len(),
+                cfg.data.batch_size
+            )));
+        }
+        let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, spe);
+        let epochs = cfg.schedule.epochs;
+        let mut pos = Position::default();
+        if let Some(r) = &env.resume {
+            let path = checkpoint::resolve(r, true)?;
+            let ck = checkpoint::load(&path)?;
+            ck.apply(model.params_mut())?;
+            ck.apply_optim(&mut opt, &plain)?;
+            pos = serde_json::from_value(ck.state.clone()).map_err(|e| {
+                DtlError::file(
+                    &path,
+                    format!("metadata `state` is not a training position: {e}"),
+                )
+            })?;
+            Metrics::truncate_after(&run_dir, pos.epoch, pos.step)?;
+        }
+        let mut metrics = Metrics::open(&run_dir)?;
+        let last_path = run_dir.join("last.safetensors");
+        let best_path = run_dir.join("best.safetensors");
+        if cfg.eval.at_start && env.resume.is_none() {
+            let r = self.evaluate_model(&model)?;
+            metrics.write(&json!({"kind": "eval", "epoch": 0, "top1": r.top1, "top5": r.top5, "test_loss": r.loss}))?;
+        }
+        let depth = spec.depth;
+        let mut last_eval: Option<EvalResult> = None;
+        let mut last_save = Instant::now();
+        let wall_before = pos.wall_seconds;
+        let bar_style =
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .map_err(|e| DtlError::invalid(e.to_string()))?
+                .progress_chars("=> ");
+        for epoch in pos.epoch..epochs {
+            let skip = if epoch == pos.epoch { pos.batch } else { 0 };
+            if skip == 0 {
+                pos.epoch_loss_sum = 0.0;
+                pos.epoch_loss_count = 0;
+            }
+            let loader = self.data()?.train_epoch(epoch, skip)?;
+            let bar = if env.progress {
+                ProgressBar::new((skip + loader.batches()) as u64)
+            } else {
+                ProgressBar::hidden()
+            };
+            bar.set_style(bar_style.clone());
+            bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+            bar.set_position(skip as u64);
+            let mut lr = sched.lr(epoch, skip);
+            for (i, batch) in loader.enumerate() {
+                let bi = skip + i;
+                let batch = batch?;
+                let t = Instant::now();
+                let images = self.images(&batch)?;
+                let targets = match &batch.soft_targets {
+                    Some(s) if s.len() == batch.n * classes => s.clone(),
+                    Some(s) => {
+                        return Err(DtlError::invalid(format!(
+                            "soft targets hold {} values, expected {} images x {classes} classes",
+                            s.len(),
+                            batch.n
+                        )))
+                    }
+                    None => {
+                        if let Some(&l) = batch.labels.iter().find(|&&l| l >= classes) {
+                            return Err(DtlError::invalid(format!(
+                                "label {l} is out of range for {classes} classes (head.classes)"
+                            )));
+                        }
+                        smoothed_targets(&batch.labels, classes, cfg.optim.label_smoothing)
+                    }
+                };
+                lr = sched.lr(epoch, bi);
+                let drops = drop_masks(
+                    cfg.backbone.drop_path,
+                    depth,
+                    batch.n,
+                    cfg.run.seed,
+                    pos.step,
+                );
+                let loss = train_step(
+                    &mut model,
+                    &mut opt,
+                    &images,
+                    &targets,
+                    &drops,
+                    lr,
+                    cfg.optim.clip_grad,
+                )?;
+                if !loss.is_finite() {
+                    return Err(DtlError::invalid(format!(
+                        "the loss became {loss} at epoch {} step {}; lower optim.lr or set optim.clip_grad",
+                        epoch + 1,
+                        pos.step + 1
+                    )));
+                }
+                let dt = t.elapsed().as_secs_f64();
+                pos.step += 1;
+                pos.optim_steps = opt.steps;
+                pos.batch = bi + 1;
+                pos.epoch = epoch;
+                pos.epoch_loss_sum += loss as f64;
+                pos.epoch_loss_count += 1;
+                pos.images_trained += batch.n as u64;
+                pos.train_seconds += dt;
+                let ips = batch.n as f64 / dt.max(1e-9);
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {ips:.1} img/s"));
+                bar.inc(1);
+                if pos.step % cfg.run.log_every as u64 == 0 {
+                    metrics.write(&json!({
+                        "kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": loss,
+                        "lr": lr, "img_per_s": ips, "time_s": wall_before + wall.elapsed().as_secs_f64()
+                    }))?;
+                }
+                let stop = self.step_limit.map(|l| pos.step >= l).unwrap_or(false);
+                if stop || last_save.elapsed() >= self.checkpoint_every {
+                    pos.wall_seconds = wall_before + wall.elapsed().as_secs_f64();
+                    self.save(&last_path, &model, Some(&opt), &pos)?;
+                    last_save = Instant::now();
+                }
+                if stop {
+                    bar.finish_and_clear();
+                    return Ok(
+                        json!({"stopped": true, "step": pos.step, "epoch": epoch, "batch": pos.batch,
+                                     "run_dir": run_dir.display().to_string(),
+                                     "last": last_path.display().to_string()}),
+                    );
+                }
+            }
+            bar.finish_and_clear();
+            let train_loss = pos.epoch_loss_sum / pos.epoch_loss_count.max(1) as f64;
+            let mut line =
+                json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": train_loss, "lr": lr});
+            let is_last = epoch + 1 == epochs;
+            if (epoch + 1) % cfg.eval.every == 0 || is_last {
+                let r = self.evaluate_model(&model)?;
+                line["top1"] = json!(r.top1);
+                line["top5"] = json!(r.top5);
+                line["test_loss"] = json!(r.loss);
+                last_eval = Some(r);
+                if pos.best_top1.map(|b| r.top1 > b).unwrap_or(true) {
+                    pos.best_top1 = Some(r.top1);
+                    pos.best_epoch = Some(epoch + 1);
+                    let mut bp = pos.clone();
+                    bp.epoch = epoch + 1;
+                    bp.batch = 0;
+                    self.save(&best_path, &model, None, &bp)?;
+                }
+            }
+            pos.epoch = epoch + 1;
+            pos.batch = 0;
+            pos.wall_seconds = wall_before + wall.elapsed().as_secs_f64();
+            line["wall_s"] = json!(pos.wall_seconds);
+            metrics.write(&line)?;
+            if env.progress {
+                eprintln!("{}", epoch_summary(&line));
+            }
+            self.save(&last_path, &model, Some(&opt), &pos)?;
+            last_save = Instant::now();
+        }
+        let last_eval = match last_eval {
+            Some(r) => r,
+            None => self.evaluate_model(&model)?,
+        };
+        let epochs_lines: Vec<Value> = report::read_metrics(&run_dir)?
+            .into_iter()
+            .filter(|v| v["kind"] == "epoch")
+            .collect();
+        let points: Vec<(usize, f64, Option<f64>)> = epochs_lines
+            .iter()
+            .map(|v| {
+                (
+                    v["epoch"].as_u64().unwrap_or(0) as usize,
+                    v["train_loss"].as_f64().unwrap_or(0.0),
+                    v["top1"].as_f64(),
+                )
+            })
+            .collect();
+        let wall_s = wall_before + wall.elapsed().as_secs_f64();
+        let report = json!({
+            "name": cfg.run.name,
+            "backbone": cfg.backbone.kind,
+            "side": cfg.side.kind,
+            "head": cfg.head.kind,
+            "classes": classes,
+            "top1": last_eval.top1,
+            "top5": last_eval.top5,
+            "test_loss": last_eval.loss,
+            "test_images": last_eval.images,
+            "best_top1": pos.best_top1.unwrap_or(last_eval.top1),
+            "best_epoch": pos.best_epoch,
+            "trainable_params": model.trainable_params(),
+            "backbone_params": spec.parameter_count(),
+            "epochs": epochs,
+            "steps": pos.step,
+            "wall_s": wall_s,
+            "train_img_per_s": pos.images_trained as f64 / pos.train_seconds.max(1e-9),
+            "peak_rss_mib": report::peak_rss_mib(),
+            "run_dir": run_dir.display().to_string(),
+            "pipeline_file": self.pipeline_file.display().to_string(),
+            "checkpoints": {"best": best_path.display().to_string(), "last": last_path.display().to_string()},
+        });
+        report::write_report(&run_dir, &report, &epochs_lines)?;
+        report::plot_curves(&run_dir.join("curves.svg"), &points)?;
+        Ok(report)
+    }
+
+    fn evaluate(&mut self, env: &RunEnv, checkpoint_path: &Path) -> Result<Value> {
+        set_threads(self.cfg.run.threads);
+        let _ = env;
+        let path = checkpoint::resolve(checkpoint_path, false)?;
+        let ck = checkpoint::load(&path)?;
+        let stored = ck
+            .params
+            .iter()
+            .find(|(n, _, _)| n == "head.bias")
+            .map(|(_, s, _)| s[0]);
+        let classes = match stored {
+            Some(c) => c,
+            None => {
+                let n = self.data()?.num_classes();
+                self.cfg.classes(n)
+            }
+        };
+        let mut model = self.build_model(classes)?;
+        ck.apply(model.params_mut())?;
+        let t = Instant::now();
+        let r = self.evaluate_model(&model)?;
+        Ok(json!({
+            "checkpoint": path.display().to_string(),
+            "epoch": ck.state["epoch"],
+            "top1": r.top1,
+            "top5": r.top5,
+            "test_loss": r.loss,
+            "images": r.images,
+            "img_per_s": r.images as f64 / t.elapsed().as_secs_f64().max(1e-9),
+        }))
+    }
+
+    fn bench(&mut self, opts: &BenchOptions) -> Result<Value> {
+        set_threads(self.cfg.run.threads);
+        crate::bench::run(&self.cfg, &self.backbone, opts)
+    }
+}
+
+fn epoch_summary(line: &Value) -> String {
+    let mut s = format!(
+        "epoch {}: train loss {:.4}",
+        line["epoch"],
+        line["train_loss"].as_f64().unwrap_or(f64::NAN)
+    );
+    if let Some(t) = line["top1"].as_f64() {
+        s.push_str(&format!(
+            ", top-1 {:.2} %, top-5 {:.2} %",
+            100.0 * t,
+            100.0 * line["top5"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    s
+}

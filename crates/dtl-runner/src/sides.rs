@@ -1,0 +1,323 @@
+//! The built-in side networks (`dtl`, `dtl+`, `linear`) and the `linear` head.
+
+use dfdx::prelude::*;
+use dtl_core::config::{HeadConfig, SideConfig};
+use dtl_core::registry::{HeadEntry, SideEntry};
+use dtl_core::{Act, BackboneSpec, DtlError, Head, Param, Parameters, Result, SideNetwork};
+use rand::distributions::Uniform;
+
+use crate::ops::{self, CpuTape};
+
+/// A parameter drawn from U(-bound, bound) with the device's seeded generator.
+fn uniform(dev: &Cpu, name: &str, shape: &[usize], bound: f32) -> Result<Param<Cpu>> {
+    let n: usize = shape.iter().product();
+    let t: Tensor<(usize,), f32, Cpu> =
+        dev.sample_like(&(n,), Uniform::new_inclusive(-bound, bound));
+    Param::from_vec(dev, name, shape, t.as_vec())
+}
+
+/// The Compact Side Network of DTL, with the optional depthwise conv of DTL+.
+///
+/// One low-rank map `x A_i^T B_i^T` per tapped block (`side.<i>.a` (r, D) from
+/// U(-1/sqrt D, 1/sqrt D), `side.<i>.b` (D, r) zeros), `g(z) = swish_beta(z)` added after each
+/// inject block and, when `kernel > 0`, one shared depthwise `k x k` conv (`fusion.weight`
+/// (D, 1, k, k), PyTorch's Conv2d default init) over the patch grid of `g(z)`.
+///
+/// ```
+/// use dfdx::prelude::*;
+/// use dtl_core::{BackboneSpec, Parameters, SideNetwork};
+/// use dtl_runner::sides::DtlSide;
+/// let spec = BackboneSpec::vit("toy", 32, 8, 48, 4, 3);
+/// let dev = Cpu::seed_from_u64(0);
+/// let side = DtlSide::new(&spec, 2, 100.0, vec![0, 1, 2, 3], vec![2, 3], 3, &dev).unwrap();
+/// assert_eq!(side.parameter_count(), 4 * 2 * 2 * 48 + 48 * 9);
+/// assert_eq!(side.params()[0].name, "side.0.a");
+/// ```
+pub struct DtlSide {
+    taps: Vec<usize>,
+    injects: Vec<usize>,
+    beta: f32,
+    kernel: usize,
+    prefix: usize,
+    grid: (usize, usize),
+    /// `side.<i>.a`, `side.<i>.b` per tap in order, then `fusion.weight` when kernel > 0.
+    params: Vec<Param<Cpu>>,
+}
+
+impl DtlSide {
+    /// A freshly initialised side network for `spec`.
+    pub fn new(
+        spec: &BackboneSpec,
+        rank: usize,
+        beta: f64,
+        taps: Vec<usize>,
+        injects: Vec<usize>,
+        kernel: usize,
+        dev: &Cpu,
+    ) -> Result<Self> {
+        let d = spec.width;
+        if rank == 0 {
+            return Err(DtlError::invalid("side.rank must be at least 1"));
+        }
+        if let Some(bad) = taps.iter().chain(&injects).find(|&&i| i >= spec.depth) {
+            return Err(DtlError::invalid(format!(
+                "side network: block {bad} is past the depth of `{}` (blocks 0-{})",
+                spec.name,
+                spec.depth.saturating_sub(1)
+            )));
+        }
+        if taps.is_empty() || injects.is_empty() || injects[0] < taps[0] {
+            return Err(DtlError::invalid(
+                "side network: needs at least one tap and one inject, and no inject before the first tap",
+            ));
+        }
+        let mut params = Vec::new();
+        let bound = 1.0 / (d as f32).sqrt();
+        for &i in &taps {
+            params.push(uniform(dev, &format!("side.{i}.a"), &[rank, d], bound)?);
+            params.push(Param::zeros(dev, &format!("side.{i}.b"), &[d, rank]));
+        }
+        if kernel > 0 {
+            params.push(uniform(
+                dev,
+                "fusion.weight",
+                &[d, 1, kernel, kernel],
+                1.0 / kernel as f32,
+            )?);
+        }
+        Ok(DtlSide {
+            taps,
+            injects,
+            beta: beta as f32,
+            kernel,
+            prefix: spec.prefix_tokens,
+            grid: spec.grid,
+            params,
+        })
+    }
+
+    /// Builds from a `[side]` section (the `dtl` and `dtl+` registrations).
+    pub fn from_config(cfg: &SideConfig, spec: &BackboneSpec, dev: &Cpu) -> Result<Self> {
+        Self::new(
+            spec,
+            cfg.rank,
+            cfg.beta,
+            cfg.tap_blocks(spec.depth),
+            cfg.inject_blocks(spec.depth),
+            cfg.kernel_size(),
+            dev,
+        )
+    }
+
+    fn maps(&self, block: usize) -> Result<(&Param<Cpu>, &Param<Cpu>)> {
+        let k = self.taps.iter().position(|&t| t == block).ok_or_else(|| {
+            DtlError::invalid(format!(
+                "side network: block {block} is not tapped (taps {:?})",
+                self.taps
+            ))
+        })?;
+        Ok((&self.params[2 * k], &self.params[2 * k + 1]))
+    }
+}
+
+impl Parameters<Cpu> for DtlSide {
+    fn params(&self) -> Vec<&Param<Cpu>> {
+        self.params.iter().collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+        self.params.iter_mut().collect()
+    }
+}
+
+fn accumulate(z: Option<Act<Cpu>>, y: Act<Cpu>) -> Act<Cpu> {
+    match z {
+        Some(z) => z + y,
+        None => y,
+    }
+}
+
+impl SideNetwork<Cpu> for DtlSide {
+    fn taps(&self) -> &[usize] {
+        &self.taps
+    }
+    fn injects(&self) -> &[usize] {
+        &self.injects
+    }
+    fn tap(&self, block: usize, x: Act<Cpu>, z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+        let (a, b) = self.maps(block)?;
+        let (x, tape) = x.split_tape();
+        let y = ops::low_rank(&x, Some(tape), a, b)?;
+        Ok(accumulate(z, y))
+    }
+    fn tap_frozen(
+        &self,
+        block: usize,
+        x: &Act<Cpu, NoneTape>,
+        z: Option<Act<Cpu>>,
+    ) -> Result<Act<Cpu>> {
+        let (a, b) = self.maps(block)?;
+        let y = ops::low_rank(x, None, a, b)?;
+        Ok(accumulate(z, y))
+    }
+    fn inject(&self, _block: usize, z: &Act<Cpu>) -> Result<Act<Cpu>> {
+        let s = ops::swish(z.with_empty_tape(), self.beta);
+        if self.kernel == 0 {
+            return Ok(s);
+        }
+        let w = self.params.last().expect("dtl+ holds its fusion weight");
+        ops::depthwise_conv_tokens(s, w, self.prefix, self.grid)
+    }
+}
+
+/// The linear probe: no side network at all, only the head trains and the backbone runs
+/// without a tape.
+///
+/// ```
+/// use dtl_core::{Parameters, SideNetwork};
+/// let p = dtl_runner::sides::LinearProbe;
+/// assert!(p.is_linear_probe());
+/// assert_eq!(p.parameter_count(), 0);
+/// ```
+pub struct LinearProbe;
+
+impl Parameters<Cpu> for LinearProbe {
+    fn params(&self) -> Vec<&Param<Cpu>> {
+        Vec::new()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+        Vec::new()
+    }
+}
+
+impl SideNetwork<Cpu> for LinearProbe {
+    fn taps(&self) -> &[usize] {
+        &[]
+    }
+    fn injects(&self) -> &[usize] {
+        &[]
+    }
+    fn tap(&self, block: usize, _x: Act<Cpu>, _z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+        Err(DtlError::invalid(format!(
+            "the linear probe taps no block (asked for block {block})"
+        )))
+    }
+    fn inject(&self, block: usize, _z: &Act<Cpu>) -> Result<Act<Cpu>> {
+        Err(DtlError::invalid(format!(
+            "the linear probe injects into no block (asked for block {block})"
+        )))
+    }
+}
+
+/// The linear classifier `head.weight` (C, D), `head.bias` (C), initialised like PyTorch's
+/// `nn.Linear` (both from U(-1/sqrt D, 1/sqrt D)).
+///
+/// ```
+/// use dfdx::prelude::*;
+/// use dtl_core::{Head, Parameters};
+/// let dev = Cpu::seed_from_u64(1);
+/// let h = dtl_runner::sides::LinearHead::new(4, 3, &dev).unwrap();
+/// assert_eq!(h.parameter_count(), 15);
+/// let y = h.forward(dev.ones_like(&(2, 4)).leaky_traced()).unwrap();
+/// assert_eq!(*y.shape(), (2, 3));
+/// ```
+pub struct LinearHead {
+    classes: usize,
+    params: Vec<Param<Cpu>>,
+}
+
+impl LinearHead {
+    /// A freshly initialised head from `width` features to `classes` logits.
+    pub fn new(width: usize, classes: usize, dev: &Cpu) -> Result<Self> {
+        if classes == 0 {
+            return Err(DtlError::invalid(
+                "head: the number of classes must be at least 1",
+            ));
+        }
+        let bound = 1.0 / (width as f32).sqrt();
+        Ok(LinearHead {
+            classes,
+            params: vec![
+                uniform(dev, "head.weight", &[classes, width], bound)?,
+                uniform(dev, "head.bias", &[classes], bound)?,
+            ],
+        })
+    }
+}
+
+impl Parameters<Cpu> for LinearHead {
+    fn params(&self) -> Vec<&Param<Cpu>> {
+        self.params.iter().collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+        self.params.iter_mut().collect()
+    }
+}
+
+impl Head<Cpu> for LinearHead {
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn forward(
+        &self,
+        features: Tensor<(usize, usize), f32, Cpu, CpuTape>,
+    ) -> Result<Tensor<(usize, usize), f32, Cpu, CpuTape>> {
+        ops::linear(features, &self.params[0], &self.params[1])
+    }
+}
+
+fn build_dtl(
+    cfg: &SideConfig,
+    spec: &BackboneSpec,
+    dev: &Cpu,
+) -> Result<Box<dyn SideNetwork<Cpu>>> {
+    Ok(Box::new(DtlSide::from_config(cfg, spec, dev)?))
+}
+
+fn build_linear(_: &SideConfig, _: &BackboneSpec, _: &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>> {
+    Ok(Box::new(LinearProbe))
+}
+
+fn build_head(
+    _: &HeadConfig,
+    spec: &BackboneSpec,
+    classes: usize,
+    dev: &Cpu,
+) -> Result<Box<dyn Head<Cpu>>> {
+    Ok(Box::new(LinearHead::new(spec.width, classes, dev)?))
+}
+
+inventory::submit! {
+    SideEntry {
+        name: "dtl",
+        description: "DTL: low-rank maps on the tapped blocks, swish_beta, added after the inject blocks",
+        build_cpu: build_dtl,
+        origin: module_path!(),
+    }
+}
+
+inventory::submit! {
+    SideEntry {
+        name: "dtl+",
+        description: "DTL+: DTL plus a shared depthwise k x k conv over the patch grid (side.kernel, default 3)",
+        build_cpu: build_dtl,
+        origin: module_path!(),
+    }
+}
+
+inventory::submit! {
+    SideEntry {
+        name: "linear",
+        description: "linear probe: no side network, the backbone runs without a tape",
+        build_cpu: build_linear,
+        origin: module_path!(),
+    }
+}
+
+inventory::submit! {
+    HeadEntry {
+        name: "linear",
+        description: "pooled tokens -> the backbone's final norm -> linear classifier",
+        build_cpu: build_head,
+        origin: module_path!(),
+    }
+}
