@@ -301,6 +301,7 @@ pub fn bench(
     steps: usize,
     warmup: usize,
     what: Vec<String>,
+    json: bool,
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
     let [file] = files.as_slice() else {
@@ -333,9 +334,33 @@ pub fn bench(
         warmup,
         what,
     })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
-        "{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
+        "{} at {}x{}, {} timed steps per row",
+        cfg.backbone.kind, report["image_size"], report["image_size"], steps
     );
+    println!(
+        "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10}",
+        "what", "side", "batch", "img/s", "peak MiB", "trainable"
+    );
+    for r in report["rows"].as_array().into_iter().flatten() {
+        println!(
+            "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10}",
+            r["what"].as_str().unwrap_or("-"),
+            r["side"].as_str().unwrap_or("-"),
+            r["batch"].to_string(),
+            fmt_num(&r["img_per_s"], 1),
+            fmt_num(&r["peak_rss_mib"], 0),
+            r.get("trainable_params")
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

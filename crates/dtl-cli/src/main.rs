@@ -89,6 +89,9 @@ e.g. `optim.lr=3e-4 data.batch_size=16`."
         /// What to measure (repeatable): forward, train, vjp.
         #[arg(long = "what", default_values_t = ["forward".to_string(), "train".to_string()])]
         what: Vec<String>,
+        /// Print the measurements as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -126,7 +129,8 @@ fn main() -> ExitCode {
             steps,
             warmup,
             what,
-        } => commands::bench(&args, batches, steps, warmup, what),
+            json,
+        } => commands::bench(&args, batches, steps, warmup, what, json),
     };
     match result {
         Ok(code) => code,

@@ -207,11 +207,12 @@ pub fn plot_curves(path: &Path, points: &[(usize, f64, Option<f64>)]) -> Result<
         .x_desc("epoch")
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    c.draw_series(LineSeries::new(
-        points.iter().map(|p| (p.0 as f64, p.1)),
-        &RED,
-    ))
-    .map_err(|e| err(e.to_string()))?;
+    let loss: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, p.1)).collect();
+    c.draw_series(LineSeries::new(loss.iter().copied(), &RED))
+        .map_err(|e| err(e.to_string()))?;
+    // Markers too, so that a run with a single epoch or evaluation still shows its value.
+    c.draw_series(loss.iter().map(|&p| Circle::new(p, 3, RED.filled())))
+        .map_err(|e| err(e.to_string()))?;
     let mut c = ChartBuilder::on(&right)
         .caption("test top-1 (%)", ("sans-serif", 18))
         .margin(10)
@@ -223,13 +224,14 @@ pub fn plot_curves(path: &Path, points: &[(usize, f64, Option<f64>)]) -> Result<
         .x_desc("epoch")
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    c.draw_series(LineSeries::new(
-        points
-            .iter()
-            .filter_map(|p| p.2.map(|a| (p.0 as f64, 100.0 * a))),
-        &BLUE,
-    ))
-    .map_err(|e| err(e.to_string()))?;
+    let acc: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| p.2.map(|a| (p.0 as f64, 100.0 * a)))
+        .collect();
+    c.draw_series(LineSeries::new(acc.iter().copied(), &BLUE))
+        .map_err(|e| err(e.to_string()))?;
+    c.draw_series(acc.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
+        .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
 }
