@@ -1,0 +1,830 @@
+//! The hot loops of the CPU backbone, on plain `f32` slices.
+//!
+//! Matrix products go through the `gemm` crate; row-wise work (LayerNorm, GELU, softmax)
+//! and attention (one task per sample and head) are parallelised with rayon. Every function
+//! here works on row-major buffers and knows nothing about dfdx.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows handled by one rayon task in the row-wise kernels.
+const ROW_CHUNK: usize = 16;
+
+/// Compiles a slice loop twice, once for AVX2+FMA, and picks the best at run time.
+///
+/// The body is written in plain scalar Rust with no calls that cannot be inlined, so the
+/// compiler vectorises it; the AVX2 copy gets 8-wide lanes and fused multiply-adds.
+macro_rules! simd_loop {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn inner($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    inner($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            inner($($a),*)
+        }
+    };
+}
+
+/// `e^x` for `f32` in branch-free arithmetic (so that loops using it vectorise): range
+/// reduction `x = n ln 2 + r`, `|r| <= ln 2 / 2`, a degree-6 Taylor polynomial for `e^r`
+/// (relative error below 2e-7) and `2^n` built from the exponent bits.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in f32 and the remainder
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    // 1.5 * 2^23: adding it to an integral float puts the integer in the low mantissa bits
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // n (in [-126, 127]) as a two's-complement integer without a float-to-int conversion,
+    // which the compiler would not vectorise
+    let ni = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(ni.wrapping_add(127) << 23)
+}
+
+/// `erf(x)` for `f32` in branch-free arithmetic: `x P(x^2) / Q(x^2)` on `[-4, 4]` (erf is
+/// 1 to f32 precision beyond), absolute error below 4e-7. The coefficients are a weighted
+/// least-squares rational fit to erf made for this crate.
+#[inline(always)]
+pub fn erf_fast(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let t = x * x;
+    let p = 1.128_378_7
+        + t * (0.213_778_17
+            + t * (0.052_411_135
+                + t * (0.004_283_622
+                    + t * (1.551_236_6e-4 + t * (-1.985_071_8e-6 + t * 1.916_041_4e-8)))));
+    let q =
+        1.0 + t * (0.522_783_9 + t * (0.120_729_95 + t * (0.015_535_261 + t * 0.001_095_091_6)));
+    x * p / q
+}
+
+/// A raw pointer that may cross threads; each task writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced by tasks writing disjoint elements, while the
+// buffer it points to outlives the parallel loop that uses it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer; a method call makes closures capture the whole (Send) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Large buffers kept for reuse by the calling thread, so that each block does not map
+    /// fresh pages from the system for its intermediates.
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread at most.
+const POOL_SIZE: usize = 8;
+
+/// A zero-filled buffer of `n` values, reusing a pooled allocation when one is large enough.
+pub fn scratch(n: usize) -> Vec<f32> {
+    let reused = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let i = p.iter().position(|v| v.capacity() >= n)?;
+        Some(p.swap_remove(i))
+    });
+    match reused {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, 0.0);
+            v
+        }
+        None => vec![0.0; n],
+    }
+}
+
+/// Returns a buffer to the calling thread's pool (the largest ones are kept).
+pub fn recycle(v: Vec<f32>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.push(v);
+        if p.len() > POOL_SIZE {
+            let (i, _) = p
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, v)| v.capacity())
+                .expect("pool is not empty");
+            p.swap_remove(i);
+        }
+    });
+}
+
+/// A strided view of a matrix for `gemm`: base pointer, row stride, column stride.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+/// `dst (m x n) = [dst +] scale * a (m x k) * b (k x n)` on strided views.
+///
+/// # Safety
+/// Every view must address `m x k`, `k x n` and `m x n` valid elements respectively, and
+/// `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    scale: f32,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m, n, k, dst, dst_cs, dst_rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale,
+        false, false, false, par,
+    );
+}
+
+/// `out (m x n) = x (m x k) * w^T + bias`, with `w` in PyTorch's (out, in) = (n x k) layout.
+pub fn linear(x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() >= n * k && bias.len() >= n && out.len() >= m * n);
+    out[..m * n].par_chunks_mut(n * ROW_CHUNK).for_each(|rows| {
+        for r in rows.chunks_mut(n) {
+            r.copy_from_slice(&bias[..n]);
+        }
+    });
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Split the rows over the threads, one single-threaded product each: every task packs
+    // the weights once and runs long, which beats splitting inside each product here.
+    let rows = rows_per_task(m);
+    out[..m * n]
+        .par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let r0 = t * rows;
+            let mr = o.len() / n;
+            // SAFETY: the asserts above bound every access; each task writes its own rows.
+            unsafe {
+                gemm_raw(
+                    mr,
+                    n,
+                    k,
+                    o.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                    View {
+                        ptr: x[r0 * k..].as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    View {
+                        ptr: w.as_ptr(),
+                        rs: 1,
+                        cs: k as isize,
+                    },
+                    1.0,
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+/// Rows per task when a product over `m` rows is split across the rayon threads.
+fn rows_per_task(m: usize) -> usize {
+    let t = rayon::current_num_threads().max(1);
+    m.div_ceil(t).max(1)
+}
+
+/// The input gradient of [`linear`]: `dx (m x k) = dy (m x n) * w (n x k)`.
+pub fn linear_vjp(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize, dx: &mut [f32]) {
+    assert!(dy.len() >= m * n && w.len() >= n * k && dx.len() >= m * k);
+    if m == 0 || k == 0 {
+        return;
+    }
+    if n == 0 {
+        dx[..m * k].fill(0.0);
+        return;
+    }
+    let rows = rows_per_task(m);
+    dx[..m * k]
+        .par_chunks_mut(rows * k)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let r0 = t * rows;
+            let mr = o.len() / k;
+            // SAFETY: bounded by the assert; each task writes its own rows of `dx`.
+            unsafe {
+                gemm_raw(
+                    mr,
+                    k,
+                    n,
+                    o.as_mut_ptr(),
+                    k as isize,
+                    1,
+                    false,
+                    View {
+                        ptr: dy[r0 * n..].as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    View {
+                        ptr: w.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+simd_loop! {
+    fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32, out: &mut [f32]) {
+        for (orow, xrow) in out.chunks_mut(d).zip(x.chunks(d)) {
+            let (mean, rstd) = moments(xrow, eps);
+            for j in 0..d {
+                orow[j] = (xrow[j] - mean) * rstd * gamma[j] + beta[j];
+            }
+        }
+    }
+}
+
+/// Row-wise LayerNorm of `x` (rows x d) into `out`.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    assert!(gamma.len() >= d && beta.len() >= d);
+    out.par_chunks_mut(d * ROW_CHUNK)
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .for_each(|(o, xi)| layer_norm_rows(xi, gamma, beta, d, eps, o));
+}
+
+/// Mean and reciprocal standard deviation of one row (biased variance, as PyTorch).
+#[inline(always)]
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = sum8(row) / d;
+    let mut acc = [0.0f32; 8];
+    let mut it = row.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            let v = c[k] - mean;
+            acc[k] += v * v;
+        }
+    }
+    let var = (acc.iter().sum::<f32>()
+        + it.remainder()
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum::<f32>())
+        / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+simd_loop! {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_vjp_rows(
+        x: &[f32],
+        gamma: &[f32],
+        g: &[f32],
+        d: usize,
+        eps: f32,
+        dx: &mut [f32],
+        accumulate: bool,
+        gh: &mut [f32],
+    ) {
+        for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+            let (mean, rstd) = moments(xr, eps);
+            let mut m1 = [0.0f32; 8];
+            let mut m2 = [0.0f32; 8];
+            for j in 0..d {
+                gh[j] = gr[j] * gamma[j];
+                m1[j % 8] += gh[j];
+                m2[j % 8] += gh[j] * (xr[j] - mean) * rstd;
+            }
+            let m1 = m1.iter().sum::<f32>() / d as f32;
+            let m2 = m2.iter().sum::<f32>() / d as f32;
+            if accumulate {
+                for j in 0..d {
+                    let xhat = (xr[j] - mean) * rstd;
+                    dxr[j] += rstd * (gh[j] - m1 - xhat * m2);
+                }
+            } else {
+                for j in 0..d {
+                    let xhat = (xr[j] - mean) * rstd;
+                    dxr[j] = rstd * (gh[j] - m1 - xhat * m2);
+                }
+            }
+        }
+    }
+}
+
+/// Input-only VJP of [`layer_norm`]: `dx (+)= J^T g`, recomputing the row statistics from `x`.
+///
+/// With `accumulate` the result is added into `dx`.
+pub fn layer_norm_vjp(
+    x: &[f32],
+    gamma: &[f32],
+    g: &[f32],
+    d: usize,
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(x.len() == g.len() && x.len() == dx.len());
+    assert!(gamma.len() >= d);
+    dx.par_chunks_mut(d * ROW_CHUNK)
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .zip(g.par_chunks(d * ROW_CHUNK))
+        .for_each_init(
+            || vec![0.0f32; d],
+            |gh, ((dxc, xc), gc)| layer_norm_vjp_rows(xc, gamma, gc, d, eps, dxc, accumulate, gh),
+        );
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi).
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// The erf GELU, `0.5 x (1 + erf(x / sqrt 2))`.
+#[inline]
+pub fn gelu_scalar(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_fast(x * FRAC_1_SQRT_2))
+}
+
+/// Derivative of the erf GELU: `Phi(x) + x phi(x)`.
+#[inline]
+pub fn gelu_grad_scalar(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf_fast(x * FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * exp_fast(-0.5 * x * x)
+}
+
+simd_loop! {
+    fn gelu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = gelu_scalar(v);
+        }
+    }
+}
+
+simd_loop! {
+    fn gelu_grad_chunk(u: &[f32], g: &mut [f32]) {
+        for (g, &v) in g.iter_mut().zip(u) {
+            *g *= gelu_grad_scalar(v);
+        }
+    }
+}
+
+/// `out = gelu(x)` elementwise.
+pub fn gelu(x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(8192)
+        .zip(x.par_chunks(8192))
+        .for_each(|(o, i)| gelu_chunk(i, o));
+}
+
+/// `g *= gelu'(u)` elementwise.
+pub fn gelu_backward_inplace(u: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(8192)
+        .zip(u.par_chunks(8192))
+        .for_each(|(g, u)| gelu_grad_chunk(u, g));
+}
+
+/// Sum of a slice with eight independent accumulators (vectorises).
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
+/// Maximum of a non-empty slice with eight independent accumulators (vectorises).
+#[inline(always)]
+fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(it.remainder()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// Dot product with eight independent accumulators (vectorises).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ia = a.chunks_exact(8);
+    let mut ib = b.chunks_exact(8);
+    for (x, y) in (&mut ia).zip(&mut ib) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>()
+        + ia.remainder()
+            .iter()
+            .zip(ib.remainder())
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
+}
+
+simd_loop! {
+    /// In-place softmax of each row of length `n`.
+    fn softmax_rows(s: &mut [f32], n: usize) {
+        for row in s.chunks_mut(n) {
+            let max = max8(row);
+            for v in row.iter_mut() {
+                *v = exp_fast(*v - max);
+            }
+            let inv = 1.0 / sum8(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+simd_loop! {
+    /// `dS = P * (dP - rowsum(dP * P)) * scale`, in place in `dp`.
+    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], n: usize, scale: f32) {
+        for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
+            let dot = dot8(prow, dprow);
+            for (g, &pv) in dprow.iter_mut().zip(prow) {
+                *g = pv * (*g - dot) * scale;
+            }
+        }
+    }
+}
+
+/// Shapes of one attention call: `batch` samples of `tokens` tokens, `heads` heads of
+/// `head_dim` channels; width `d = heads * head_dim`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    /// Samples.
+    pub batch: usize,
+    /// Tokens per sample.
+    pub tokens: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Views of head `h` of sample `b` inside the fused `qkv` buffer (rows x 3d, timm order
+/// `[q | k | v]`, each split into heads).
+fn head_views(qkv: *const f32, s: AttnShape, b: usize, h: usize) -> (View, View, View) {
+    let d = s.width();
+    let base = (b * s.tokens * 3 * d + h * s.head_dim) as isize;
+    let rs = (3 * d) as isize;
+    // SAFETY: offsets stay inside the qkv buffer of batch * tokens * 3d elements.
+    unsafe {
+        (
+            View {
+                ptr: qkv.offset(base),
+                rs,
+                cs: 1,
+            },
+            View {
+                ptr: qkv.offset(base + d as isize),
+                rs,
+                cs: 1,
+            },
+            View {
+                ptr: qkv.offset(base + 2 * d as isize),
+                rs,
+                cs: 1,
+            },
+        )
+    }
+}
+
+/// Transposed view.
+fn t(v: View) -> View {
+    View {
+        ptr: v.ptr,
+        rs: v.cs,
+        cs: v.rs,
+    }
+}
+
+/// Multi-head self-attention core: `out[b, :, head h] = softmax(q k^T * scale) v`.
+///
+/// `qkv` is (batch * tokens, 3d); `out` is (batch * tokens, d).
+pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32]) {
+    let d = s.width();
+    let n = s.tokens;
+    assert!(qkv.len() >= s.batch * n * 3 * d && out.len() >= s.batch * n * d);
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let qkv_ptr = qkv.as_ptr() as usize;
+    (0..s.batch * s.heads).into_par_iter().for_each_init(
+        || vec![0.0f32; n * n],
+        |scores, bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let (q, k, v) = head_views(qkv_ptr as *const f32, s, b, h);
+            // SAFETY: views address this sample's rows; each task writes the disjoint
+            // columns of head `h` of sample `b` in `out`.
+            unsafe {
+                gemm_raw(
+                    n,
+                    n,
+                    s.head_dim,
+                    scores.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    false,
+                    q,
+                    t(k),
+                    scale,
+                    Parallelism::None,
+                );
+                softmax_rows(scores, n);
+                let dst = out_ptr.get().add(b * n * d + h * s.head_dim);
+                gemm_raw(
+                    n,
+                    s.head_dim,
+                    n,
+                    dst,
+                    d as isize,
+                    1,
+                    false,
+                    View {
+                        ptr: scores.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    v,
+                    1.0,
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+/// Input-only VJP of [`attention`]: the gradient with respect to the fused `qkv` buffer,
+/// given the gradient `dout` of the attention output. Probabilities are recomputed.
+pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32]) {
+    let d = s.width();
+    let n = s.tokens;
+    let hd = s.head_dim;
+    assert!(qkv.len() >= s.batch * n * 3 * d && dout.len() >= s.batch * n * d);
+    assert!(dqkv.len() >= s.batch * n * 3 * d);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let dptr = SendPtr(dqkv.as_mut_ptr());
+    let qkv_ptr = qkv.as_ptr() as usize;
+    (0..s.batch * s.heads).into_par_iter().for_each_init(
+        || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
+        |(p, dp), bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let (q, k, v) = head_views(qkv_ptr as *const f32, s, b, h);
+            let d_o = View {
+                ptr: dout[b * n * d + h * hd..].as_ptr(),
+                rs: d as isize,
+                cs: 1,
+            };
+            // SAFETY: as in `attention`; this task writes only the q, k and v columns of
+            // head `h` of sample `b` in `dqkv`.
+            unsafe {
+                let base = dptr.get().add(b * n * 3 * d + h * hd);
+                let (dq, dk, dv) = (base, base.add(d), base.add(2 * d));
+                let rs3 = (3 * d) as isize;
+                // P = softmax(q k^T * scale)
+                gemm_raw(
+                    n,
+                    n,
+                    hd,
+                    p.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    false,
+                    q,
+                    t(k),
+                    scale,
+                    Parallelism::None,
+                );
+                softmax_rows(p, n);
+                let pv = View {
+                    ptr: p.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                // dV = P^T dO
+                gemm_raw(
+                    n,
+                    hd,
+                    n,
+                    dv,
+                    rs3,
+                    1,
+                    false,
+                    t(pv),
+                    d_o,
+                    1.0,
+                    Parallelism::None,
+                );
+                // dP = dO V^T
+                gemm_raw(
+                    n,
+                    n,
+                    hd,
+                    dp.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    false,
+                    d_o,
+                    t(v),
+                    1.0,
+                    Parallelism::None,
+                );
+                // dS = P * (dP - rowsum(dP * P)), times the scale
+                softmax_backward_rows(p, dp, n, scale);
+                let ds = View {
+                    ptr: dp.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                // dQ = dS K ; dK = dS^T Q
+                gemm_raw(n, hd, n, dq, rs3, 1, false, ds, k, 1.0, Parallelism::None);
+                gemm_raw(
+                    n,
+                    hd,
+                    n,
+                    dk,
+                    rs3,
+                    1,
+                    false,
+                    t(ds),
+                    q,
+                    1.0,
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+/// `x[row] += scale[row / rows_per_scale] * y[row]` over rows of width `d`; a missing scale
+/// table means 1 everywhere.
+pub fn add_scaled_rows(
+    x: &mut [f32],
+    y: &[f32],
+    d: usize,
+    rows_per_scale: usize,
+    scale: Option<&[f32]>,
+) {
+    let chunk = d * rows_per_scale;
+    x.par_chunks_mut(chunk)
+        .zip(y.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(i, (xs, ys))| {
+            let s = scale.map(|s| s[i]).unwrap_or(1.0);
+            if s == 1.0 {
+                for (a, b) in xs.iter_mut().zip(ys) {
+                    *a += b;
+                }
+            } else if s != 0.0 {
+                for (a, b) in xs.iter_mut().zip(ys) {
+                    *a += s * b;
+                }
+            }
+        });
+}
+
+/// `out[row] = scale[row / rows_per_scale] * y[row]`; a missing scale table means a copy.
+pub fn scaled_rows(
+    y: &[f32],
+    d: usize,
+    rows_per_scale: usize,
+    scale: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let chunk = d * rows_per_scale;
+    out.par_chunks_mut(chunk)
+        .zip(y.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(i, (o, ys))| {
+            let s = scale.map(|s| s[i]).unwrap_or(1.0);
+            for (a, b) in o.iter_mut().zip(ys) {
+                *a = s * b;
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_linear(x: &[f32], w: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = b[j] as f64;
+                for l in 0..k {
+                    acc += x[i * k + l] as f64 * w[j * k + l] as f64;
+                }
+                out[i * n + j] = acc as f32;
+            }
+        }
+        out
+    }
+
+    fn ramp(n: usize, a: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * a).sin() * 0.5).collect()
+    }
+
+    #[test]
+    fn linear_matches_naive() {
+        let (m, k, n) = (37, 19, 23);
+        let x = ramp(m * k, 0.37);
+        let w = ramp(n * k, 0.91);
+        let b = ramp(n, 1.3);
+        let mut out = vec![0.0; m * n];
+        linear(&x, &w, &b, m, k, n, &mut out);
+        let want = naive_linear(&x, &w, &b, m, k, n);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // vjp: dx = dy w
+        let dy = ramp(m * n, 0.53);
+        let mut dx = vec![0.0; m * k];
+        linear_vjp(&dy, &w, m, k, n, &mut dx);
+        for i in 0..m {
+            for l in 0..k {
+                let want: f32 = (0..n).map(|j| dy[i * n + j] * w[j * k + l]).sum();
+                assert!((dx[i * k + l] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_math_accuracy() {
+        let mut worst_exp = 0.0f64;
+        let mut worst_erf = 0.0f64;
+        for i in -40000..=40000 {
+            let x = i as f32 * 2.5e-3; // [-100, 100] for exp, [-100, 100] clamps for erf
+            let e = exp_fast(x) as f64;
+            let want = (x as f64).exp();
+            if want > 1e-30 && want < 1e30 {
+                worst_exp = worst_exp.max(((e - want) / want).abs());
+            }
+            let xs = x / 10.0;
+            worst_erf = worst_erf.max((erf_fast(xs) as f64 - libm::erf(xs as f64)).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp relative error {worst_exp:e}");
+        assert!(worst_erf < 5e-7, "erf absolute error {worst_erf:e}");
+    }
+
+    #[test]
+    fn gelu_values() {
+        // 0.5 x (1 + erf(x / sqrt 2)) at x = 1 and -2 (erf values from tables)
+        assert!((gelu_scalar(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu_scalar(-2.0) + 0.045_500_26).abs() < 1e-6);
+        let h = 1e-3f32;
+        for &x in &[-3.0f32, -1.0, -0.2, 0.0, 0.5, 2.0] {
+            let fd = (gelu_scalar(x + h) - gelu_scalar(x - h)) / (2.0 * h);
+            assert!((fd - gelu_grad_scalar(x)).abs() < 1e-3, "{x}");
+        }
+    }
+}

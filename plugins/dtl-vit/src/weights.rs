@@ -1,0 +1,181 @@
+//! The frozen parameters of a ViT, stored flat in PyTorch's layouts.
+
+use dtl_core::{BackboneSpec, DtlError, Result};
+use rand::{Rng, SeedableRng};
+
+/// Parameters of one transformer block, flat, in timm's (PyTorch) layouts.
+///
+/// Linear weights are `(out, in)` row-major; `qkv_w` is timm's fused `(3 D, D)` matrix whose
+/// output rows are `[q | k | v]`, each split into heads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockWeights {
+    /// `norm1.weight` (D).
+    pub norm1_w: Vec<f32>,
+    /// `norm1.bias` (D).
+    pub norm1_b: Vec<f32>,
+    /// `attn.qkv.weight` (3 D, D).
+    pub qkv_w: Vec<f32>,
+    /// `attn.qkv.bias` (3 D).
+    pub qkv_b: Vec<f32>,
+    /// `attn.proj.weight` (D, D).
+    pub proj_w: Vec<f32>,
+    /// `attn.proj.bias` (D).
+    pub proj_b: Vec<f32>,
+    /// `norm2.weight` (D).
+    pub norm2_w: Vec<f32>,
+    /// `norm2.bias` (D).
+    pub norm2_b: Vec<f32>,
+    /// `mlp.fc1.weight` (hidden, D).
+    pub fc1_w: Vec<f32>,
+    /// `mlp.fc1.bias` (hidden).
+    pub fc1_b: Vec<f32>,
+    /// `mlp.fc2.weight` (D, hidden).
+    pub fc2_w: Vec<f32>,
+    /// `mlp.fc2.bias` (D).
+    pub fc2_b: Vec<f32>,
+}
+
+/// Every frozen parameter of a ViT (no classifier head).
+///
+/// Build one with [`VitWeights::random`], [`VitWeights::load`](crate::VitWeights::load) or by
+/// filling the fields yourself; [`VitWeights::check`] verifies every length against a spec.
+///
+/// ```
+/// use dtl_core::BackboneSpec;
+/// use dtl_vit::VitWeights;
+/// let spec = BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+/// let w = VitWeights::random(&spec, 0);
+/// assert_eq!(w.pos_embed.len(), 5 * 8);
+/// assert!(w.check(&spec).is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct VitWeights {
+    /// `patch_embed.proj.weight` flattened to (D, C * P * P), inner order (channel, row, column).
+    pub patch_w: Vec<f32>,
+    /// `patch_embed.proj.bias` (D).
+    pub patch_b: Vec<f32>,
+    /// `cls_token` (prefix tokens * D); empty without a class token.
+    pub cls_token: Vec<f32>,
+    /// `pos_embed` (tokens, D), prefix tokens first.
+    pub pos_embed: Vec<f32>,
+    /// The blocks in order.
+    pub blocks: Vec<BlockWeights>,
+    /// `norm.weight` (D).
+    pub norm_w: Vec<f32>,
+    /// `norm.bias` (D).
+    pub norm_b: Vec<f32>,
+}
+
+/// Draws from N(0, std^2) truncated to two standard deviations.
+fn trunc_normal(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        // Box-Muller
+        let u1: f32 = rng.gen::<f32>().max(f32::MIN_POSITIVE);
+        let u2: f32 = rng.gen();
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos();
+        if z.abs() <= 2.0 {
+            out.push(z * std);
+        }
+    }
+    out
+}
+
+impl VitWeights {
+    /// Random weights in timm's style (truncated normal, std 0.02; LayerNorm ones and
+    /// zeros; zero biases), reproducible from `seed`. For benchmarks and tests only.
+    pub fn random(spec: &BackboneSpec, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let d = spec.width;
+        let hidden = spec.mlp_hidden;
+        let patch = spec.in_chans * spec.patch_size * spec.patch_size;
+        let mut tn = |n: usize| trunc_normal(&mut rng, n, 0.02);
+        let patch_w = tn(d * patch);
+        let cls_token = tn(spec.prefix_tokens * d);
+        let pos_embed = tn(spec.tokens() * d);
+        let blocks = (0..spec.depth)
+            .map(|_| BlockWeights {
+                norm1_w: vec![1.0; d],
+                norm1_b: vec![0.0; d],
+                qkv_w: tn(3 * d * d),
+                qkv_b: vec![0.0; 3 * d],
+                proj_w: tn(d * d),
+                proj_b: vec![0.0; d],
+                norm2_w: vec![1.0; d],
+                norm2_b: vec![0.0; d],
+                fc1_w: tn(hidden * d),
+                fc1_b: vec![0.0; hidden],
+                fc2_w: tn(d * hidden),
+                fc2_b: vec![0.0; d],
+            })
+            .collect();
+        VitWeights {
+            patch_w,
+            patch_b: vec![0.0; d],
+            cls_token,
+            pos_embed,
+            blocks,
+            norm_w: vec![1.0; d],
+            norm_b: vec![0.0; d],
+        }
+    }
+
+    /// Checks every tensor's length against `spec`; the error names the tensor (timm name).
+    pub fn check(&self, spec: &BackboneSpec) -> Result<()> {
+        let d = spec.width;
+        let hidden = spec.mlp_hidden;
+        let patch = spec.in_chans * spec.patch_size * spec.patch_size;
+        let mut checks: Vec<(String, usize, usize)> = vec![
+            (
+                "patch_embed.proj.weight".into(),
+                self.patch_w.len(),
+                d * patch,
+            ),
+            ("patch_embed.proj.bias".into(), self.patch_b.len(), d),
+            (
+                "cls_token".into(),
+                self.cls_token.len(),
+                spec.prefix_tokens * d,
+            ),
+            ("pos_embed".into(), self.pos_embed.len(), spec.tokens() * d),
+            ("norm.weight".into(), self.norm_w.len(), d),
+            ("norm.bias".into(), self.norm_b.len(), d),
+        ];
+        if self.blocks.len() != spec.depth {
+            return Err(DtlError::invalid(format!(
+                "{}: weights hold {} blocks, the variant has {}",
+                spec.name,
+                self.blocks.len(),
+                spec.depth
+            )));
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("blocks.{i}.");
+            for (name, len, want) in [
+                ("norm1.weight", b.norm1_w.len(), d),
+                ("norm1.bias", b.norm1_b.len(), d),
+                ("attn.qkv.weight", b.qkv_w.len(), 3 * d * d),
+                ("attn.qkv.bias", b.qkv_b.len(), 3 * d),
+                ("attn.proj.weight", b.proj_w.len(), d * d),
+                ("attn.proj.bias", b.proj_b.len(), d),
+                ("norm2.weight", b.norm2_w.len(), d),
+                ("norm2.bias", b.norm2_b.len(), d),
+                ("mlp.fc1.weight", b.fc1_w.len(), hidden * d),
+                ("mlp.fc1.bias", b.fc1_b.len(), hidden),
+                ("mlp.fc2.weight", b.fc2_w.len(), d * hidden),
+                ("mlp.fc2.bias", b.fc2_b.len(), d),
+            ] {
+                checks.push((format!("{p}{name}"), len, want));
+            }
+        }
+        for (name, len, want) in checks {
+            if len != want {
+                return Err(DtlError::invalid(format!(
+                    "{}: tensor `{name}` holds {len} values, the variant needs {want}",
+                    spec.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
