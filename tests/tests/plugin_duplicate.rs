@@ -21,8 +21,14 @@ mod second {
 #[test]
 fn duplicate_names_are_an_error_naming_both() {
     let _unused: Option<&AugmentEntry> = None;
-    let e = Registry::gather().err().expect("duplicates are refused").to_string();
-    assert!(e.contains("duplicate augmentation op registration `zz_twice`"), "{e}");
+    let e = Registry::gather()
+        .err()
+        .expect("duplicates are refused")
+        .to_string();
+    assert!(
+        e.contains("duplicate augmentation op registration `zz_twice`"),
+        "{e}"
+    );
     assert!(e.contains("plugin_one") && e.contains("plugin_two"), "{e}");
     assert!(dtl_core::registry().is_err());
 }

@@ -56,7 +56,9 @@ fn negate_spec() -> BackboneSpec {
 }
 
 fn negate_build(_: &PipelineConfig, _: &BuildContext) -> Result<Box<dyn Job>> {
-    Err(DtlError::invalid("the negating backbone is for registry tests only"))
+    Err(DtlError::invalid(
+        "the negating backbone is for registry tests only",
+    ))
 }
 
 dtl_core::inventory::submit! {
@@ -137,7 +139,10 @@ fn plugin_components_are_registered_and_sorted() {
     let reg = registry().unwrap();
     let names = reg.backbones.names();
     assert!(names.contains(&"zz_negate_test"));
-    assert!(names.contains(&"vit_base_patch16_224"), "dtl_vit is linked: {names:?}");
+    assert!(
+        names.contains(&"vit_base_patch16_224"),
+        "dtl_vit is linked: {names:?}"
+    );
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
@@ -158,7 +163,9 @@ fn a_registered_side_network_runs_through_frozen_blocks() {
     };
     let side = (reg.side("zz_gain_test").unwrap().build_cpu)(&side_cfg, &spec, &dev).unwrap();
     let backbone = std::sync::Arc::new(Negate(spec));
-    let x0 = backbone.embed(&dev.zeros_like(&(2, Const::<3>, 8, 8))).unwrap();
+    let x0 = backbone
+        .embed(&dev.zeros_like(&(2, Const::<3>, 8, 8)))
+        .unwrap();
     // z = 0.5 * x0; x1 = -x0 + z; then block 1 negates again: x2 = x0 - z.
     let x0_dyn = x0.clone().realize::<(usize, usize, usize)>();
     let z = side.tap_frozen(0, &x0_dyn, None).unwrap();
@@ -167,8 +174,13 @@ fn a_registered_side_network_runs_through_frozen_blocks() {
     let g = side.inject(0, &z.put_tape(OwnedTape::default())).unwrap();
     let (g, g_tape) = g.split_tape();
     let g = g.put_tape(g_tape.merge(z_tape));
-    let x1 = dtl_core::frozen_block(&backbone, 0, x0.clone().retaped::<OwnedTape<f32, Cpu>>(), None)
-        .unwrap();
+    let x1 = dtl_core::frozen_block(
+        &backbone,
+        0,
+        x0.clone().retaped::<OwnedTape<f32, Cpu>>(),
+        None,
+    )
+    .unwrap();
     let x1 = x1 + g.realize::<(usize, Const<2>, Const<4>)>();
     let x2 = dtl_core::frozen_block(&backbone, 1, x1, None).unwrap();
     assert_eq!(x2.as_vec(), vec![0.5; 16]);

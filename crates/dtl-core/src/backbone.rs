@@ -216,10 +216,7 @@ pub trait Backbone<D: Device<f32>>: 'static {
     }
 
     /// Patch embedding, prefix tokens and position embedding: `x_0`.
-    fn embed(
-        &self,
-        images: &Images<D>,
-    ) -> Result<TokensOf<Self, D>>;
+    fn embed(&self, images: &Images<D>) -> Result<TokensOf<Self, D>>;
 
     /// `x_{i+1} = Block_i(x_i)`; `drop` holds the stochastic-depth scales in training.
     fn block_forward(

@@ -113,17 +113,7 @@ pub fn build<G: Geometry>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<Box
         }
         None => Vit::random(spec, cfg.run.seed)?,
     };
-    #[cfg(feature = "runner")]
-    {
-        dtl_runner::build_job::<VitOf<G>>(cfg, cx, vit)
-    }
-    #[cfg(not(feature = "runner"))]
-    {
-        let _ = (cx, vit);
-        Err(dtl_core::DtlError::Unavailable(
-            "dtl-vit was built without its `runner` feature, so it cannot train or evaluate".into(),
-        ))
-    }
+    dtl_runner::build_job::<VitOf<G>>(cfg, cx, vit)
 }
 
 /// Declares a ViT geometry type and registers it by name.
