@@ -45,5 +45,12 @@ pub fn build_job<B>(cfg: &PipelineConfig, cx: &BuildContext, backbone: B) -> Res
 where
     B: Backbone<Cpu> + Send + Sync,
 {
+    if let dtl_core::config::DeviceSpec::Cuda(n) = cfg.device()? {
+        return Err(dtl_core::DtlError::Unavailable(format!(
+            "run.device = \"cuda:{n}\": the training loop runs on the CPU in this version (the \
+             CUDA kernels and the GPU ViT exist, the runner does not drive them yet); set \
+             run.device = \"cpu\""
+        )));
+    }
     Ok(Box::new(DtlJob::new(cfg, cx, backbone)))
 }
