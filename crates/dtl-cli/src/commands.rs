@@ -99,6 +99,14 @@ pub fn run(
     if resume.is_some() && files.len() > 1 {
         return Err(DtlError::invalid("--resume takes exactly one pipeline"));
     }
+    if let Some(r) = &resume {
+        if !r.exists() {
+            return Err(DtlError::file(
+                r,
+                "nothing to resume from: give a run directory written by `dtl run` or its last.safetensors",
+            ));
+        }
+    }
     let reg = registry()?;
     let mut configs = Vec::new();
     let mut failed = false;

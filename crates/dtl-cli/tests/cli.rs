@@ -147,3 +147,19 @@ fn help_shows_examples() {
     let out = dtl(&["--help"]);
     assert!(text(&out.stdout).contains("dtl run pipelines/quickstart.toml"));
 }
+
+#[test]
+fn resuming_from_nothing_is_refused_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("runs/none");
+    let out = dtl(&[
+        "run",
+        "tests/pipelines/valid.toml",
+        "--resume",
+        missing.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing to resume from"), "{err}");
+    assert!(!dir.path().join("runs").exists());
+}
