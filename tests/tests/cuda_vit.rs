@@ -7,30 +7,14 @@ use std::path::PathBuf;
 
 use dfdx::prelude::Const;
 use dtl_core::{BackboneSpec, DropPath};
-use dtl_cuda::Gpu;
+
+mod gpu_common;
 use dtl_vit::cuda::GpuVit;
 use dtl_vit::{Vit, VitWeights};
+use gpu_common::{gpu, rand_vec};
 use safetensors::tensor::{Dtype, SafeTensors};
 
 const TOL: f64 = 1e-3;
-
-fn gpu() -> Gpu {
-    Gpu::new(0).unwrap_or_else(|e| {
-        panic!("the CUDA tests need a GPU at cuda:0 ({e}); run them with scripts/gpu-check.sh")
-    })
-}
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
