@@ -1,20 +1,48 @@
 #!/usr/bin/env python3
-"""PyTorch reference for `dtl bench --what train`: DTL / DTL+ / linear-probe training steps on
-CPU for a timm ViT with random weights, synthetic batches, fp32.
+"""PyTorch reference for `dtl bench --what train`: DTL / DTL+ / linear-probe training steps for a
+timm ViT with random weights on synthetic batches, on the CPU (default) or a CUDA GPU, in fp32 or
+with bf16 autocast.
 
 The model follows the method's equations: z accumulates x_i A_i^T B_i^T over the tapped
 blocks, swish_beta(z) (then, for DTL+, a depthwise k x k conv over the patch grid, class token
 unconvolved) is added after each inject block, and the head is LayerNorm(mean of the patch
 tokens) -> linear. The backbone is frozen (requires_grad False); stochastic depth is off.
 A step is forward, cross entropy, backward and AdamW (weight decay 0.05, none on `.bias`).
+Settings: r = 2, beta = 100, taps = every block, injects = the second half, DTL+ kernel 3.
 
   python3 bench/reference/bench_dtl_train.py --model vit_tiny_patch16_224 --batch 8 --steps 10
+  python3 bench/reference/bench_dtl_train.py --model vit_base_patch16_224 --device cuda \
+      --batch 32 128 --precision fp32 bf16 --steps 10 --warmup 3 --json ref.jsonl
 
-Prints one JSON line per method: img/s over the timed steps and the peak resident memory of
-the process (ru_maxrss; a fresh process per method with --method).
+--batch and --precision take one or more values; every combination is measured for every
+method, in one process (batch, then precision, then method). Prints one JSON line per
+measurement; with --json PATH the same record, without the extra fields, is appended to PATH
+(one JSON object per line) as soon as it is measured:
+
+  method      dtl | dtlplus | linear
+  model       the timm model name
+  batch       images per step
+  device      cpu | cuda
+  precision   fp32 | bf16 (torch.autocast with dtype bfloat16 around forward and loss;
+              weights, gradients and AdamW state stay float32)
+  img_per_s   batch * steps / wall seconds of the timed steps (on CUDA the device is
+              synchronised before the clock starts and before it is read)
+  peak_mib    on CUDA: torch.cuda.max_memory_allocated in MiB over the timed steps (the counter
+              is reset after the warm-up steps; the frozen weights, the input batch, the
+              AdamW state and every activation count). On the CPU: the process's peak
+              resident set (ru_maxrss), which never goes down, so later measurements in the
+              same process include earlier ones: run one --method per process for per-method
+              CPU figures
+  peak_reserved_mib  on CUDA: torch.cuda.max_memory_reserved in MiB over the timed steps (what
+              the caching allocator held, freed blocks it keeps included); null on the CPU
+  steps       timed steps; warmup: untimed steps before them
+
+The stdout line adds: threads, trainable_params, peak_rss_mib, matmul_precision (PyTorch's
+float32 matmul precision; "highest" means no TF32), torch and timm versions, and the card.
 """
 
 import argparse
+import gc
 import json
 import resource
 import time
@@ -76,56 +104,128 @@ class Probe(torch.nn.Module):
         return self.head(f)
 
 
+METHODS = ["dtl", "dtlplus", "linear"]
+
+
+def build(method, vit, classes):
+    """The trainable model of one method around the shared frozen `vit`."""
+    if method == "linear":
+        return Probe(vit, classes)
+    depth = len(vit.blocks)
+    kernel = 3 if method == "dtlplus" else 0
+    return Dtl(vit, 2, 100.0, list(range(depth)), list(range(depth // 2, depth)), kernel, classes)
+
+
+def measure(args, method, vit, batch, precision, device):
+    """Times one method at one batch size and precision.
+
+    Returns (img/s, peak MiB, peak reserved MiB or None on the CPU, trainable parameters)."""
+    torch.manual_seed(1)
+    size = vit.patch_embed.img_size[0]
+    x = torch.randn(batch, 3, size, size).to(device)
+    y = (torch.arange(batch) % args.classes).to(device)
+    model = build(method, vit, args.classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    cuda = device.type == "cuda"
+    autocast = precision == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        reserved = torch.cuda.max_memory_reserved(device) / 2**20
+    else:
+        peak, reserved = rss_mib(), None
+    trainable = sum(p.numel() for p in params)
+    del model, opt, params, decay, no_decay, x, y
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return args.steps * batch / dt, peak, reserved, trainable
+
+
+def rss_mib():
+    """Peak resident set of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes (default 8)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--method", choices=["dtl", "dtl+", "linear", "all"], default="all")
+    ap.add_argument("--method", choices=METHODS + ["dtl+", "all"], default="all",
+                    help="dtl, dtlplus (alias dtl+), linear or all (default)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], nargs="+", default=["fp32"],
+                    help="fp32 (default) and/or bf16 (autocast)")
+    ap.add_argument("--json", metavar="PATH", help="append one JSON object per measurement to PATH")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    if min(args.batch) < 1 or args.steps < 1 or args.warmup < 0 or args.classes < 2:
+        ap.error("--batch and --steps must be at least 1, --warmup at least 0, --classes at least 2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: PyTorch sees no CUDA device (torch %s, built for CUDA %s)" % (torch.__version__, torch.version.cuda))
+    if args.json:
+        try:
+            open(args.json, "a").close()
+        except OSError as e:
+            ap.error("--json %s: cannot append to it (%s)" % (args.json, e.strerror))
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
-    vit = timm.create_model(args.model, pretrained=False, num_classes=0, drop_path_rate=0.0)
+    try:
+        vit = timm.create_model(args.model, pretrained=False, num_classes=0, drop_path_rate=0.0)
+    except RuntimeError as e:
+        ap.error("--model %s: %s" % (args.model, str(e).splitlines()[0]))
     vit.eval()
     for p in vit.parameters():
         p.requires_grad_(False)
-    depth = len(vit.blocks)
-    size = vit.patch_embed.img_size[0]
-    methods = ["dtl", "dtl+", "linear"] if args.method == "all" else [args.method]
-    x = torch.randn(args.batch, 3, size, size)
-    y = torch.arange(args.batch) % args.classes
-    for m in methods:
-        if m == "linear":
-            model = Probe(vit, args.classes)
-        else:
-            model = Dtl(vit, 2, 100.0, list(range(depth)), list(range(depth // 2, depth)), 3 if m == "dtl+" else 0, args.classes)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        for _ in range(args.warmup):
-            step()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        dt = time.perf_counter() - t
-        print(json.dumps({
-            "method": m, "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
-            "img_per_s": args.steps * args.batch / dt,
-            "trainable_params": sum(p.numel() for p in params),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch": torch.__version__, "timm": timm.__version__,
-        }), flush=True)
+    vit.to(device)
+    if args.method == "all":
+        methods = METHODS
+    else:
+        methods = ["dtlplus" if args.method == "dtl+" else args.method]
+    for batch in args.batch:
+        for precision in args.precision:
+            for m in methods:
+                ips, peak, reserved, trainable = measure(args, m, vit, batch, precision, device)
+                record = {
+                    "method": m, "model": args.model, "batch": batch, "device": args.device,
+                    "precision": precision, "img_per_s": ips, "peak_mib": peak,
+                    "peak_reserved_mib": reserved, "steps": args.steps, "warmup": args.warmup,
+                }
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                print(json.dumps(dict(record, **{
+                    "threads": torch.get_num_threads(), "trainable_params": trainable,
+                    "peak_rss_mib": rss_mib(), "matmul_precision": torch.get_float32_matmul_precision(),
+                    "torch": torch.__version__, "timm": timm.__version__, "card": card,
+                })), flush=True)
 
 
 if __name__ == "__main__":

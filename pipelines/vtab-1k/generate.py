@@ -39,7 +39,8 @@ TEMPLATE = """\
 [run]
 name = "vtab-{task}-{method}"
 seed = 42
-# The training loop runs on the CPU in this version; ViT-B/16 for 100 epochs there takes hours.
+# ViT-B/16 for 100 epochs takes hours on a CPU: with a build that has `--features cuda`
+# (docs/cuda.md), add run.device=cuda:0 to the command line to train on a GPU.
 device = "cpu"
 
 [backbone]

@@ -3,28 +3,17 @@
 //! `cargo test -p dtl-tests --features cuda --no-run`; scripts/gpu-check.sh runs them.
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
-
 use dfdx::prelude::Const;
 use dtl_core::{BackboneSpec, DropPath};
 
 mod gpu_common;
+mod parity_common;
 use dtl_vit::cuda::GpuVit;
 use dtl_vit::{Vit, VitWeights};
 use gpu_common::{gpu, rand_vec};
-use safetensors::tensor::{Dtype, SafeTensors};
+use parity_common::{fixtures, read, rel_err};
 
 const TOL: f64 = 1e-3;
-
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |a, &b| a.max(b.abs())).max(1e-12);
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0f64, f64::max)
-        / scale
-}
 
 fn assert_parity(got: &[f32], cpu: &[f32], what: &str) {
     let want: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
@@ -149,28 +138,6 @@ fn to_gpu_copies_a_cpu_model() {
     );
 }
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dtl-reference")
-}
-
-fn tensor(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let t = st.tensor(name).unwrap();
-    let v = match t.dtype() {
-        Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        other => panic!("unexpected dtype {other:?} of {name}"),
-    };
-    (t.shape().to_vec(), v)
-}
-
 #[test]
 fn forward_features_match_the_pytorch_fixtures() {
     let g = gpu();
@@ -181,13 +148,12 @@ fn forward_features_match_the_pytorch_fixtures() {
         )
         .unwrap();
         let gv = vit.to_gpu(&g).unwrap();
-        let raw = std::fs::read(fixtures().join(format!("{name}_dtl.safetensors"))).unwrap();
-        let st = SafeTensors::deserialize(&raw).unwrap();
-        let (shape, input) = tensor(&st, "input");
-        let (_, want) = tensor(&st, "backbone_tokens");
+        let fx = read(&format!("{name}_dtl.safetensors"));
+        let (shape, input) = &fx["input"];
+        let (_, want) = &fx["backbone_tokens"];
         let images: Vec<f32> = input.iter().map(|&v| v as f32).collect();
         let got = gv.forward_features_host(&images, shape[0]).unwrap();
-        let e = rel_err(&got, &want);
+        let e = rel_err(&got, want);
         assert!(
             e <= TOL,
             "{name}: GPU forward_features vs PyTorch: relative error {e:.3e}"

@@ -130,6 +130,7 @@ dtl_core::inventory::submit! {
         name: "zz_gain_test",
         description: "test side network with one gain",
         build_cpu: gain_build,
+        build_cuda: None,
         origin: module_path!(),
     }
 }

@@ -44,8 +44,13 @@ fn job(cfg: &PipelineConfig) -> DtlJob<ToyBackbone> {
     let cx = BuildContext {
         pipeline_file: "toy.toml".into(),
     };
-    DtlJob::new(cfg, &cx, ToyBackbone::new(&Cpu::default(), 11))
-        .with_data(Box::new(SyntheticData::new(3, 8, 24, 12, 4, 5)))
+    DtlJob::new(
+        cfg,
+        &cx,
+        ToyBackbone::new(&Cpu::default(), 11),
+        Cpu::default(),
+    )
+    .with_data(Box::new(SyntheticData::new(3, 8, 24, 12, 4, 5)))
 }
 
 fn env(dir: &Path) -> RunEnv {

@@ -64,10 +64,33 @@ pub struct BackboneEntry {
     pub origin: &'static str,
 }
 
-/// Builds a side network for the CPU device; other devices get their own constructors.
+/// Builds a side network for the CPU device: `(config, backbone spec, device)`. The device
+/// is seeded by `run.seed`; initial values come from its generator.
 pub type SideBuilder = fn(&SideConfig, &BackboneSpec, &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>>;
 
+/// Stands in for the CUDA device type in a build without the `cuda` feature, so that entries
+/// are written the same way with and without it. It has no values.
+#[derive(Debug, Clone, Copy)]
+pub enum CudaNotBuilt {}
+
+/// Builds a side network on a CUDA GPU: `(config, backbone spec, init, device)`. `init` is the
+/// CPU generator seeded by `run.seed`: drawing the initial values from it, then placing them
+/// on the GPU, starts a GPU run from the same parameters as a CPU run.
+#[cfg(feature = "cuda")]
+pub type CudaSideBuilder = fn(
+    &SideConfig,
+    &BackboneSpec,
+    &Cpu,
+    &dfdx::tensor::Cuda,
+) -> Result<Box<dyn SideNetwork<dfdx::tensor::Cuda>>>;
+/// Builds a side network on a CUDA GPU (this build has no `cuda` feature: always `None`).
+#[cfg(not(feature = "cuda"))]
+pub type CudaSideBuilder = fn(CudaNotBuilt) -> CudaNotBuilt;
+
 /// A registered side network.
+///
+/// `build_cuda` is `None` for a side network that only runs on the CPU; a pipeline asking
+/// for it on `cuda:N` then gets an error naming it.
 pub struct SideEntry {
     /// Name used in `side.kind`.
     pub name: &'static str,
@@ -75,12 +98,28 @@ pub struct SideEntry {
     pub description: &'static str,
     /// Constructor on the CPU.
     pub build_cpu: SideBuilder,
+    /// Constructor on a CUDA GPU, when the side network has one.
+    pub build_cuda: Option<CudaSideBuilder>,
     /// Where the registration comes from.
     pub origin: &'static str,
 }
 
 /// Builds a head for the CPU device: `(config, backbone spec, classes, device)`.
 pub type HeadBuilder = fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
+
+/// Builds a head on a CUDA GPU: `(config, backbone spec, classes, init, device)`, `init` as for
+/// [`CudaSideBuilder`].
+#[cfg(feature = "cuda")]
+pub type CudaHeadBuilder = fn(
+    &HeadConfig,
+    &BackboneSpec,
+    usize,
+    &Cpu,
+    &dfdx::tensor::Cuda,
+) -> Result<Box<dyn Head<dfdx::tensor::Cuda>>>;
+/// Builds a head on a CUDA GPU (this build has no `cuda` feature: always `None`).
+#[cfg(not(feature = "cuda"))]
+pub type CudaHeadBuilder = fn(CudaNotBuilt) -> CudaNotBuilt;
 
 /// A registered head.
 pub struct HeadEntry {
@@ -90,6 +129,8 @@ pub struct HeadEntry {
     pub description: &'static str,
     /// Constructor on the CPU.
     pub build_cpu: HeadBuilder,
+    /// Constructor on a CUDA GPU, when the head has one.
+    pub build_cuda: Option<CudaHeadBuilder>,
     /// Where the registration comes from.
     pub origin: &'static str,
 }

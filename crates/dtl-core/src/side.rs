@@ -67,6 +67,23 @@ impl<D: Device<f32>> Param<D> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The same parameter on another device (a copy through the host).
+    ///
+    /// ```
+    /// use dfdx::prelude::*;
+    /// use dtl_core::Param;
+    /// let p = Param::from_vec(&Cpu::default(), "head.bias", &[2], vec![1.0, 2.0]).unwrap();
+    /// let q = p.to_device(&Cpu::default());
+    /// assert_eq!((q.name.as_str(), q.value.as_vec()), ("head.bias", vec![1.0, 2.0]));
+    /// ```
+    pub fn to_device<E: Device<f32>>(&self, dev: &E) -> Param<E> {
+        Param {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            value: dev.tensor_from_vec(self.value.as_vec(), (self.numel(),)),
+        }
+    }
 }
 
 /// Something that owns trainable parameters.

@@ -1,5 +1,6 @@
 //! Throughput and peak memory of training steps on synthetic batches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -7,7 +8,8 @@ use dfdx::prelude::*;
 use dtl_core::{Backbone, BenchOptions, DtlError, PipelineConfig, Result};
 use serde_json::{json, Value};
 
-use crate::job::{build_model, drop_masks, train_step};
+use crate::device::{dev_err, TrainDevice};
+use crate::job::{build_model, drop_masks, train_step, MemoryProbe};
 use crate::model::smoothed_targets;
 use crate::optim::AdamW;
 use crate::report;
@@ -15,22 +17,69 @@ use crate::report;
 /// Side networks measured by `train`: the pipeline's own settings with each kind.
 const KINDS: [&str; 3] = ["dtl", "dtl+", "linear"];
 
+/// Throughput and memory of one measurement.
+struct Measured {
+    img_per_s: f64,
+    peak_rss_mib: Option<f64>,
+    peak_gpu_mib: Option<f64>,
+}
+
 fn measure(
     warmup: usize,
     steps: usize,
     batch: usize,
+    memory: Option<&MemoryProbe>,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<(f64, Option<f64>)> {
+) -> Result<Measured> {
     for _ in 0..warmup {
         f()?;
     }
     report::reset_peak_rss();
+    // GPU memory is polled from a second thread while the timed steps run: the backbone's
+    // transient buffers are freed within a step, so a reading between steps would miss them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = memory.map(|probe| {
+        let (probe, stop) = (Arc::clone(probe), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut peak: Option<f64> = None;
+            loop {
+                let done = stop.load(Ordering::Relaxed);
+                if let Some(m) = probe() {
+                    peak = Some(peak.map_or(m, |p: f64| p.max(m)));
+                }
+                if done {
+                    return peak;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        })
+    });
     let t = Instant::now();
+    let mut result = Ok(());
     for _ in 0..steps.max(1) {
-        f()?;
+        result = f();
+        if result.is_err() {
+            break;
+        }
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(((steps.max(1) * batch) as f64 / secs, report::peak_rss_mib()))
+    stop.store(true, Ordering::Relaxed);
+    let gpu = poller.and_then(|h| h.join().ok().flatten());
+    result?;
+    Ok(Measured {
+        img_per_s: (steps.max(1) * batch) as f64 / secs.max(1e-12),
+        peak_rss_mib: report::peak_rss_mib(),
+        peak_gpu_mib: gpu,
+    })
+}
+
+fn row(what: &str, side: &str, batch: usize, m: &Measured, params: Option<usize>) -> Value {
+    let mut r = json!({"what": what, "side": side, "batch": batch, "img_per_s": m.img_per_s,
+                       "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": m.peak_gpu_mib});
+    if let Some(p) = params {
+        r["trainable_params"] = json!(p);
+    }
+    r
 }
 
 /// A naive all-traced training step for comparison: dfdx's own autodiff through a
@@ -42,14 +91,14 @@ fn naive_autodiff<const M: usize, const H: usize, const F: usize, const L: usize
     batch: usize,
     warmup: usize,
     steps: usize,
-) -> Result<(f64, Option<f64>)> {
+) -> Result<Measured> {
     use dfdx::nn::{BuildOnDevice, Module, ZeroGrads};
     let dev = Cpu::seed_from_u64(0);
     let enc = dfdx::nn::builders::TransformerEncoder::<M, H, F, L>::try_build_on_device(&dev)
         .map_err(crate::ops::dev_err)?;
     let x: Tensor<(usize, usize, Const<M>), f32, Cpu> =
         dev.sample_normal_like(&(batch, tokens, Const));
-    measure(warmup, steps, batch, || {
+    measure(warmup, steps, batch, None, || {
         let grads = enc.try_alloc_grads().map_err(crate::ops::dev_err)?;
         let y = enc
             .try_forward(x.trace(grads))
@@ -66,7 +115,7 @@ fn naive_for(
     batch: usize,
     warmup: usize,
     steps: usize,
-) -> Result<Option<(f64, Option<f64>)>> {
+) -> Result<Option<Measured>> {
     let t = spec.tokens();
     Ok(
         match (spec.width, spec.heads, spec.mlp_hidden, spec.depth) {
@@ -82,22 +131,29 @@ fn naive_for(
     )
 }
 
-/// Runs the benchmark described by `opts` (`what`: `train`, `forward`, `vjp`) and returns
-/// one JSON row per measurement: `what`, `side`, `batch`, `img_per_s`, `peak_rss_mib`.
+/// Runs the benchmark described by `opts` (`what`: `train`, `forward`, `vjp`) on `dev` and
+/// returns one JSON row per measurement: `what`, `side`, `batch`, `img_per_s`,
+/// `peak_rss_mib`, `peak_gpu_mib`.
 ///
 /// `train` measures a full step (forward, backward, AdamW) of `dtl`, `dtl+` and `linear`
-/// with the pipeline's side settings, then, for ViT-Ti/S/B geometries, a naive all-traced
-/// step (`side = "naive-autodiff"`, see `naive_autodiff`). Peak memory is the process's peak
-/// resident set size during the timed steps (reset before each measurement).
-pub fn run<B: Backbone<Cpu>>(
+/// with the pipeline's side settings, then, on the CPU and for ViT-Ti/S/B geometries, a
+/// naive all-traced step (`side = "naive-autodiff"`, see `naive_autodiff`). `peak_rss_mib`
+/// is the process's peak resident set size during the timed steps (reset before each
+/// measurement); `peak_gpu_mib` is the largest reading of `memory` (the GPU memory the
+/// process holds beyond its CUDA context: weights, activations and dfdx's cached buffers),
+/// polled every half millisecond during the timed steps, `null` without a probe. dfdx's
+/// buffer cache is emptied before each training measurement.
+pub fn run<B: Backbone<D>, D: TrainDevice>(
     cfg: &PipelineConfig,
     backbone: &Arc<B>,
+    dev: &D,
+    memory: Option<&MemoryProbe>,
     opts: &BenchOptions,
 ) -> Result<Value> {
     let spec = backbone.spec().clone();
     let s = spec.image_size;
     let classes = cfg.head.classes.unwrap_or(10);
-    let dev = Cpu::seed_from_u64(cfg.run.seed);
+    let rng = Cpu::seed_from_u64(cfg.run.seed);
     let mut rows = Vec::new();
     for what in &opts.what {
         if !["train", "forward", "vjp"].contains(&what.as_str()) {
@@ -110,7 +166,9 @@ pub fn run<B: Backbone<Cpu>>(
         if batch == 0 {
             return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
         }
-        let images: dtl_core::Images<Cpu> = dev.sample_normal_like(&(batch, Const::<3>, s, s));
+        let host: Tensor<(usize, Const<3>, usize, usize), f32, Cpu> =
+            rng.sample_normal_like(&(batch, Const::<3>, s, s));
+        let images: dtl_core::Images<D> = dev.tensor_from_vec(host.as_vec(), *host.shape());
         let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
         let targets = smoothed_targets(&labels, classes, 0.0);
         for what in &opts.what {
@@ -124,15 +182,18 @@ pub fn run<B: Backbone<Cpu>>(
                         } else if kind == "dtl+" && c.side.kernel_size() == 0 {
                             c.side.kernel = Some(3);
                         }
-                        let mut model = build_model(&c, backbone, classes)?;
+                        // Buffers the previous measurement left in dfdx's cache are not this
+                        // one's memory.
+                        dev.try_empty_cache().map_err(dev_err)?;
+                        let mut model = build_model(&c, backbone, classes, dev)?;
                         let names: Vec<(String, usize)> = model
                             .params()
                             .iter()
                             .map(|p| (p.name.clone(), p.numel()))
                             .collect();
-                        let mut opt = AdamW::from_config(&c.optim, &names);
+                        let mut opt = AdamW::from_config(&c.optim, &names, dev);
                         let mut step = 0u64;
-                        let (ips, peak) = measure(opts.warmup, opts.steps, batch, || {
+                        let m = measure(opts.warmup, opts.steps, batch, memory, || {
                             let drops = drop_masks(
                                 c.backbone.drop_path,
                                 spec.depth,
@@ -146,26 +207,33 @@ pub fn run<B: Backbone<Cpu>>(
                             )
                             .map(|_| ())
                         })?;
-                        rows.push(json!({"what": "train", "side": kind, "batch": batch, "img_per_s": ips, "peak_rss_mib": peak,
-                                         "trainable_params": model.trainable_params()}));
+                        rows.push(row(
+                            "train",
+                            kind,
+                            batch,
+                            &m,
+                            Some(model.trainable_params()),
+                        ));
                     }
-                    if let Some((ips, peak)) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
-                        rows.push(json!({"what": "train", "side": "naive-autodiff", "batch": batch, "img_per_s": ips, "peak_rss_mib": peak}));
+                    if dev.describe() == "cpu" {
+                        if let Some(m) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
+                            rows.push(row("train", "naive-autodiff", batch, &m, None));
+                        }
                     }
                 }
                 "forward" => {
-                    let (ips, peak) = measure(opts.warmup, opts.steps, batch, || {
+                    let m = measure(opts.warmup, opts.steps, batch, memory, || {
                         let mut x = backbone.embed(&images)?;
                         for i in 0..spec.depth {
                             x = backbone.block_forward(i, &x, None)?;
                         }
                         Ok(())
                     })?;
-                    rows.push(json!({"what": "forward", "side": "none", "batch": batch, "img_per_s": ips, "peak_rss_mib": peak}));
+                    rows.push(row("forward", "none", batch, &m, None));
                 }
                 _ => {
                     let x0 = backbone.embed(&images)?;
-                    let (ips, peak) = measure(opts.warmup, opts.steps, batch, || {
+                    let m = measure(opts.warmup, opts.steps, batch, memory, || {
                         let mut x = x0.clone();
                         let mut inputs = Vec::with_capacity(spec.depth);
                         for i in 0..spec.depth {
@@ -178,10 +246,10 @@ pub fn run<B: Backbone<Cpu>>(
                         }
                         Ok(())
                     })?;
-                    rows.push(json!({"what": "vjp", "side": "none", "batch": batch, "img_per_s": ips, "peak_rss_mib": peak}));
+                    rows.push(row("vjp", "none", batch, &m, None));
                 }
             }
         }
     }
-    Ok(json!({"backbone": spec.name, "image_size": s, "rows": rows}))
+    Ok(json!({"backbone": spec.name, "image_size": s, "device": cfg.run.device, "rows": rows}))
 }

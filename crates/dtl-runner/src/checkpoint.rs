@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use dfdx::prelude::*;
 use dtl_core::{DtlError, Param, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use crate::device::TrainDevice;
 use crate::optim::AdamW;
 
 /// The metadata value of `format`.
@@ -51,10 +51,10 @@ fn bytes(v: &[f32]) -> Vec<u8> {
 /// assert_eq!(ck.params[0].2, vec![1.0, 2.0]);
 /// assert_eq!(ck.state["epoch"], 1);
 /// ```
-pub fn save(
+pub fn save<D: TrainDevice>(
     path: &Path,
-    params: &[&Param<Cpu>],
-    optim: Option<&AdamW>,
+    params: &[&Param<D>],
+    optim: Option<&AdamW<D>>,
     pipeline: &str,
     state: &serde_json::Value,
 ) -> Result<()> {
@@ -63,16 +63,17 @@ pub fn save(
         .map(|p| (p.name.clone(), p.shape.clone(), bytes(&p.value.as_vec())))
         .collect();
     if let Some(opt) = optim {
-        for (i, p) in params.iter().enumerate() {
+        let (m, v) = opt.moments();
+        for ((p, m), v) in params.iter().zip(&m).zip(&v) {
             data.push((
                 format!("optim.exp_avg.{}", p.name),
                 p.shape.clone(),
-                bytes(&opt.exp_avg[i]),
+                bytes(m),
             ));
             data.push((
                 format!("optim.exp_avg_sq.{}", p.name),
                 p.shape.clone(),
-                bytes(&opt.exp_avg_sq[i]),
+                bytes(v),
             ));
         }
     }
@@ -193,7 +194,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 impl Checkpoint {
     /// Copies the stored values into `params`; every parameter must be present with the
     /// same shape, and the checkpoint must hold no other parameter.
-    pub fn apply(&self, params: Vec<&mut Param<Cpu>>) -> Result<()> {
+    pub fn apply<D: TrainDevice>(&self, params: Vec<&mut Param<D>>) -> Result<()> {
         let want: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
         for (n, _, _) in &self.params {
             if !want.contains(n) {
@@ -222,7 +223,7 @@ impl Checkpoint {
     }
 
     /// Restores the optimizer moments for `names` (in the optimizer's order).
-    pub fn apply_optim(&self, opt: &mut AdamW, names: &[String]) -> Result<()> {
+    pub fn apply_optim<D: TrainDevice>(&self, opt: &mut AdamW<D>, names: &[String]) -> Result<()> {
         for (i, n) in names.iter().enumerate() {
             let (a, b) = self.optim.get(n).ok_or_else(|| {
                 DtlError::file(
@@ -232,14 +233,9 @@ impl Checkpoint {
                     ),
                 )
             })?;
-            if a.len() != opt.exp_avg[i].len() {
-                return Err(DtlError::file(
-                    &self.path,
-                    format!("optimizer state of `{n}` has the wrong size"),
-                ));
-            }
-            opt.exp_avg[i].copy_from_slice(a);
-            opt.exp_avg_sq[i].copy_from_slice(b);
+            opt.set_moments(i, a, b).map_err(|e| {
+                DtlError::file(&self.path, format!("optimizer state of `{n}`: {e}"))
+            })?;
         }
         opt.steps = self.state["optim_steps"].as_u64().unwrap_or(0);
         Ok(())

@@ -1,4 +1,4 @@
-//! The training job: train, resume, evaluate and benchmark one pipeline on the CPU.
+//! The training job: train, resume, evaluate and benchmark one pipeline on a training device.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 
 use crate::checkpoint;
 use crate::data::{Batch, BatchSource};
-use crate::model::{smoothed_targets, soft_cross_entropy, Model};
-use crate::optim::{clip_grad_norm, AdamW, Schedule};
+use crate::device::{dev_err, TrainDevice};
+use crate::model::{smoothed_targets, Model};
+use crate::optim::{clip_grad_norm, AdamW, Flat, Schedule};
 use crate::report::{self, Metrics};
 
 /// How often `last.safetensors` is refreshed inside an epoch (it is always written at the
@@ -55,11 +56,16 @@ pub struct EvalResult {
     pub images: usize,
 }
 
-/// The runnable pipeline for one backbone on the CPU; see [`crate::build_job`].
-pub struct DtlJob<B: Backbone<Cpu> + Send + Sync> {
+/// Reports the device memory the process holds, in MiB (a GPU's used memory).
+pub type MemoryProbe = Arc<dyn Fn() -> Option<f64> + Send + Sync>;
+
+/// The runnable pipeline for one backbone on device `D`; see [`crate::build_job`].
+pub struct DtlJob<B: Backbone<D> + Send + Sync, D: TrainDevice = Cpu> {
     cfg: PipelineConfig,
     pipeline_file: PathBuf,
     backbone: Arc<B>,
+    dev: D,
+    memory: Option<MemoryProbe>,
     data: Option<Box<dyn BatchSource>>,
     checkpoint_every: Duration,
     step_limit: Option<u64>,
@@ -69,17 +75,26 @@ fn pos_state(p: &Position) -> Value {
     serde_json::to_value(p).unwrap_or(Value::Null)
 }
 
-impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
-    /// A job for `cfg` on `backbone`; its data is opened on first use.
-    pub fn new(cfg: &PipelineConfig, cx: &BuildContext, backbone: B) -> Self {
+impl<B: Backbone<D> + Send + Sync, D: TrainDevice> DtlJob<B, D> {
+    /// A job for `cfg` on `backbone`, training on `dev`; its data is opened on first use.
+    pub fn new(cfg: &PipelineConfig, cx: &BuildContext, backbone: B, dev: D) -> Self {
         DtlJob {
             cfg: cfg.clone(),
             pipeline_file: cx.pipeline_file.clone(),
             backbone: Arc::new(backbone),
+            dev,
+            memory: None,
             data: None,
             checkpoint_every: CHECKPOINT_EVERY,
             step_limit: None,
         }
+    }
+
+    /// Reports device memory through `probe` (the GPU's used memory) in reports and
+    /// benchmarks.
+    pub fn with_memory_probe(mut self, probe: MemoryProbe) -> Self {
+        self.memory = Some(probe);
+        self
     }
 
     /// Uses `data` instead of the data crate's pipeline (generated data, tests, examples).
@@ -113,11 +128,11 @@ impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
     }
 
     /// The model of this pipeline with freshly initialised side network and head.
-    pub fn build_model(&self, classes: usize) -> Result<Model<B>> {
-        build_model(&self.cfg, &self.backbone, classes)
+    pub fn build_model(&self, classes: usize) -> Result<Model<B, D>> {
+        build_model(&self.cfg, &self.backbone, classes, &self.dev)
     }
 
-    fn images(&self, batch: &Batch) -> Result<Images> {
+    fn images(&self, batch: &Batch) -> Result<dtl_core::Images<D>> {
         let s = self.backbone.spec().image_size;
         if batch.images.len() != batch.n * 3 * s * s || batch.labels.len() != batch.n {
             return Err(DtlError::invalid(format!(
@@ -128,11 +143,13 @@ impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
                 batch.labels.len()
             )));
         }
-        Ok(Cpu::default().tensor_from_vec(batch.images.clone(), (batch.n, Const::<3>, s, s)))
+        Ok(self
+            .dev
+            .tensor_from_vec(batch.images.clone(), (batch.n, Const::<3>, s, s)))
     }
 
     /// Evaluates `model` on the test split.
-    pub fn evaluate_model(&mut self, model: &Model<B>) -> Result<EvalResult> {
+    pub fn evaluate_model(&mut self, model: &Model<B, D>) -> Result<EvalResult> {
         let classes = model.head.classes();
         let loader = self.data()?.test_loader()?;
         let mut res = EvalResult {
@@ -182,8 +199,8 @@ impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
     fn save(
         &self,
         path: &Path,
-        model: &Model<B>,
-        opt: Option<&AdamW>,
+        model: &Model<B, D>,
+        opt: Option<&AdamW<D>>,
         pos: &Position,
     ) -> Result<()> {
         checkpoint::save(
@@ -196,21 +213,16 @@ impl<B: Backbone<Cpu> + Send + Sync> DtlJob<B> {
     }
 }
 
-/// The images tensor type of a batch.
-type Images = dtl_core::Images<Cpu>;
-
-/// Builds the model of `cfg` on `backbone` through the registry (side network and head
-/// initialised from `run.seed`).
-pub fn build_model<B: Backbone<Cpu>>(
+/// Builds the model of `cfg` on `backbone` through the registry, on `dev` (side network and
+/// head initialised from `run.seed`, identically on every device).
+pub fn build_model<B: Backbone<D>, D: TrainDevice>(
     cfg: &PipelineConfig,
     backbone: &Arc<B>,
     classes: usize,
-) -> Result<Model<B>> {
-    let reg = dtl_core::registry()?;
-    let dev = Cpu::seed_from_u64(cfg.run.seed);
-    let spec = backbone.spec();
-    let side = (reg.side(&cfg.side.kind)?.build_cpu)(&cfg.side, spec, &dev)?;
-    let head = (reg.head(&cfg.head.kind)?.build_cpu)(&cfg.head, spec, classes, &dev)?;
+    dev: &D,
+) -> Result<Model<B, D>> {
+    let init = Cpu::seed_from_u64(cfg.run.seed);
+    let (side, head) = D::build_parts(cfg, backbone.spec(), classes, &init, dev)?;
     Ok(Model::new(
         Arc::clone(backbone),
         side,
@@ -221,35 +233,39 @@ pub fn build_model<B: Backbone<Cpu>>(
 
 /// The outcome of one forward and backward pass.
 #[derive(Debug, Clone)]
-pub struct StepGrads {
+pub struct StepGrads<D: TrainDevice = Cpu> {
     /// The mean loss.
     pub loss: f32,
     /// The logits, (batch, classes) row-major.
     pub logits: Vec<f32>,
-    /// The gradient of every trainable tensor, in [`Model::params`] order.
-    pub grads: Vec<Vec<f32>>,
+    /// The gradient of every trainable tensor, in [`Model::params`] order, on the device.
+    pub grads: Vec<Flat<D>>,
+}
+
+impl<D: TrainDevice> StepGrads<D> {
+    /// The gradients on the host.
+    pub fn host_grads(&self) -> Vec<Vec<f32>> {
+        self.grads.iter().map(|g| g.as_vec()).collect()
+    }
 }
 
 /// Forward and backward pass of one batch: loss, logits and every trainable gradient.
-pub fn loss_and_grads<B: Backbone<Cpu>>(
-    model: &Model<B>,
-    images: &dtl_core::Images<Cpu>,
+pub fn loss_and_grads<B: Backbone<D>, D: TrainDevice>(
+    model: &Model<B, D>,
+    images: &dtl_core::Images<D>,
     targets: &[f32],
     drops: &[Option<Arc<DropPath>>],
-) -> Result<StepGrads> {
+) -> Result<StepGrads<D>> {
     let logits = model.forward_train(images, drops)?;
     let logit_values = logits.as_vec();
-    let loss = soft_cross_entropy(logits, targets)?;
+    let loss = D::soft_cross_entropy(logits, targets)?;
     let value = loss.as_vec()[0];
     let mut grads = loss.backward();
     let mut gs = Vec::new();
     for p in model.params() {
-        gs.push(
-            grads
-                .get_or_alloc_mut(&p.value)
-                .map_err(crate::ops::dev_err)?
-                .to_vec(),
-        );
+        // A parameter the loss does not reach gets a zero gradient.
+        grads.try_alloc_for(&p.value).map_err(dev_err)?;
+        gs.push(grads.get(&p.value));
     }
     Ok(StepGrads {
         loss: value,
@@ -259,10 +275,10 @@ pub fn loss_and_grads<B: Backbone<Cpu>>(
 }
 
 /// One optimisation step; returns the loss before the update.
-pub fn train_step<B: Backbone<Cpu>>(
-    model: &mut Model<B>,
-    opt: &mut AdamW,
-    images: &dtl_core::Images<Cpu>,
+pub fn train_step<B: Backbone<D>, D: TrainDevice>(
+    model: &mut Model<B, D>,
+    opt: &mut AdamW<D>,
+    images: &dtl_core::Images<D>,
     targets: &[f32],
     drops: &[Option<Arc<DropPath>>],
     lr: f64,
@@ -272,13 +288,9 @@ pub fn train_step<B: Backbone<Cpu>>(
         loss, mut grads, ..
     } = loss_and_grads(model, images, targets, drops)?;
     if let Some(c) = clip {
-        clip_grad_norm(&mut grads, c);
+        clip_grad_norm(&mut grads, c)?;
     }
-    let mut vals: Vec<Vec<f32>> = model.params().iter().map(|p| p.value.as_vec()).collect();
-    opt.step(&mut vals, &grads, lr)?;
-    for (p, v) in model.params_mut().into_iter().zip(vals) {
-        p.value.copy_from(&v);
-    }
+    opt.step(model.params_mut(), &grads, lr)?;
     Ok(loss)
 }
 
@@ -311,7 +323,7 @@ fn set_threads(n: usize) {
     }
 }
 
-impl<B: Backbone<Cpu> + Send + Sync> Job for DtlJob<B> {
+impl<B: Backbone<D> + Send + Sync, D: TrainDevice> Job for DtlJob<B, D> {
     fn train(&mut self, env: &RunEnv) -> Result<Value> {
         let wall = Instant::now();
         set_threads(self.cfg.run.threads);
@@ -327,7 +339,7 @@ impl<B: Backbone<Cpu> + Send + Sync> Job for DtlJob<B> {
             .map(|p| (p.name.clone(), p.numel()))
             .collect();
         let plain: Vec<String> = names.iter().map(|n| n.0.clone()).collect();
-        let mut opt = AdamW::from_config(&cfg.optim, &names);
+        let mut opt = AdamW::from_config(&cfg.optim, &names, &self.dev);
         let spe = self.steps_per_epoch()?;
         if spe == 0 {
             return Err(DtlError::invalid(format!(
@@ -531,7 +543,9 @@ impl<B: Backbone<Cpu> + Send + Sync> Job for DtlJob<B> {
             "steps": pos.step,
             "wall_s": wall_s,
             "train_img_per_s": pos.images_trained as f64 / pos.train_seconds.max(1e-9),
+            "device": cfg.run.device,
             "peak_rss_mib": report::peak_rss_mib(),
+            "gpu_mib": self.memory.as_ref().and_then(|m| m()),
             "run_dir": run_dir.display().to_string(),
             "pipeline_file": self.pipeline_file.display().to_string(),
             "checkpoints": {"best": best_path.display().to_string(), "last": last_path.display().to_string()},
@@ -575,7 +589,13 @@ impl<B: Backbone<Cpu> + Send + Sync> Job for DtlJob<B> {
 
     fn bench(&mut self, opts: &BenchOptions) -> Result<Value> {
         set_threads(self.cfg.run.threads);
-        crate::bench::run(&self.cfg, &self.backbone, opts)
+        crate::bench::run(
+            &self.cfg,
+            &self.backbone,
+            &self.dev,
+            self.memory.as_ref(),
+            opts,
+        )
     }
 }
 

@@ -8,22 +8,14 @@ use dtl_core::{
     SideNetwork,
 };
 
-use crate::ops::{self, dev_err, CpuTape};
+use crate::device::{dev_err, TapeOf, TrainDevice};
 
 /// A backbone's tokens with the tape of a training step.
-type TracedTokens<B> = Tensor<
-    (
-        usize,
-        <B as Backbone<Cpu>>::Tokens,
-        <B as Backbone<Cpu>>::Width,
-    ),
-    f32,
-    Cpu,
-    CpuTape,
->;
+type TracedTokens<D, B> =
+    Tensor<(usize, <B as Backbone<D>>::Tokens, <B as Backbone<D>>::Width), f32, D, TapeOf<D>>;
 
 /// Logits with the tape of a training step.
-pub type Logits = Tensor<(usize, usize), f32, Cpu, CpuTape>;
+pub type Logits<D = Cpu> = Tensor<(usize, usize), f32, D, TapeOf<D>>;
 
 /// A frozen backbone with its trainable side network and head.
 ///
@@ -39,28 +31,29 @@ pub type Logits = Tensor<(usize, usize), f32, Cpu, CpuTape>;
 /// let dev = Cpu::seed_from_u64(0);
 /// let bb = Arc::new(ToyBackbone::new(&dev, 0));
 /// let spec = bb.spec_ref().clone();
-/// let side = DtlSide::new(&spec, 2, 100.0, vec![0, 1], vec![1], 0, &dev).unwrap();
-/// let head = LinearHead::new(spec.width, 3, &dev).unwrap();
+/// let side = DtlSide::new(&spec, 2, 100.0, vec![0, 1], vec![1], 0, &dev, &dev).unwrap();
+/// let head = LinearHead::new(spec.width, 3, &dev, &dev).unwrap();
 /// let model = Model::new(bb, Box::new(side), Box::new(head), false);
 /// let images = dev.sample_normal_like(&(2, Const::<3>, 8, 8));
 /// let logits = model.forward_eval(&images).unwrap();
 /// assert_eq!(*logits.shape(), (2, 3));
 /// ```
-pub struct Model<B: Backbone<Cpu>> {
+pub struct Model<B: Backbone<D>, D: TrainDevice = Cpu> {
     /// The frozen backbone.
     pub backbone: Arc<B>,
     /// The side network.
-    pub side: Box<dyn SideNetwork<Cpu>>,
+    pub side: Box<dyn SideNetwork<D>>,
     /// The classifier.
-    pub head: Box<dyn Head<Cpu>>,
+    pub head: Box<dyn Head<D>>,
     /// Pool the class token instead of the mean of the patch tokens.
     pub cls_pool: bool,
 }
 
-fn to3<S, T>(x: Tensor<S, f32, Cpu, T>) -> Tensor<(usize, usize, usize), f32, Cpu, T>
+fn to3<S, D, T>(x: Tensor<S, f32, D, T>) -> Tensor<(usize, usize, usize), f32, D, T>
 where
     S: Shape<Concrete = [usize; 3]> + dfdx::shapes::RealizeShapeTo<(usize, usize, usize)>,
-    T: dfdx::tensor::Tape<f32, Cpu>,
+    D: TrainDevice,
+    T: dfdx::tensor::Tape<f32, D>,
 {
     match x.try_realize::<(usize, usize, usize)>() {
         Ok(v) => v,
@@ -68,10 +61,11 @@ where
     }
 }
 
-fn to2<S, T>(x: Tensor<S, f32, Cpu, T>) -> Tensor<(usize, usize), f32, Cpu, T>
+fn to2<S, D, T>(x: Tensor<S, f32, D, T>) -> Tensor<(usize, usize), f32, D, T>
 where
     S: Shape<Concrete = [usize; 2]> + dfdx::shapes::RealizeShapeTo<(usize, usize)>,
-    T: dfdx::tensor::Tape<f32, Cpu>,
+    D: TrainDevice,
+    T: dfdx::tensor::Tape<f32, D>,
 {
     match x.try_realize::<(usize, usize)>() {
         Ok(v) => v,
@@ -92,16 +86,16 @@ fn check_inject(
     Ok(())
 }
 
-fn strip(t: Act<Cpu>) -> Act<Cpu> {
-    t.split_tape().0.put_tape(CpuTape::default())
+fn strip<D: TrainDevice>(t: Act<D>) -> Act<D> {
+    t.split_tape().0.put_tape(TapeOf::<D>::default())
 }
 
-impl<B: Backbone<Cpu>> Model<B> {
+impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
     /// Composes the parts.
     pub fn new(
         backbone: Arc<B>,
-        side: Box<dyn SideNetwork<Cpu>>,
-        head: Box<dyn Head<Cpu>>,
+        side: Box<dyn SideNetwork<D>>,
+        head: Box<dyn Head<D>>,
         cls_pool: bool,
     ) -> Self {
         Model {
@@ -113,14 +107,14 @@ impl<B: Backbone<Cpu>> Model<B> {
     }
 
     /// Every trainable tensor: the side network's, then the head's.
-    pub fn params(&self) -> Vec<&Param<Cpu>> {
+    pub fn params(&self) -> Vec<&Param<D>> {
         let mut v = self.side.params();
         v.extend(self.head.params());
         v
     }
 
     /// The same tensors, mutably, in the same order.
-    pub fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+    pub fn params_mut(&mut self) -> Vec<&mut Param<D>> {
         let mut v = self.side.params_mut();
         v.extend(self.head.params_mut());
         v
@@ -131,7 +125,7 @@ impl<B: Backbone<Cpu>> Model<B> {
         self.params().iter().map(|p| p.numel()).sum()
     }
 
-    fn tokens(&self, x: Act<Cpu>) -> Result<TracedTokens<B>> {
+    fn tokens(&self, x: Act<D>) -> Result<TracedTokens<D, B>> {
         x.try_realize::<(usize, B::Tokens, B::Width)>()
             .map_err(|x| {
                 DtlError::invalid(format!(
@@ -144,7 +138,7 @@ impl<B: Backbone<Cpu>> Model<B> {
 
     /// g(z) for `block`, keeping z's history on the returned tensor; z continues with an
     /// empty tape.
-    fn inject(&self, block: usize, z: Option<Act<Cpu>>) -> Result<(Act<Cpu>, Option<Act<Cpu>>)> {
+    fn inject(&self, block: usize, z: Option<Act<D>>) -> Result<(Act<D>, Option<Act<D>>)> {
         let z = z.ok_or_else(|| {
             DtlError::invalid(format!(
                 "block {block} is injected before any block is tapped"
@@ -153,7 +147,7 @@ impl<B: Backbone<Cpu>> Model<B> {
         let (zd, zt) = z.split_tape();
         let out = self
             .side
-            .inject(block, &zd.clone().put_tape(CpuTape::default()))?;
+            .inject(block, &zd.clone().put_tape(TapeOf::<D>::default()))?;
         let spec = self.backbone.spec();
         check_inject(
             block,
@@ -163,13 +157,13 @@ impl<B: Backbone<Cpu>> Model<B> {
         let (od, ot) = out.split_tape();
         Ok((
             od.put_tape(ot.merge(zt)),
-            Some(zd.put_tape(CpuTape::default())),
+            Some(zd.put_tape(TapeOf::<D>::default())),
         ))
     }
 
-    fn head_on(&self, x: Tensor<(usize, usize, usize), f32, Cpu, CpuTape>) -> Result<Logits> {
+    fn head_on(&self, x: Tensor<(usize, usize, usize), f32, D, TapeOf<D>>) -> Result<Logits<D>> {
         let prefix = self.backbone.spec().prefix_tokens;
-        let pooled = ops::pool(x, prefix, self.cls_pool);
+        let pooled = D::pool(x, prefix, self.cls_pool)?;
         let pooled = pooled
             .try_realize::<(usize, B::Width)>()
             .map_err(|_| DtlError::invalid("pooled features do not match the backbone width"))?;
@@ -181,9 +175,9 @@ impl<B: Backbone<Cpu>> Model<B> {
     /// block `i`'s stochastic-depth masks (or `None`).
     pub fn forward_train(
         &self,
-        images: &Images<Cpu>,
+        images: &Images<D>,
         drops: &[Option<Arc<DropPath>>],
-    ) -> Result<Logits> {
+    ) -> Result<Logits<D>> {
         let bb = &self.backbone;
         let depth = bb.depth();
         let drop = |i: usize| drops.get(i).cloned().flatten();
@@ -192,14 +186,14 @@ impl<B: Backbone<Cpu>> Model<B> {
             for i in 0..depth {
                 x = bb.block_forward(i, &x, drop(i).as_deref())?;
             }
-            return self.head_on(to3(x).put_tape(CpuTape::default()));
+            return self.head_on(to3(x).put_tape(TapeOf::<D>::default()));
         }
         let taps = self.side.taps().to_vec();
         let injects = self.side.injects().to_vec();
         let first = *injects
             .first()
             .ok_or_else(|| DtlError::invalid("the side network injects into no block"))?;
-        let mut z: Option<Act<Cpu>> = None;
+        let mut z: Option<Act<D>> = None;
         for i in 0..=first.min(depth - 1) {
             if taps.contains(&i) {
                 z = Some(self.side.tap_frozen(i, &to3(x.clone()), z)?);
@@ -208,7 +202,7 @@ impl<B: Backbone<Cpu>> Model<B> {
         }
         let (inj, rest) = self.inject(first, z)?;
         z = rest;
-        let mut xt: Act<Cpu> = inj + to3(x);
+        let mut xt: Act<D> = inj + to3(x);
         for i in first + 1..depth {
             if taps.contains(&i) {
                 z = Some(self.side.tap(i, xt.with_empty_tape(), z)?);
@@ -224,10 +218,10 @@ impl<B: Backbone<Cpu>> Model<B> {
     }
 
     /// Logits without any tape kept (evaluation).
-    pub fn forward_eval(&self, images: &Images<Cpu>) -> Result<Tensor<(usize, usize), f32, Cpu>> {
+    pub fn forward_eval(&self, images: &Images<D>) -> Result<Tensor<(usize, usize), f32, D>> {
         let bb = &self.backbone;
         let mut x = bb.embed(images)?;
-        let mut z: Option<Act<Cpu>> = None;
+        let mut z: Option<Act<D>> = None;
         let taps = self.side.taps().to_vec();
         let injects = self.side.injects().to_vec();
         for i in 0..bb.depth() {
@@ -253,13 +247,13 @@ impl<B: Backbone<Cpu>> Model<B> {
             }
         }
         let prefix = bb.spec().prefix_tokens;
-        let pooled = ops::pool(to3(x), prefix, self.cls_pool)
+        let pooled = D::pool(to3(x), prefix, self.cls_pool)?
             .try_realize::<(usize, B::Width)>()
             .map_err(|_| DtlError::invalid("pooled features do not match the backbone width"))?;
         let f = to2(bb.norm_forward(&pooled)?);
         Ok(self
             .head
-            .forward(f.put_tape(CpuTape::default()))?
+            .forward(f.put_tape(TapeOf::<D>::default()))?
             .split_tape()
             .0)
     }
@@ -279,7 +273,7 @@ impl<B: Backbone<Cpu>> Model<B> {
 pub fn soft_cross_entropy(
     logits: Logits,
     targets: &[f32],
-) -> Result<Tensor<Rank0, f32, Cpu, CpuTape>> {
+) -> Result<Tensor<Rank0, f32, Cpu, TapeOf<Cpu>>> {
     let (bs, c) = *logits.shape();
     if targets.len() != bs * c {
         return Err(DtlError::invalid(format!(

@@ -17,6 +17,78 @@ pub(crate) fn dev_err(e: CpuError) -> DtlError {
     DtlError::Device(format!("{e:?}"))
 }
 
+/// Checks a low-rank pair against activations of width `d` and returns the rank.
+pub(crate) fn low_rank_rank<D: Device<f32>>(a: &Param<D>, b: &Param<D>, d: usize) -> Result<usize> {
+    let (r, ad) = match a.shape.as_slice() {
+        [r, ad] => (*r, *ad),
+        s => {
+            return Err(DtlError::invalid(format!(
+                "parameter `{}` must be (rank, width), got {s:?}",
+                a.name
+            )))
+        }
+    };
+    if ad != d || b.shape != [d, r] || a.value.shape().0 != r * d || b.value.shape().0 != d * r {
+        return Err(DtlError::invalid(format!(
+            "low-rank map `{}` {:?} / `{}` {:?} does not fit activations of width {d}",
+            a.name, a.shape, b.name, b.shape
+        )));
+    }
+    Ok(r)
+}
+
+/// Checks a depthwise kernel (d, 1, k, k) against `n` tokens of width `d` laid out as
+/// `prefix` tokens plus a `grid`, and returns k.
+pub(crate) fn conv_kernel<D: Device<f32>>(
+    w: &Param<D>,
+    d: usize,
+    n: usize,
+    prefix: usize,
+    grid: (usize, usize),
+) -> Result<usize> {
+    let k = match w.shape.as_slice() {
+        [wd, 1, k1, k2] if *wd == d && k1 == k2 && w.value.shape().0 == d * k1 * k1 => *k1,
+        sh => {
+            return Err(DtlError::invalid(format!(
+                "parameter `{}` must be ({d}, 1, k, k), got {sh:?}",
+                w.name
+            )))
+        }
+    };
+    let (gh, gw) = grid;
+    if n != prefix + gh * gw {
+        return Err(DtlError::invalid(format!(
+            "depthwise conv: {n} tokens do not match {prefix} prefix tokens plus a {gh}x{gw} grid"
+        )));
+    }
+    Ok(k)
+}
+
+/// Checks a linear layer's weight (c, d) and bias (c) against features of width `d`, and
+/// returns c.
+pub(crate) fn linear_classes<D: Device<f32>>(
+    w: &Param<D>,
+    bias: &Param<D>,
+    d: usize,
+) -> Result<usize> {
+    let c = match w.shape.as_slice() {
+        [c, wd] if *wd == d && w.value.shape().0 == c * d => *c,
+        sh => {
+            return Err(DtlError::invalid(format!(
+                "parameter `{}` must be (classes, {d}), got {sh:?}",
+                w.name
+            )))
+        }
+    };
+    if bias.shape != [c] || bias.value.shape().0 != c {
+        return Err(DtlError::invalid(format!(
+            "parameter `{}` must be ({c},), got {:?}",
+            bias.name, bias.shape
+        )));
+    }
+    Ok(c)
+}
+
 fn add_slice(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
@@ -47,21 +119,7 @@ pub fn low_rank(
     b: &Param<Cpu>,
 ) -> Result<Act<Cpu>> {
     let (bs, n, d) = *x.shape();
-    let (r, ad) = match a.shape.as_slice() {
-        [r, ad] => (*r, *ad),
-        s => {
-            return Err(DtlError::invalid(format!(
-                "parameter `{}` must be (rank, width), got {s:?}",
-                a.name
-            )))
-        }
-    };
-    if ad != d || b.shape != [d, r] {
-        return Err(DtlError::invalid(format!(
-            "low-rank map `{}` {:?} / `{}` {:?} does not fit activations of width {d}",
-            a.name, a.shape, b.name, b.shape
-        )));
-    }
+    let r = low_rank_rank(a, b, d)?;
     let rows = bs * n;
     let xv = x.as_vec();
     let av = a.value.as_vec();
@@ -205,21 +263,8 @@ pub fn depthwise_conv_tokens(
     grid: (usize, usize),
 ) -> Result<Act<Cpu>> {
     let (bs, n, d) = *s.shape();
-    let k = match w.shape.as_slice() {
-        [wd, 1, k1, k2] if *wd == d && k1 == k2 => *k1,
-        sh => {
-            return Err(DtlError::invalid(format!(
-                "parameter `{}` must be ({d}, 1, k, k), got {sh:?}",
-                w.name
-            )))
-        }
-    };
+    let k = conv_kernel(w, d, n, prefix, grid)?;
     let (gh, gw) = grid;
-    if n != prefix + gh * gw {
-        return Err(DtlError::invalid(format!(
-            "depthwise conv: {n} tokens do not match {prefix} prefix tokens plus a {gh}x{gw} grid"
-        )));
-    }
     let (pad, _) = same_padding(k);
     let (s, mut tape) = s.split_tape();
     let sv = s.as_vec();
@@ -316,21 +361,7 @@ pub fn linear(
     bias: &Param<Cpu>,
 ) -> Result<Tensor<(usize, usize), f32, Cpu, CpuTape>> {
     let (bs, d) = *f.shape();
-    let c = match w.shape.as_slice() {
-        [c, wd] if *wd == d => *c,
-        sh => {
-            return Err(DtlError::invalid(format!(
-                "parameter `{}` must be (classes, {d}), got {sh:?}",
-                w.name
-            )))
-        }
-    };
-    if bias.shape != [c] {
-        return Err(DtlError::invalid(format!(
-            "parameter `{}` must be ({c},), got {:?}",
-            bias.name, bias.shape
-        )));
-    }
+    let c = linear_classes(w, bias, d)?;
     let (f, mut tape) = f.split_tape();
     let fv = f.as_vec();
     let wv = w.value.as_vec();

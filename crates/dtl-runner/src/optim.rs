@@ -1,24 +1,35 @@
 //! AdamW with parameter groups and the learning-rate schedule.
 
+use dfdx::prelude::*;
 use dtl_core::config::{OptimConfig, ScheduleConfig};
-use dtl_core::{DtlError, Result};
+use dtl_core::{DtlError, Param, Result};
+
+use crate::device::{dev_err, TrainDevice};
+
+/// A flat tensor on device `D`: a parameter's values, its gradient or an optimizer moment.
+pub type Flat<D> = Tensor<(usize,), f32, D>;
 
 /// AdamW with PyTorch's semantics (`torch.optim.AdamW`, `amsgrad=False`): decoupled weight
 /// decay `p *= 1 - lr * wd` first, then the bias-corrected Adam step
 /// `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
 ///
 /// Each tensor belongs to the decay group or the no-decay group (names ending in one of
-/// `optim.no_decay`, by default `.bias`). The arithmetic runs in f64, the state is kept in f32.
+/// `optim.no_decay`, by default `.bias`). The moments live on the training device and the
+/// update runs there, in f32 (the bias corrections are computed in f64).
 ///
 /// ```
+/// use dfdx::prelude::*;
+/// use dtl_core::Param;
 /// use dtl_runner::optim::AdamW;
-/// let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0, vec![(1, true)]);
-/// let mut p = vec![vec![1.0f32]];
-/// opt.step(&mut p, &[vec![0.5]], 0.1).unwrap();
-/// assert!((p[0][0] - 0.9).abs() < 1e-6);
+/// let dev = Cpu::default();
+/// let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0, vec![(1, true)], &dev);
+/// let mut p = Param::from_vec(&dev, "w", &[1], vec![1.0]).unwrap();
+/// let g = dev.tensor_from_vec(vec![0.5f32], (1,));
+/// opt.step(vec![&mut p], &[g], 0.1).unwrap();
+/// assert!((p.value.as_vec()[0] - 0.9).abs() < 1e-6);
 /// ```
 #[derive(Debug, Clone)]
-pub struct AdamW {
+pub struct AdamW<D: TrainDevice = Cpu> {
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -26,36 +37,37 @@ pub struct AdamW {
     /// (numel, decays) per tensor.
     layout: Vec<(usize, bool)>,
     /// First moments.
-    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg: Vec<Flat<D>>,
     /// Second moments.
-    pub exp_avg_sq: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Flat<D>>,
     /// Steps taken.
     pub steps: u64,
 }
 
-impl AdamW {
-    /// An optimizer for tensors of the given `(numel, decays)` layout.
+impl<D: TrainDevice> AdamW<D> {
+    /// An optimizer on `dev` for tensors of the given `(numel, decays)` layout.
     pub fn new(
         beta1: f64,
         beta2: f64,
         eps: f64,
         weight_decay: f64,
         layout: Vec<(usize, bool)>,
+        dev: &D,
     ) -> Self {
         AdamW {
             beta1,
             beta2,
             eps,
             weight_decay,
-            exp_avg: layout.iter().map(|&(n, _)| vec![0.0; n]).collect(),
-            exp_avg_sq: layout.iter().map(|&(n, _)| vec![0.0; n]).collect(),
+            exp_avg: layout.iter().map(|&(n, _)| dev.zeros_like(&(n,))).collect(),
+            exp_avg_sq: layout.iter().map(|&(n, _)| dev.zeros_like(&(n,))).collect(),
             layout,
             steps: 0,
         }
     }
 
     /// From the `[optim]` section and the parameter names/sizes.
-    pub fn from_config(cfg: &OptimConfig, params: &[(String, usize)]) -> Self {
+    pub fn from_config(cfg: &OptimConfig, params: &[(String, usize)], dev: &D) -> Self {
         let layout = params.iter().map(|(n, k)| (*k, cfg.decays(n))).collect();
         AdamW::new(
             cfg.betas[0],
@@ -63,11 +75,12 @@ impl AdamW {
             cfg.eps,
             cfg.weight_decay,
             layout,
+            dev,
         )
     }
 
     /// One update of every tensor with learning rate `lr`.
-    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+    pub fn step(&mut self, params: Vec<&mut Param<D>>, grads: &[Flat<D>], lr: f64) -> Result<()> {
         if params.len() != self.layout.len() || grads.len() != self.layout.len() {
             return Err(DtlError::invalid(format!(
                 "optimizer holds {} tensors, got {} parameters and {} gradients",
@@ -80,36 +93,64 @@ impl AdamW {
         let t = self.steps as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        let step_size = lr / bc1;
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         for (i, (&(n, decays), (p, g))) in self
             .layout
             .iter()
-            .zip(params.iter_mut().zip(grads))
+            .zip(params.into_iter().zip(grads))
             .enumerate()
         {
-            if p.len() != n || g.len() != n {
+            if p.numel() != n || g.shape().0 != n {
                 return Err(DtlError::invalid(format!(
                     "optimizer tensor {i} holds {n} values, got {} parameters and {} gradients",
-                    p.len(),
-                    g.len()
+                    p.numel(),
+                    g.shape().0
                 )));
             }
-            let decay = if decays {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            };
-            let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
-            for k in 0..n {
-                let gk = g[k] as f64;
-                let mk = m[k] as f64 + (gk - m[k] as f64) * (1.0 - self.beta1);
-                let vk = v[k] as f64 * self.beta2 + (1.0 - self.beta2) * gk * gk;
-                m[k] = mk as f32;
-                v[k] = vk as f32;
-                let denom = vk.sqrt() / bc2_sqrt + self.eps;
-                p[k] = (p[k] as f64 * decay - step_size * mk / denom) as f32;
+            let m = (self.exp_avg[i].clone() * b1).try_add(g.clone() * (1.0 - b1));
+            let m = m.map_err(dev_err)?;
+            let v = (self.exp_avg_sq[i].clone() * b2).try_add(g.clone().square() * (1.0 - b2));
+            let v = v.map_err(dev_err)?;
+            let denom = (v.clone().sqrt() / bc2_sqrt as f32) + self.eps as f32;
+            let mut value = p.value.clone();
+            if decays && self.weight_decay != 0.0 {
+                value = value * (1.0 - lr * self.weight_decay) as f32;
             }
+            let update = (m.clone() * step_size).try_div(denom).map_err(dev_err)?;
+            let value = value.try_sub(update).map_err(dev_err)?;
+            p.value = value;
+            self.exp_avg[i] = m;
+            self.exp_avg_sq[i] = v;
         }
+        Ok(())
+    }
+
+    /// The moments on the host, in parameter order (for checkpoints).
+    pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        (
+            self.exp_avg.iter().map(|t| t.as_vec()).collect(),
+            self.exp_avg_sq.iter().map(|t| t.as_vec()).collect(),
+        )
+    }
+
+    /// Restores tensor `i`'s moments from host values.
+    pub fn set_moments(&mut self, i: usize, exp_avg: &[f32], exp_avg_sq: &[f32]) -> Result<()> {
+        let n = self.layout.get(i).map(|l| l.0).ok_or_else(|| {
+            DtlError::invalid(format!(
+                "optimizer has {} tensors, no tensor {i}",
+                self.layout.len()
+            ))
+        })?;
+        if exp_avg.len() != n || exp_avg_sq.len() != n {
+            return Err(DtlError::invalid(format!(
+                "optimizer tensor {i} holds {n} values, got moments of {} and {}",
+                exp_avg.len(),
+                exp_avg_sq.len()
+            )));
+        }
+        self.exp_avg[i].copy_from(exp_avg);
+        self.exp_avg_sq[i].copy_from(exp_avg_sq);
         Ok(())
     }
 }
@@ -119,25 +160,31 @@ impl AdamW {
 /// before clipping.
 ///
 /// ```
-/// let mut g = vec![vec![3.0f32], vec![4.0]];
-/// let n = dtl_runner::optim::clip_grad_norm(&mut g, 1.0);
-/// assert!((n - 5.0).abs() < 1e-9);
-/// assert!((g[0][0] - 0.6).abs() < 1e-5);
+/// use dfdx::prelude::*;
+/// let dev = Cpu::default();
+/// let mut g = vec![dev.tensor_from_vec(vec![3.0f32], (1,)), dev.tensor_from_vec(vec![4.0f32], (1,))];
+/// let n = dtl_runner::optim::clip_grad_norm(&mut g, 1.0).unwrap();
+/// assert!((n - 5.0).abs() < 1e-6);
+/// assert!((g[0].as_vec()[0] - 0.6).abs() < 1e-5);
 /// ```
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt();
+pub fn clip_grad_norm<D: TrainDevice>(grads: &mut [Flat<D>], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        let s = g
+            .clone()
+            .try_square()
+            .and_then(|t| t.try_sum())
+            .map_err(dev_err)?;
+        sq += s.as_vec()[0] as f64;
+    }
+    let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for v in grads.iter_mut().flat_map(|g| g.iter_mut()) {
-            *v = (*v as f64 * coef) as f32;
+        for g in grads.iter_mut() {
+            *g = g.clone().try_mul(coef as f32).map_err(dev_err)?;
         }
     }
-    norm
+    Ok(norm)
 }
 
 /// The learning-rate schedule: timm's `CosineLRScheduler` (warm-up overlapping the cosine,

@@ -3,16 +3,22 @@
 use dfdx::prelude::*;
 use dtl_core::config::{HeadConfig, SideConfig};
 use dtl_core::registry::{HeadEntry, SideEntry};
-use dtl_core::{Act, BackboneSpec, DtlError, Head, Param, Parameters, Result, SideNetwork};
+use dtl_core::{Act, BackboneSpec, DtlError, Head, Matrix, Param, Parameters, Result, SideNetwork};
 use rand::distributions::Uniform;
 
-use crate::ops::{self, CpuTape};
+use crate::device::TrainDevice;
 
-/// A parameter drawn from U(-bound, bound) with the device's seeded generator.
-fn uniform(dev: &Cpu, name: &str, shape: &[usize], bound: f32) -> Result<Param<Cpu>> {
+/// A parameter on `dev` drawn from U(-bound, bound) with the seeded CPU generator `init`.
+fn uniform<D: TrainDevice>(
+    init: &Cpu,
+    dev: &D,
+    name: &str,
+    shape: &[usize],
+    bound: f32,
+) -> Result<Param<D>> {
     let n: usize = shape.iter().product();
     let t: Tensor<(usize,), f32, Cpu> =
-        dev.sample_like(&(n,), Uniform::new_inclusive(-bound, bound));
+        init.sample_like(&(n,), Uniform::new_inclusive(-bound, bound));
     Param::from_vec(dev, name, shape, t.as_vec())
 }
 
@@ -29,11 +35,11 @@ fn uniform(dev: &Cpu, name: &str, shape: &[usize], bound: f32) -> Result<Param<C
 /// use dtl_runner::sides::DtlSide;
 /// let spec = BackboneSpec::vit("toy", 32, 8, 48, 4, 3);
 /// let dev = Cpu::seed_from_u64(0);
-/// let side = DtlSide::new(&spec, 2, 100.0, vec![0, 1, 2, 3], vec![2, 3], 3, &dev).unwrap();
+/// let side = DtlSide::new(&spec, 2, 100.0, vec![0, 1, 2, 3], vec![2, 3], 3, &dev, &dev).unwrap();
 /// assert_eq!(side.parameter_count(), 4 * 2 * 2 * 48 + 48 * 9);
 /// assert_eq!(side.params()[0].name, "side.0.a");
 /// ```
-pub struct DtlSide {
+pub struct DtlSide<D: TrainDevice = Cpu> {
     taps: Vec<usize>,
     injects: Vec<usize>,
     beta: f32,
@@ -41,11 +47,13 @@ pub struct DtlSide {
     prefix: usize,
     grid: (usize, usize),
     /// `side.<i>.a`, `side.<i>.b` per tap in order, then `fusion.weight` when kernel > 0.
-    params: Vec<Param<Cpu>>,
+    params: Vec<Param<D>>,
 }
 
-impl DtlSide {
-    /// A freshly initialised side network for `spec`.
+impl<D: TrainDevice> DtlSide<D> {
+    /// A freshly initialised side network for `spec` on `dev`, its initial values drawn from
+    /// the seeded CPU generator `init` (so every device starts from the same values).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: &BackboneSpec,
         rank: usize,
@@ -53,7 +61,8 @@ impl DtlSide {
         taps: Vec<usize>,
         injects: Vec<usize>,
         kernel: usize,
-        dev: &Cpu,
+        init: &Cpu,
+        dev: &D,
     ) -> Result<Self> {
         let d = spec.width;
         if rank == 0 {
@@ -74,11 +83,18 @@ impl DtlSide {
         let mut params = Vec::new();
         let bound = 1.0 / (d as f32).sqrt();
         for &i in &taps {
-            params.push(uniform(dev, &format!("side.{i}.a"), &[rank, d], bound)?);
+            params.push(uniform(
+                init,
+                dev,
+                &format!("side.{i}.a"),
+                &[rank, d],
+                bound,
+            )?);
             params.push(Param::zeros(dev, &format!("side.{i}.b"), &[d, rank]));
         }
         if kernel > 0 {
             params.push(uniform(
+                init,
                 dev,
                 "fusion.weight",
                 &[d, 1, kernel, kernel],
@@ -97,7 +113,7 @@ impl DtlSide {
     }
 
     /// Builds from a `[side]` section (the `dtl` and `dtl+` registrations).
-    pub fn from_config(cfg: &SideConfig, spec: &BackboneSpec, dev: &Cpu) -> Result<Self> {
+    pub fn from_config(cfg: &SideConfig, spec: &BackboneSpec, init: &Cpu, dev: &D) -> Result<Self> {
         Self::new(
             spec,
             cfg.rank,
@@ -105,11 +121,12 @@ impl DtlSide {
             cfg.tap_blocks(spec.depth),
             cfg.inject_blocks(spec.depth),
             cfg.kernel_size(),
+            init,
             dev,
         )
     }
 
-    fn maps(&self, block: usize) -> Result<(&Param<Cpu>, &Param<Cpu>)> {
+    fn maps(&self, block: usize) -> Result<(&Param<D>, &Param<D>)> {
         let k = self.taps.iter().position(|&t| t == block).ok_or_else(|| {
             DtlError::invalid(format!(
                 "side network: block {block} is not tapped (taps {:?})",
@@ -120,52 +137,47 @@ impl DtlSide {
     }
 }
 
-impl Parameters<Cpu> for DtlSide {
-    fn params(&self) -> Vec<&Param<Cpu>> {
+impl<D: TrainDevice> Parameters<D> for DtlSide<D> {
+    fn params(&self) -> Vec<&Param<D>> {
         self.params.iter().collect()
     }
-    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+    fn params_mut(&mut self) -> Vec<&mut Param<D>> {
         self.params.iter_mut().collect()
     }
 }
 
-fn accumulate(z: Option<Act<Cpu>>, y: Act<Cpu>) -> Act<Cpu> {
+fn accumulate<D: TrainDevice>(z: Option<Act<D>>, y: Act<D>) -> Act<D> {
     match z {
         Some(z) => z + y,
         None => y,
     }
 }
 
-impl SideNetwork<Cpu> for DtlSide {
+impl<D: TrainDevice> SideNetwork<D> for DtlSide<D> {
     fn taps(&self) -> &[usize] {
         &self.taps
     }
     fn injects(&self) -> &[usize] {
         &self.injects
     }
-    fn tap(&self, block: usize, x: Act<Cpu>, z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+    fn tap(&self, block: usize, x: Act<D>, z: Option<Act<D>>) -> Result<Act<D>> {
         let (a, b) = self.maps(block)?;
         let (x, tape) = x.split_tape();
-        let y = ops::low_rank(&x, Some(tape), a, b)?;
+        let y = D::low_rank(&x, Some(tape), a, b)?;
         Ok(accumulate(z, y))
     }
-    fn tap_frozen(
-        &self,
-        block: usize,
-        x: &Act<Cpu, NoneTape>,
-        z: Option<Act<Cpu>>,
-    ) -> Result<Act<Cpu>> {
+    fn tap_frozen(&self, block: usize, x: &Act<D, NoneTape>, z: Option<Act<D>>) -> Result<Act<D>> {
         let (a, b) = self.maps(block)?;
-        let y = ops::low_rank(x, None, a, b)?;
+        let y = D::low_rank(x, None, a, b)?;
         Ok(accumulate(z, y))
     }
-    fn inject(&self, _block: usize, z: &Act<Cpu>) -> Result<Act<Cpu>> {
-        let s = ops::swish(z.with_empty_tape(), self.beta);
+    fn inject(&self, _block: usize, z: &Act<D>) -> Result<Act<D>> {
+        let s = D::swish(z.with_empty_tape(), self.beta)?;
         if self.kernel == 0 {
             return Ok(s);
         }
         let w = self.params.last().expect("dtl+ holds its fusion weight");
-        ops::depthwise_conv_tokens(s, w, self.prefix, self.grid)
+        D::depthwise_conv_tokens(s, w, self.prefix, self.grid)
     }
 }
 
@@ -173,35 +185,36 @@ impl SideNetwork<Cpu> for DtlSide {
 /// without a tape.
 ///
 /// ```
+/// use dfdx::prelude::Cpu;
 /// use dtl_core::{Parameters, SideNetwork};
 /// let p = dtl_runner::sides::LinearProbe;
-/// assert!(p.is_linear_probe());
-/// assert_eq!(p.parameter_count(), 0);
+/// assert!(SideNetwork::<Cpu>::is_linear_probe(&p));
+/// assert_eq!(Parameters::<Cpu>::parameter_count(&p), 0);
 /// ```
 pub struct LinearProbe;
 
-impl Parameters<Cpu> for LinearProbe {
-    fn params(&self) -> Vec<&Param<Cpu>> {
+impl<D: TrainDevice> Parameters<D> for LinearProbe {
+    fn params(&self) -> Vec<&Param<D>> {
         Vec::new()
     }
-    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+    fn params_mut(&mut self) -> Vec<&mut Param<D>> {
         Vec::new()
     }
 }
 
-impl SideNetwork<Cpu> for LinearProbe {
+impl<D: TrainDevice> SideNetwork<D> for LinearProbe {
     fn taps(&self) -> &[usize] {
         &[]
     }
     fn injects(&self) -> &[usize] {
         &[]
     }
-    fn tap(&self, block: usize, _x: Act<Cpu>, _z: Option<Act<Cpu>>) -> Result<Act<Cpu>> {
+    fn tap(&self, block: usize, _x: Act<D>, _z: Option<Act<D>>) -> Result<Act<D>> {
         Err(DtlError::invalid(format!(
             "the linear probe taps no block (asked for block {block})"
         )))
     }
-    fn inject(&self, block: usize, _z: &Act<Cpu>) -> Result<Act<Cpu>> {
+    fn inject(&self, block: usize, _z: &Act<D>) -> Result<Act<D>> {
         Err(DtlError::invalid(format!(
             "the linear probe injects into no block (asked for block {block})"
         )))
@@ -215,19 +228,20 @@ impl SideNetwork<Cpu> for LinearProbe {
 /// use dfdx::prelude::*;
 /// use dtl_core::{Head, Parameters};
 /// let dev = Cpu::seed_from_u64(1);
-/// let h = dtl_runner::sides::LinearHead::new(4, 3, &dev).unwrap();
+/// let h = dtl_runner::sides::LinearHead::new(4, 3, &dev, &dev).unwrap();
 /// assert_eq!(h.parameter_count(), 15);
 /// let y = h.forward(dev.ones_like(&(2, 4)).leaky_traced()).unwrap();
 /// assert_eq!(*y.shape(), (2, 3));
 /// ```
-pub struct LinearHead {
+pub struct LinearHead<D: TrainDevice = Cpu> {
     classes: usize,
-    params: Vec<Param<Cpu>>,
+    params: Vec<Param<D>>,
 }
 
-impl LinearHead {
-    /// A freshly initialised head from `width` features to `classes` logits.
-    pub fn new(width: usize, classes: usize, dev: &Cpu) -> Result<Self> {
+impl<D: TrainDevice> LinearHead<D> {
+    /// A freshly initialised head from `width` features to `classes` logits on `dev`, drawn
+    /// from the seeded CPU generator `init`.
+    pub fn new(width: usize, classes: usize, init: &Cpu, dev: &D) -> Result<Self> {
         if classes == 0 {
             return Err(DtlError::invalid(
                 "head: the number of classes must be at least 1",
@@ -237,31 +251,28 @@ impl LinearHead {
         Ok(LinearHead {
             classes,
             params: vec![
-                uniform(dev, "head.weight", &[classes, width], bound)?,
-                uniform(dev, "head.bias", &[classes], bound)?,
+                uniform(init, dev, "head.weight", &[classes, width], bound)?,
+                uniform(init, dev, "head.bias", &[classes], bound)?,
             ],
         })
     }
 }
 
-impl Parameters<Cpu> for LinearHead {
-    fn params(&self) -> Vec<&Param<Cpu>> {
+impl<D: TrainDevice> Parameters<D> for LinearHead<D> {
+    fn params(&self) -> Vec<&Param<D>> {
         self.params.iter().collect()
     }
-    fn params_mut(&mut self) -> Vec<&mut Param<Cpu>> {
+    fn params_mut(&mut self) -> Vec<&mut Param<D>> {
         self.params.iter_mut().collect()
     }
 }
 
-impl Head<Cpu> for LinearHead {
+impl<D: TrainDevice> Head<D> for LinearHead<D> {
     fn classes(&self) -> usize {
         self.classes
     }
-    fn forward(
-        &self,
-        features: Tensor<(usize, usize), f32, Cpu, CpuTape>,
-    ) -> Result<Tensor<(usize, usize), f32, Cpu, CpuTape>> {
-        ops::linear(features, &self.params[0], &self.params[1])
+    fn forward(&self, features: Matrix<D>) -> Result<Matrix<D>> {
+        D::linear(features, &self.params[0], &self.params[1])
     }
 }
 
@@ -270,7 +281,7 @@ fn build_dtl(
     spec: &BackboneSpec,
     dev: &Cpu,
 ) -> Result<Box<dyn SideNetwork<Cpu>>> {
-    Ok(Box::new(DtlSide::from_config(cfg, spec, dev)?))
+    Ok(Box::new(DtlSide::from_config(cfg, spec, dev, dev)?))
 }
 
 fn build_linear(_: &SideConfig, _: &BackboneSpec, _: &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>> {
@@ -283,7 +294,51 @@ fn build_head(
     classes: usize,
     dev: &Cpu,
 ) -> Result<Box<dyn Head<Cpu>>> {
-    Ok(Box::new(LinearHead::new(spec.width, classes, dev)?))
+    Ok(Box::new(LinearHead::new(spec.width, classes, dev, dev)?))
+}
+
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use super::*;
+
+    pub(super) fn build_dtl(
+        cfg: &SideConfig,
+        spec: &BackboneSpec,
+        init: &Cpu,
+        dev: &Cuda,
+    ) -> Result<Box<dyn SideNetwork<Cuda>>> {
+        Ok(Box::new(DtlSide::from_config(cfg, spec, init, dev)?))
+    }
+
+    pub(super) fn build_linear(
+        _: &SideConfig,
+        _: &BackboneSpec,
+        _: &Cpu,
+        _: &Cuda,
+    ) -> Result<Box<dyn SideNetwork<Cuda>>> {
+        Ok(Box::new(LinearProbe))
+    }
+
+    pub(super) fn build_head(
+        _: &HeadConfig,
+        spec: &BackboneSpec,
+        classes: usize,
+        init: &Cpu,
+        dev: &Cuda,
+    ) -> Result<Box<dyn Head<Cuda>>> {
+        Ok(Box::new(LinearHead::new(spec.width, classes, init, dev)?))
+    }
+}
+
+/// The CUDA constructor of a built-in registration (`None` without the `cuda` feature).
+macro_rules! on_cuda {
+    ($f:ident) => {{
+        #[cfg(feature = "cuda")]
+        let f = Some(on_cuda::$f as _);
+        #[cfg(not(feature = "cuda"))]
+        let f = None;
+        f
+    }};
 }
 
 inventory::submit! {
@@ -291,6 +346,7 @@ inventory::submit! {
         name: "dtl",
         description: "DTL: low-rank maps on the tapped blocks, swish_beta, added after the inject blocks",
         build_cpu: build_dtl,
+        build_cuda: on_cuda!(build_dtl),
         origin: module_path!(),
     }
 }
@@ -300,6 +356,7 @@ inventory::submit! {
         name: "dtl+",
         description: "DTL+: DTL plus a shared depthwise k x k conv over the patch grid (side.kernel, default 3)",
         build_cpu: build_dtl,
+        build_cuda: on_cuda!(build_dtl),
         origin: module_path!(),
     }
 }
@@ -309,6 +366,7 @@ inventory::submit! {
         name: "linear",
         description: "linear probe: no side network, the backbone runs without a tape",
         build_cpu: build_linear,
+        build_cuda: on_cuda!(build_linear),
         origin: module_path!(),
     }
 }
@@ -318,6 +376,7 @@ inventory::submit! {
         name: "linear",
         description: "pooled tokens -> the backbone's final norm -> linear classifier",
         build_cpu: build_head,
+        build_cuda: on_cuda!(build_head),
         origin: module_path!(),
     }
 }

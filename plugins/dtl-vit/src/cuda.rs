@@ -621,6 +621,33 @@ impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> Backbone<dfdx::prel
     }
 }
 
+/// The training job of `vit` on GPU `ordinal`: the frozen backbone as a [`CudaVit`], the
+/// side network, head and optimizer on dfdx's `Cuda` device of the same GPU.
+///
+/// GPU memory in reports and benchmarks is the device's used memory minus what it was once
+/// the CUDA context existed, before the weights were uploaded: weights, activations and the
+/// buffers dfdx keeps cached.
+pub fn build_job<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim>(
+    cfg: &dtl_core::PipelineConfig,
+    cx: &dtl_core::BuildContext,
+    vit: &Vit<T, W>,
+    ordinal: usize,
+) -> Result<Box<dyn dtl_core::Job>> {
+    dtl_cuda::check_device(ordinal).map_err(DtlError::Unavailable)?;
+    let gpu = Gpu::new(ordinal)?;
+    let dev = dfdx::prelude::Cuda::try_build(ordinal, cfg.run.seed)
+        .map_err(|e| DtlError::Device(format!("cuda:{ordinal}: {e:?}")))?;
+    let (free, total) = gpu.memory_info()?;
+    let base = total.saturating_sub(free);
+    let backbone = CudaVit::from_cpu(vit, &gpu)?;
+    let probe_gpu = gpu.clone();
+    let probe: dtl_runner::MemoryProbe = std::sync::Arc::new(move || {
+        let (free, total) = probe_gpu.memory_info().ok()?;
+        Some(total.saturating_sub(free).saturating_sub(base) as f64 / (1024.0 * 1024.0))
+    });
+    dtl_runner::build_job_cuda(cfg, cx, backbone, dev, Some(probe))
+}
+
 /// timm's attention scale, `1 / sqrt(head_dim)`.
 fn attn_scale(head_dim: usize) -> f32 {
     (1.0 / (head_dim as f64).sqrt()) as f32

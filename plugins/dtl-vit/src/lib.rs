@@ -103,7 +103,8 @@ pub fn check_weights(variant: &str, path: &Path, format: &str) -> Result<LoadRep
 }
 
 /// The registered constructor of variant `G`: loads `backbone.weights` (random weights
-/// seeded by `run.seed` when absent) and hands the model to the runner.
+/// seeded by `run.seed` when absent) and hands the model to the runner, on the CPU or, for
+/// `run.device = "cuda:N"` in a build with the `cuda` feature, on that GPU.
 pub fn build<G: Geometry>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<Box<dyn Job>> {
     let spec = G::spec();
     let vit: VitOf<G> = match &cfg.backbone.weights {
@@ -113,6 +114,10 @@ pub fn build<G: Geometry>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<Box
         }
         None => Vit::random(spec, cfg.run.seed)?,
     };
+    #[cfg(feature = "cuda")]
+    if let dtl_core::config::DeviceSpec::Cuda(n) = cfg.device()? {
+        return cuda::build_job(cfg, cx, &vit, n);
+    }
     dtl_runner::build_job::<VitOf<G>>(cfg, cx, vit)
 }
 

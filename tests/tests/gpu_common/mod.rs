@@ -1,4 +1,5 @@
 //! Helpers shared by the GPU test files.
+#![allow(dead_code)]
 
 use dtl_cuda::Gpu;
 

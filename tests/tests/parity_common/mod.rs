@@ -1,0 +1,226 @@
+//! Parity with the PyTorch reference fixtures, for any training device: logits, loss,
+//! gradients and the AdamW trajectory of the DTL and DTL+ fixtures.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dfdx::prelude::*;
+use dtl_core::{Backbone, Parameters};
+use dtl_runner::device::TrainDevice;
+use dtl_runner::job::loss_and_grads;
+use dtl_runner::model::{smoothed_targets, Model};
+use dtl_runner::optim::AdamW;
+use dtl_runner::sides::{DtlSide, LinearHead};
+use dtl_vit::variants::VitTestPatch8_32;
+use safetensors::tensor::{Dtype, SafeTensors};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dtl-reference")
+}
+
+/// Every tensor of a fixture as (shape, f64 values).
+pub fn read(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let raw = std::fs::read(fixtures().join(name)).unwrap();
+    let st = SafeTensors::deserialize(&raw).unwrap();
+    let mut out = HashMap::new();
+    for (n, t) in st.tensors() {
+        let d = t.data();
+        let v: Vec<f64> = match t.dtype() {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::F64 => d
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!("unexpected dtype {other:?} of {n}"),
+        };
+        out.insert(n, (t.shape().to_vec(), v));
+    }
+    out
+}
+
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |a, &b| a.max(b.abs())).max(1e-12);
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// The reference ViT of the fixtures.
+pub type RefVit = dtl_vit::VitOf<VitTestPatch8_32>;
+
+/// One fixture's model (with the fixture's initial values) and its expected values.
+pub struct Case<B: Backbone<D>, D: TrainDevice> {
+    pub model: Model<B, D>,
+    pub fx: HashMap<String, (Vec<usize>, Vec<f64>)>,
+    pub cfg: serde_json::Value,
+    pub dev: D,
+}
+
+/// Loads fixture `name` onto `dev`; `backbone` turns the CPU reference ViT into the backbone
+/// for `dev`.
+pub fn setup<B: Backbone<D>, D: TrainDevice>(
+    name: &str,
+    dev: D,
+    backbone: impl FnOnce(RefVit) -> B,
+) -> Case<B, D> {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let fx = read(&format!("{name}_dtl.safetensors"));
+    let vit = dtl_vit::load::<VitTestPatch8_32>(
+        &fixtures().join(format!("{name}_vit.safetensors")),
+        "auto",
+    )
+    .unwrap();
+    let spec = dtl_core::Backbone::<Cpu>::spec(&vit).clone();
+    let init = Cpu::seed_from_u64(0);
+    let ints = |k: &str| {
+        cfg["dtl"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect::<Vec<_>>()
+    };
+    let kernel = cfg["dtl"]["fusion_kernel"].as_u64().unwrap() as usize;
+    let mut side = DtlSide::new(
+        &spec,
+        2,
+        100.0,
+        ints("taps"),
+        ints("injects"),
+        kernel,
+        &init,
+        &dev,
+    )
+    .unwrap();
+    let classes = cfg["dtl"]["classes"].as_u64().unwrap() as usize;
+    let mut head = LinearHead::new(spec.width, classes, &init, &dev).unwrap();
+    for p in side.params_mut().into_iter().chain(head.params_mut()) {
+        let (shape, v) = &fx[&format!("init.{}", p.name)];
+        assert_eq!(shape, &p.shape, "{}", p.name);
+        p.value
+            .copy_from(&v.iter().map(|&x| x as f32).collect::<Vec<_>>());
+    }
+    let model = Model::new(
+        Arc::new(backbone(vit)),
+        Box::new(side),
+        Box::new(head),
+        false,
+    );
+    Case {
+        model,
+        fx,
+        cfg,
+        dev,
+    }
+}
+
+fn batch<B: Backbone<D>, D: TrainDevice>(case: &Case<B, D>) -> (dtl_core::Images<D>, Vec<f32>) {
+    let (shape, input) = &case.fx["input"];
+    let images = case.dev.tensor_from_vec(
+        input.iter().map(|&x| x as f32).collect(),
+        (shape[0], Const::<3>, shape[2], shape[3]),
+    );
+    let labels: Vec<usize> = case.fx["labels"].1.iter().map(|&l| l as usize).collect();
+    (
+        images,
+        smoothed_targets(&labels, case.model.head.classes(), 0.0),
+    )
+}
+
+/// Logits, loss and every gradient of one step agree with the fixture within `tol` relative.
+pub fn forward_and_grads<B: Backbone<D>, D: TrainDevice>(name: &str, case: Case<B, D>, tol: f64) {
+    let (images, targets) = batch(&case);
+    let out = loss_and_grads(&case.model, &images, &targets, &[]).unwrap();
+    let e = rel_err(&out.logits, &case.fx["logits"].1);
+    assert!(e < tol, "{name}: logits differ by {e:e} relative");
+    let want_loss = case.fx["loss"].1[0];
+    assert!(
+        ((out.loss as f64 - want_loss) / want_loss).abs() < tol,
+        "{name}: loss {} vs {want_loss}",
+        out.loss
+    );
+    let names: Vec<String> = case.model.params().iter().map(|p| p.name.clone()).collect();
+    assert_eq!(
+        names.len(),
+        case.fx.keys().filter(|k| k.starts_with("grad.")).count()
+    );
+    for (n, g) in names.iter().zip(&out.host_grads()) {
+        let e = rel_err(g, &case.fx[&format!("grad.{n}")].1);
+        assert!(e < tol, "{name}: gradient of {n} differs by {e:e} relative");
+    }
+    // evaluation path gives the same logits
+    let eval = case.model.forward_eval(&images).unwrap().as_vec();
+    assert!(rel_err(&eval, &case.fx["logits"].1) < tol);
+}
+
+/// Six AdamW steps follow the fixture's losses and end at its parameters within `tol`.
+pub fn adamw_trajectory<B: Backbone<D>, D: TrainDevice>(
+    name: &str,
+    mut case: Case<B, D>,
+    tol: f64,
+) {
+    let (images, targets) = batch(&case);
+    let a = &case.cfg["adamw"];
+    let names: Vec<(String, usize)> = case
+        .model
+        .params()
+        .iter()
+        .map(|p| (p.name.clone(), p.numel()))
+        .collect();
+    let layout = names
+        .iter()
+        .map(|(n, k)| (*k, !n.ends_with(".bias")))
+        .collect();
+    let betas = a["betas"].as_array().unwrap();
+    let mut opt = AdamW::new(
+        betas[0].as_f64().unwrap(),
+        betas[1].as_f64().unwrap(),
+        a["eps"].as_f64().unwrap(),
+        a["weight_decay"].as_f64().unwrap(),
+        layout,
+        &case.dev,
+    );
+    let lr = a["lr"].as_f64().unwrap();
+    let want = &case.fx["train_losses"].1;
+    for (i, &w) in want.iter().enumerate() {
+        let loss = dtl_runner::job::train_step(
+            &mut case.model,
+            &mut opt,
+            &images,
+            &targets,
+            &[],
+            lr,
+            None,
+        )
+        .unwrap();
+        assert!(
+            ((loss as f64 - w) / w).abs() < tol,
+            "{name}: loss before step {i}: {loss} vs {w}"
+        );
+    }
+    for p in case.model.params() {
+        let e = rel_err(&p.value.as_vec(), &case.fx[&format!("final.{}", p.name)].1);
+        assert!(
+            e < tol,
+            "{name}: {} after {} steps differs by {e:e} relative",
+            p.name,
+            want.len()
+        );
+    }
+}
