@@ -190,11 +190,16 @@ pub fn run(
 }
 
 /// `dtl validate`.
-pub fn validate(files: &[PathBuf]) -> Result<ExitCode> {
+pub fn validate(files: &[PathBuf], overrides: &[String]) -> Result<ExitCode> {
     let reg = registry()?;
+    if files.is_empty() {
+        return Err(DtlError::invalid(
+            "dtl validate: no pipeline file given (arguments containing `=` are overrides)",
+        ));
+    }
     let mut bad = 0;
     for f in files {
-        match load_checked(reg, f, &[]) {
+        match load_checked(reg, f, overrides) {
             Ok(_) => println!("{}: ok", f.display()),
             Err(errs) => {
                 report_errors(&errs);

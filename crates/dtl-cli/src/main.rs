@@ -56,9 +56,9 @@ e.g. `optim.lr=3e-4 data.batch_size=16`."
     },
     /// Check pipeline files and report every error of every file.
     Validate {
-        /// Pipeline files.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
+        /// Pipeline files, then optional `section.key=value` overrides (applied to each).
+        #[arg(required = true, value_name = "PIPELINE.toml|KEY=VALUE")]
+        args: Vec<String>,
     },
     /// List registered components (sorted), with descriptions.
     List {
@@ -114,7 +114,10 @@ fn main() -> ExitCode {
             resume,
             no_progress,
         } => commands::run(&args, print_config, resume, !no_progress),
-        Command::Validate { files } => commands::validate(&files),
+        Command::Validate { args } => {
+            let (files, overrides) = split_args(&args);
+            commands::validate(&files, &overrides)
+        }
         Command::List { what } => commands::list(what.map(|w| match w {
             ListKind::Backbones => "backbones",
             ListKind::Sides => "sides",

@@ -163,3 +163,22 @@ fn resuming_from_nothing_is_refused_before_writing_anything() {
     assert!(err.contains("nothing to resume from"), "{err}");
     assert!(!dir.path().join("runs").exists());
 }
+
+#[test]
+fn a_gpu_device_that_cannot_be_used_is_one_line_naming_run_device() {
+    // Without the cuda feature (or without a GPU) both commands stop before doing anything.
+    for cmd in ["validate", "run"] {
+        let out = dtl(&[cmd, "tests/pipelines/valid.toml", "run.device=cuda:0"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("valid.toml") && first.contains("run.device"),
+            "{cmd}: {err}"
+        );
+        if !cfg!(feature = "cuda") {
+            assert!(first.contains("--features cuda"), "{cmd}: {err}");
+        }
+    }
+}
