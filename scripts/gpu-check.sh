@@ -35,7 +35,9 @@ if [[ "${1:-}" != "--pack" ]]; then
     start=$SECONDS
     # One cargo invocation, so that the binary and the tests share one feature set (and one
     # build of dfdx and its kernels).
-    pkgs=(-p dtl-tests --test cuda_kernels --test cuda_vit)
+    # Every GPU test file: tests/tests/cuda_*.rs.
+    pkgs=(-p dtl-tests)
+    for f in tests/tests/cuda_*.rs; do pkgs+=(--test "$(basename "$f" .rs)"); done
     feats="dtl-tests/cuda"
     if [[ $cli_has_cuda == 1 ]]; then
         pkgs+=(-p dtl-cli --bin dtl)
