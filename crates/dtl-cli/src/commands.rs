@@ -355,24 +355,44 @@ pub fn bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{} at {}x{}, {} timed steps per row",
-        cfg.backbone.kind, report["image_size"], report["image_size"], steps
+        "{} at {}x{} on {}, {} timed steps per row",
+        cfg.backbone.kind, report["image_size"], report["image_size"], cfg.run.device, steps
     );
+    let rows: Vec<&serde_json::Value> = report["rows"].as_array().into_iter().flatten().collect();
+    // On a GPU the memory that matters is the GPU's; the process's resident memory follows.
+    let gpu = rows.iter().any(|r| r["peak_gpu_mib"].is_number());
+    let mem_head = if gpu { "GPU MiB" } else { "peak MiB" };
     println!(
-        "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10}",
-        "what", "side", "batch", "img/s", "peak MiB", "trainable"
+        "{:<8} {:<15} {:>6} {:>10} {:>10} {:>10}{}",
+        "what",
+        "side",
+        "batch",
+        "img/s",
+        mem_head,
+        "trainable",
+        if gpu { "     RSS MiB" } else { "" }
     );
-    for r in report["rows"].as_array().into_iter().flatten() {
+    for r in rows {
+        let mem = if gpu {
+            &r["peak_gpu_mib"]
+        } else {
+            &r["peak_rss_mib"]
+        };
         println!(
-            "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10}",
+            "{:<8} {:<15} {:>6} {:>10} {:>10} {:>10}{}",
             r["what"].as_str().unwrap_or("-"),
             r["side"].as_str().unwrap_or("-"),
             r["batch"].to_string(),
             fmt_num(&r["img_per_s"], 1),
-            fmt_num(&r["peak_rss_mib"], 0),
+            fmt_num(mem, 0),
             r.get("trainable_params")
                 .map(|v| v.to_string())
-                .unwrap_or_else(|| "-".into())
+                .unwrap_or_else(|| "-".into()),
+            if gpu {
+                format!(" {:>11}", fmt_num(&r["peak_rss_mib"], 0))
+            } else {
+                String::new()
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
