@@ -103,6 +103,59 @@ pub fn save<D: TrainDevice>(
     std::fs::rename(&tmp, path).map_err(|e| DtlError::io(path, e))
 }
 
+/// The keys whose values differ between two pipeline TOML texts, as
+/// `key: stored -> current` lines, sorted (keys present on one side only show `-`).
+///
+/// A resumed run uses the current pipeline; the runner prints these so that a change made
+/// between the runs (or the wrong run directory) is never silent.
+///
+/// ```
+/// let a = "[optim]\nlr = 0.03\n[run]\nseed = 1\n";
+/// let b = "[optim]\nlr = 0.01\n[run]\nseed = 1\n";
+/// assert_eq!(dtl_runner::checkpoint::pipeline_changes(a, b), vec!["optim.lr: 0.03 -> 0.01"]);
+/// ```
+pub fn pipeline_changes(stored: &str, current: &str) -> Vec<String> {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |s: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        if let Ok(v) = s.parse::<toml::Value>() {
+            flatten("", &v, &mut m);
+        }
+        m
+    };
+    let (a, b) = (parse(stored), parse(current));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &std::collections::BTreeMap<String, String>| {
+                m.get(k).cloned().unwrap_or_else(|| "-".to_string())
+            };
+            format!("{k}: {} -> {}", show(&a), show(&b))
+        })
+        .collect()
+}
+
 /// Resolves a checkpoint argument: a file as is; a run directory to its `best.safetensors`
 /// (`prefer_last = false`) or `last.safetensors`, falling back to the other.
 pub fn resolve(path: &Path, prefer_last: bool) -> Result<PathBuf> {

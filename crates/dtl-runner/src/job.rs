@@ -354,6 +354,16 @@ impl<B: Backbone<D> + Send + Sync, D: TrainDevice> Job for DtlJob<B, D> {
         if let Some(r) = &env.resume {
             let path = checkpoint::resolve(r, true)?;
             let ck = checkpoint::load(&path)?;
+            let changes = checkpoint::pipeline_changes(&ck.pipeline, &cfg.to_toml());
+            if !changes.is_empty() {
+                eprintln!(
+                    "warning: resuming {} with a pipeline that differs from the one it was trained with:",
+                    path.display()
+                );
+                for c in &changes {
+                    eprintln!("  {c}");
+                }
+            }
             ck.apply(model.params_mut())?;
             ck.apply_optim(&mut opt, &plain)?;
             pos = serde_json::from_value(ck.state.clone()).map_err(|e| {
