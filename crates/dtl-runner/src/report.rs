@@ -139,6 +139,10 @@ pub fn write_report(run_dir: &Path, report: &Value, epochs: &[Value]) -> Result<
         "| side network | `{}` |\n",
         report["side"].as_str().unwrap_or("-")
     ));
+    md.push_str(&format!(
+        "| device | `{}` |\n",
+        report["device"].as_str().unwrap_or("cpu")
+    ));
     md.push_str(&format!("| top-1 (last epoch) | {} |\n", pct(f("top1"))));
     md.push_str(&format!("| top-5 (last epoch) | {} |\n", pct(f("top5"))));
     md.push_str(&format!(
@@ -160,6 +164,12 @@ pub fn write_report(run_dir: &Path, report: &Value, epochs: &[Value]) -> Result<
         "| peak resident memory | {} MiB |\n",
         num(f("peak_rss_mib"), 0)
     ));
+    if f("gpu_mib").is_number() {
+        md.push_str(&format!(
+            "| GPU memory held at the end (weights, cached buffers) | {} MiB |\n",
+            num(f("gpu_mib"), 0)
+        ));
+    }
     if !epochs.is_empty() {
         md.push_str("\n## Per epoch\n\n| epoch | train loss | lr | top-1 | top-5 |\n|---|---|---|---|---|\n");
         for e in epochs {
