@@ -182,3 +182,37 @@ fn a_gpu_device_that_cannot_be_used_is_one_line_naming_run_device() {
         }
     }
 }
+
+#[test]
+fn bench_json_has_the_fields_the_comparison_script_reads() {
+    let out = dtl(&[
+        "bench",
+        "tests/pipelines/valid.toml",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--what",
+        "train",
+        "--json",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["backbone"], "vit_test_patch8_32");
+    assert_eq!(v["device"], "cpu");
+    let rows = v["rows"].as_array().expect("rows");
+    let sides: Vec<&str> = rows.iter().filter_map(|r| r["side"].as_str()).collect();
+    assert_eq!(sides, ["dtl", "dtl+", "linear"]);
+    for r in rows {
+        assert_eq!(r["what"], "train");
+        assert_eq!(r["batch"], 2);
+        assert!(r["img_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        // No GPU probe on the CPU: the field is there, and null.
+        assert!(r["peak_gpu_mib"].is_null(), "{r}");
+        assert!(r.get("peak_rss_mib").is_some(), "{r}");
+        assert!(r["trainable_params"].as_u64().unwrap() > 0, "{r}");
+    }
+}
