@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dfdx::prelude::*;
+use dtl_core::config::DeviceSpec;
 use dtl_core::{Backbone, BenchOptions, DtlError, PipelineConfig, Result};
 use serde_json::{json, Value};
 
@@ -95,14 +96,12 @@ fn naive_autodiff<const M: usize, const H: usize, const F: usize, const L: usize
     use dfdx::nn::{BuildOnDevice, Module, ZeroGrads};
     let dev = Cpu::seed_from_u64(0);
     let enc = dfdx::nn::builders::TransformerEncoder::<M, H, F, L>::try_build_on_device(&dev)
-        .map_err(crate::ops::dev_err)?;
+        .map_err(dev_err)?;
     let x: Tensor<(usize, usize, Const<M>), f32, Cpu> =
         dev.sample_normal_like(&(batch, tokens, Const));
     measure(warmup, steps, batch, None, || {
-        let grads = enc.try_alloc_grads().map_err(crate::ops::dev_err)?;
-        let y = enc
-            .try_forward(x.trace(grads))
-            .map_err(crate::ops::dev_err)?;
+        let grads = enc.try_alloc_grads().map_err(dev_err)?;
+        let y = enc.try_forward(x.trace(grads)).map_err(dev_err)?;
         let g = y.mean().backward();
         drop(g);
         Ok(())
@@ -215,7 +214,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                             Some(model.trainable_params()),
                         ));
                     }
-                    if dev.describe() == "cpu" {
+                    if cfg.device()? == DeviceSpec::Cpu {
                         if let Some(m) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
                             rows.push(row("train", "naive-autodiff", batch, &m, None));
                         }

@@ -32,7 +32,6 @@ pub fn dev_err<E: std::fmt::Debug>(e: E) -> DtlError {
 /// use dfdx::prelude::*;
 /// use dtl_runner::device::TrainDevice;
 /// let dev = Cpu::default();
-/// assert_eq!(dev.describe(), "cpu");
 /// let x = dev.tensor_from_vec(vec![1.0f32, 3.0, 5.0], (1, 3, 1));
 /// let pooled = Cpu::pool(x, 1, false).unwrap();
 /// assert_eq!(pooled.as_vec(), vec![4.0]);
@@ -40,8 +39,6 @@ pub fn dev_err<E: std::fmt::Debug>(e: E) -> DtlError {
 pub trait TrainDevice:
     Device<f32> + AccumulateGrad + dfdx::tensor::Cache + Clone + 'static
 {
-    /// How reports name the device (`cpu`, `cuda:0`).
-    fn describe(&self) -> String;
     /// The pipeline's side network and head on `dev`, through the registry, their initial
     /// values drawn from the seeded CPU generator `init`.
     #[allow(clippy::type_complexity)]
@@ -86,9 +83,6 @@ pub trait TrainDevice:
 }
 
 impl TrainDevice for Cpu {
-    fn describe(&self) -> String {
-        "cpu".to_string()
-    }
     fn build_parts(
         cfg: &PipelineConfig,
         spec: &BackboneSpec,
@@ -140,9 +134,6 @@ impl TrainDevice for Cpu {
 
 #[cfg(feature = "cuda")]
 impl TrainDevice for Cuda {
-    fn describe(&self) -> String {
-        "cuda".to_string()
-    }
     fn build_parts(
         cfg: &PipelineConfig,
         spec: &BackboneSpec,

@@ -12,11 +12,6 @@ use dtl_core::{Act, DtlError, Param, Result};
 /// Gradient tape on the CPU.
 pub type CpuTape = OwnedTape<f32, Cpu>;
 
-/// Converts a device error into the project's error type.
-pub(crate) fn dev_err(e: CpuError) -> DtlError {
-    DtlError::Device(format!("{e:?}"))
-}
-
 /// Checks a low-rank pair against activations of width `d` and returns the rank.
 pub(crate) fn low_rank_rank<D: Device<f32>>(a: &Param<D>, b: &Param<D>, d: usize) -> Result<usize> {
     let (r, ad) = match a.shape.as_slice() {
