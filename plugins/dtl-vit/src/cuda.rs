@@ -545,8 +545,8 @@ impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> CudaVit<T, W> {
     }
 }
 
-type CudaTok<T, W> = dfdx::prelude::Tensor<(usize, T, W), f32, dfdx::prelude::Cuda>;
-type CudaRows<W> = dfdx::prelude::Tensor<(usize, W), f32, dfdx::prelude::Cuda>;
+type CudaTok<T, W> = crate::flat::Tokens<T, W, dfdx::prelude::Cuda>;
+type CudaRows<W> = crate::flat::Rows<W, dfdx::prelude::Cuda>;
 
 impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> Backbone<dfdx::prelude::Cuda>
     for CudaVit<T, W>
@@ -559,19 +559,7 @@ impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> Backbone<dfdx::prel
     }
 
     fn embed(&self, images: &dtl_core::Images<dfdx::prelude::Cuda>) -> Result<CudaTok<T, W>> {
-        use dfdx::prelude::*;
-        let (b, _, h, w) = *images.shape();
-        let size = self.inner.spec.image_size;
-        if h != size || w != size {
-            return Err(DtlError::invalid(format!(
-                "{}: images are {h}x{w}, the backbone takes {size}x{size}",
-                self.inner.spec.name
-            )));
-        }
-        let out = self.inner.embed_host(&images.as_vec(), b)?;
-        Ok(images
-            .device()
-            .tensor_from_vec(out, (b, T::default(), W::default())))
+        crate::flat::embed(&self.inner.spec, images, |v, b| self.inner.embed_host(v, b))
     }
 
     fn block_forward(
@@ -580,10 +568,7 @@ impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> Backbone<dfdx::prel
         x: &CudaTok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<CudaTok<T, W>> {
-        use dfdx::prelude::*;
-        let b = x.shape().0;
-        let y = self.inner.block_forward_host(block, &x.as_vec(), b, drop)?;
-        Ok(x.device().tensor_from_vec(y, *x.shape()))
+        crate::flat::block(x, |v, b| self.inner.block_forward_host(block, v, b, drop))
     }
 
     fn block_vjp(
@@ -593,31 +578,17 @@ impl<T: dfdx::prelude::ConstDim, W: dfdx::prelude::ConstDim> Backbone<dfdx::prel
         grad_out: &CudaTok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<CudaTok<T, W>> {
-        use dfdx::prelude::*;
-        let b = x.shape().0;
-        if grad_out.shape().0 != b {
-            return Err(DtlError::invalid(format!(
-                "{}: block VJP got a gradient for {} samples and an input of {b}",
-                self.inner.spec.name,
-                grad_out.shape().0
-            )));
-        }
-        let g = self
-            .inner
-            .block_vjp_host(block, &x.as_vec(), &grad_out.as_vec(), b, drop)?;
-        Ok(x.device().tensor_from_vec(g, *x.shape()))
+        crate::flat::block_vjp(&self.inner.spec, x, grad_out, |v, g, b| {
+            self.inner.block_vjp_host(block, v, g, b, drop)
+        })
     }
 
     fn norm_forward(&self, x: &CudaRows<W>) -> Result<CudaRows<W>> {
-        use dfdx::prelude::*;
-        let y = self.inner.norm_forward_host(&x.as_vec())?;
-        Ok(x.device().tensor_from_vec(y, *x.shape()))
+        crate::flat::rows(x, |v| self.inner.norm_forward_host(v))
     }
 
     fn norm_vjp(&self, x: &CudaRows<W>, grad_out: &CudaRows<W>) -> Result<CudaRows<W>> {
-        use dfdx::prelude::*;
-        let g = self.inner.norm_vjp_host(&x.as_vec(), &grad_out.as_vec())?;
-        Ok(x.device().tensor_from_vec(g, *x.shape()))
+        crate::flat::rows_vjp(x, grad_out, |v, g| self.inner.norm_vjp_host(v, g))
     }
 }
 

@@ -28,6 +28,7 @@ use dtl_core::{BackboneSpec, BuildContext, Job, PipelineConfig, Result};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod flat;
 pub mod kernels;
 mod load;
 mod model;

@@ -6,6 +6,7 @@ use std::path::Path;
 use dfdx::prelude::*;
 use dtl_core::{Backbone, BackboneSpec, DropPath, DtlError, Images, Result};
 
+use crate::flat;
 use crate::kernels::{self, recycle, scratch, AttnShape};
 use crate::load::{load_weights, LoadReport};
 use crate::weights::{BlockWeights, VitWeights};
@@ -382,7 +383,8 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
 /// Per-sample stochastic-depth scales of the attention and MLP branches.
 type DropScales<'a> = (Option<&'a [f32]>, Option<&'a [f32]>);
 
-type Tok<T, W> = Tensor<(usize, T, W), f32, Cpu>;
+type Tok<T, W> = flat::Tokens<T, W, Cpu>;
+type Rows<W> = flat::Rows<W, Cpu>;
 
 impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
     type Tokens = T;
@@ -393,17 +395,7 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
     }
 
     fn embed(&self, images: &Images<Cpu>) -> Result<Tok<T, W>> {
-        let (b, _, h, w) = *images.shape();
-        if h != self.spec.image_size || w != self.spec.image_size {
-            return Err(DtlError::invalid(format!(
-                "{}: images are {h}x{w}, the backbone takes {}x{}",
-                self.spec.name, self.spec.image_size, self.spec.image_size
-            )));
-        }
-        let out = self.embed_flat(&images.as_vec(), b)?;
-        Ok(images
-            .device()
-            .tensor_from_vec(out, (b, T::default(), W::default())))
+        flat::embed(&self.spec, images, |v, b| self.embed_flat(v, b))
     }
 
     fn block_forward(
@@ -412,9 +404,7 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
         x: &Tok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<Tok<T, W>> {
-        let b = x.shape().0;
-        let y = self.block_forward_flat(block, &x.as_vec(), b, drop)?;
-        Ok(x.device().tensor_from_vec(y, *x.shape()))
+        flat::block(x, |v, b| self.block_forward_flat(block, v, b, drop))
     }
 
     fn block_vjp(
@@ -424,32 +414,16 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
         grad_out: &Tok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<Tok<T, W>> {
-        let b = x.shape().0;
-        if grad_out.shape().0 != b {
-            return Err(DtlError::invalid(format!(
-                "{}: block VJP got a gradient for {} samples and an input of {b}",
-                self.spec.name,
-                grad_out.shape().0
-            )));
-        }
-        let g = self.block_vjp_flat(block, &x.as_vec(), &grad_out.as_vec(), b, drop)?;
-        Ok(x.device().tensor_from_vec(g, *x.shape()))
+        flat::block_vjp(&self.spec, x, grad_out, |v, g, b| {
+            self.block_vjp_flat(block, v, g, b, drop)
+        })
     }
 
-    fn norm_forward(
-        &self,
-        x: &Tensor<(usize, W), f32, Cpu>,
-    ) -> Result<Tensor<(usize, W), f32, Cpu>> {
-        let y = self.norm_forward_flat(&x.as_vec())?;
-        Ok(x.device().tensor_from_vec(y, *x.shape()))
+    fn norm_forward(&self, x: &Rows<W>) -> Result<Rows<W>> {
+        flat::rows(x, |v| self.norm_forward_flat(v))
     }
 
-    fn norm_vjp(
-        &self,
-        x: &Tensor<(usize, W), f32, Cpu>,
-        grad_out: &Tensor<(usize, W), f32, Cpu>,
-    ) -> Result<Tensor<(usize, W), f32, Cpu>> {
-        let g = self.norm_vjp_flat(&x.as_vec(), &grad_out.as_vec())?;
-        Ok(x.device().tensor_from_vec(g, *x.shape()))
+    fn norm_vjp(&self, x: &Rows<W>, grad_out: &Rows<W>) -> Result<Rows<W>> {
+        flat::rows_vjp(x, grad_out, |v, g| self.norm_vjp_flat(v, g))
     }
 }
