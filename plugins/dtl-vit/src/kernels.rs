@@ -175,43 +175,8 @@ pub fn linear(x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize, 
             r.copy_from_slice(&bias[..n]);
         }
     });
-    if m == 0 || n == 0 {
-        return;
-    }
-    // Split the rows over the threads, one single-threaded product each: every task packs
-    // the weights once and runs long, which beats splitting inside each product here.
-    let rows = rows_per_task(m);
-    out[..m * n]
-        .par_chunks_mut(rows * n)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let r0 = t * rows;
-            let mr = o.len() / n;
-            // SAFETY: the asserts above bound every access; each task writes its own rows.
-            unsafe {
-                gemm_raw(
-                    mr,
-                    n,
-                    k,
-                    o.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                    View {
-                        ptr: x[r0 * k..].as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
-                    },
-                    View {
-                        ptr: w.as_ptr(),
-                        rs: 1,
-                        cs: k as isize,
-                    },
-                    1.0,
-                    Parallelism::None,
-                );
-            }
-        });
+    // w^T read in place: element (kk, j) is w[j * k + kk].
+    rows_product(x, w, 1, k, m, k, n, true, out);
 }
 
 /// Rows per task when a product over `m` rows is split across the rayon threads.
@@ -223,39 +188,65 @@ fn rows_per_task(m: usize) -> usize {
 /// The input gradient of [`linear`]: `dx (m x k) = dy (m x n) * w (n x k)`.
 pub fn linear_vjp(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize, dx: &mut [f32]) {
     assert!(dy.len() >= m * n && w.len() >= n * k && dx.len() >= m * k);
-    if m == 0 || k == 0 {
+    rows_product(dy, w, k, 1, m, n, k, false, dx);
+}
+
+/// `out (m x n) = [out +] a (m x k) * B` with `a` row-major and `B` the `k x n` matrix read
+/// from `b` with row stride `b_rs` and column stride `b_cs`.
+///
+/// The rows of `out` are split over the rayon threads, one single-threaded product each:
+/// every task packs `B` once and runs long, which beats splitting inside each product here.
+#[allow(clippy::too_many_arguments)]
+fn rows_product(
+    a: &[f32],
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    out: &mut [f32],
+) {
+    assert!(a.len() >= m * k && out.len() >= m * n);
+    if m == 0 || n == 0 {
         return;
     }
-    if n == 0 {
-        dx[..m * k].fill(0.0);
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
         return;
     }
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
     let rows = rows_per_task(m);
-    dx[..m * k]
-        .par_chunks_mut(rows * k)
+    out[..m * n]
+        .par_chunks_mut(rows * n)
         .enumerate()
         .for_each(|(t, o)| {
             let r0 = t * rows;
-            let mr = o.len() / k;
-            // SAFETY: bounded by the assert; each task writes its own rows of `dx`.
+            let mr = o.len() / n;
+            // SAFETY: the asserts above bound every access to `a` (rows r0..r0 + mr of k
+            // values), `b` (the largest index read is (k-1) b_rs + (n-1) b_cs) and `o` (mr
+            // rows of n); each task writes its own rows, which alias neither input.
             unsafe {
                 gemm_raw(
                     mr,
-                    k,
                     n,
+                    k,
                     o.as_mut_ptr(),
-                    k as isize,
+                    n as isize,
                     1,
-                    false,
+                    accumulate,
                     View {
-                        ptr: dy[r0 * n..].as_ptr(),
-                        rs: n as isize,
+                        ptr: a[r0 * k..].as_ptr(),
+                        rs: k as isize,
                         cs: 1,
                     },
                     View {
-                        ptr: w.as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
+                        ptr: b.as_ptr(),
+                        rs: b_rs as isize,
+                        cs: b_cs as isize,
                     },
                     1.0,
                     Parallelism::None,
