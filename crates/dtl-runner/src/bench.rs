@@ -185,12 +185,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                         // one's memory.
                         dev.try_empty_cache().map_err(dev_err)?;
                         let mut model = build_model(&c, backbone, classes, dev)?;
-                        let names: Vec<(String, usize)> = model
-                            .params()
-                            .iter()
-                            .map(|p| (p.name.clone(), p.numel()))
-                            .collect();
-                        let mut opt = AdamW::from_config(&c.optim, &names, dev);
+                        let mut opt = AdamW::from_config(&c.optim, &model.params(), dev);
                         let mut step = 0u64;
                         let m = measure(opts.warmup, opts.steps, batch, memory, || {
                             let drops = drop_masks(

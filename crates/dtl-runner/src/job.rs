@@ -333,13 +333,8 @@ impl<B: Backbone<D> + Send + Sync, D: TrainDevice> Job for DtlJob<B, D> {
         let spec = self.backbone.spec().clone();
         let classes = cfg.classes(self.data()?.num_classes());
         let mut model = self.build_model(classes)?;
-        let names: Vec<(String, usize)> = model
-            .params()
-            .iter()
-            .map(|p| (p.name.clone(), p.numel()))
-            .collect();
-        let plain: Vec<String> = names.iter().map(|n| n.0.clone()).collect();
-        let mut opt = AdamW::from_config(&cfg.optim, &names, &self.dev);
+        let plain: Vec<String> = model.params().iter().map(|p| p.name.clone()).collect();
+        let mut opt = AdamW::from_config(&cfg.optim, &model.params(), &self.dev);
         let spe = self.steps_per_epoch()?;
         if spe == 0 {
             return Err(DtlError::invalid(format!(

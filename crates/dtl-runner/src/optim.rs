@@ -66,9 +66,13 @@ impl<D: TrainDevice> AdamW<D> {
         }
     }
 
-    /// From the `[optim]` section and the parameter names/sizes.
-    pub fn from_config(cfg: &OptimConfig, params: &[(String, usize)], dev: &D) -> Self {
-        let layout = params.iter().map(|(n, k)| (*k, cfg.decays(n))).collect();
+    /// From the `[optim]` section, for `params` (their sizes, and their names for the
+    /// weight-decay groups).
+    pub fn from_config(cfg: &OptimConfig, params: &[&Param<D>], dev: &D) -> Self {
+        let layout = params
+            .iter()
+            .map(|p| (p.numel(), cfg.decays(&p.name)))
+            .collect();
         AdamW::new(
             cfg.betas[0],
             cfg.betas[1],
