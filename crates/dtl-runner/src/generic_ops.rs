@@ -174,6 +174,34 @@ fn pad_grid<D: Device<f32>>(x: Grid<D>, before: usize, after: usize) -> Result<G
     Ok(x)
 }
 
+/// The patch tokens of `x` (batch, prefix + rows * cols, width) as a zero-padded grid.
+fn padded_patches<D: Device<f32>>(
+    x: Act<D, NoneTape>,
+    prefix: usize,
+    grid_shape: (usize, usize, usize, usize),
+    before: usize,
+    after: usize,
+) -> Result<Grid<D>, D::Err> {
+    let patches = x.try_slice((.., prefix.., ..))?;
+    pad_grid(patches.try_reshape_like(&grid_shape)?, before, after)
+}
+
+/// The first `prefix` tokens of `head_of` followed by the grid `grid` as tokens.
+fn with_prefix<D: Device<f32>>(
+    head_of: Act<D, NoneTape>,
+    grid: Grid<D>,
+    prefix: usize,
+) -> Result<Act<D, NoneTape>, D::Err> {
+    let (bs, gh, gw, d) = *grid.shape();
+    let tokens = grid.try_reshape_like(&(bs, gh * gw, d))?;
+    if prefix == 0 {
+        Ok(tokens)
+    } else {
+        let head = head_of.try_slice((.., ..prefix, ..))?;
+        (head, tokens).try_concat_along(Axis::<1>)
+    }
+}
+
 /// `sum over taps (di, dj) of padded[:, off(di) .., off(dj) .., :] * w[:, di, dj]`, an
 /// (batch, rows, cols, width) grid; `w2` is the kernel as (width, k * k).
 fn shift_and_add<D: Device<f32>>(
@@ -251,17 +279,10 @@ where
         .try_reshape_like(&(d, k * k))
         .map_err(dev_err)?;
     let forward = || -> Result<Act<D, NoneTape>, D::Err> {
-        let tokens = s.clone().try_slice((.., prefix.., ..))?;
-        let padded = pad_grid(tokens.try_reshape_like(&grid_shape)?, before, after)?;
+        let padded = padded_patches(s.clone(), prefix, grid_shape, before, after)?;
         let conv = shift_and_add(&padded, &w2, k, grid_shape, |i| i)?;
         drop(padded);
-        let conv = conv.try_reshape_like(&(bs, gh * gw, d))?;
-        if prefix == 0 {
-            Ok(conv)
-        } else {
-            let head = s.clone().try_slice((.., ..prefix, ..))?;
-            (head, conv).try_concat_along(Axis::<1>)
-        }
+        with_prefix(s.clone(), conv, prefix)
     };
     let out = forward().map_err(dev_err)?;
     let out_ghost = out.ghost();
@@ -275,12 +296,7 @@ where
             .try_slice((.., prefix.., ..))?
             .try_reshape_like(&grid_shape)?;
         // Weight gradient: gw[c, di, dj] = sum over batch and grid of g * shifted input.
-        let padded = pad_grid(
-            s.try_slice((.., prefix.., ..))?
-                .try_reshape_like(&grid_shape)?,
-            before,
-            after,
-        )?;
+        let padded = padded_patches(s, prefix, grid_shape, before, after)?;
         let mut taps = Vec::with_capacity(k * k);
         for di in 0..k {
             for dj in 0..k {
@@ -308,13 +324,7 @@ where
         let g_padded = pad_grid(g_grid, after, before)?;
         let gs_grid = shift_and_add(&g_padded, &w2, k, grid_shape, |i| k - 1 - i)?;
         drop(g_padded);
-        let gs_grid = gs_grid.try_reshape_like(&(bs, gh * gw, d))?;
-        let gs = if prefix == 0 {
-            gs_grid
-        } else {
-            let g_head = g.try_slice((.., ..prefix, ..))?;
-            (g_head, gs_grid).try_concat_along(Axis::<1>)?
-        };
+        let gs = with_prefix(g, gs_grid, prefix)?;
         D::add_into(grads.get_or_alloc_mut(&s_ghost)?, &gs)
     });
     Ok(out.put_tape(tape))
