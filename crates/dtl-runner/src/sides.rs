@@ -276,65 +276,55 @@ impl<D: TrainDevice> Head<D> for LinearHead<D> {
     }
 }
 
-fn build_dtl(
+/// The `dtl` / `dtl+` constructor on any training device, initial values from `init`.
+fn dtl_on<D: TrainDevice>(
     cfg: &SideConfig,
     spec: &BackboneSpec,
-    dev: &Cpu,
-) -> Result<Box<dyn SideNetwork<Cpu>>> {
-    Ok(Box::new(DtlSide::from_config(cfg, spec, dev, dev)?))
+    init: &Cpu,
+    dev: &D,
+) -> Result<Box<dyn SideNetwork<D>>> {
+    Ok(Box::new(DtlSide::from_config(cfg, spec, init, dev)?))
 }
 
-fn build_linear(_: &SideConfig, _: &BackboneSpec, _: &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>> {
+/// The `linear` probe on any training device.
+fn linear_on<D: TrainDevice>(
+    _: &SideConfig,
+    _: &BackboneSpec,
+    _: &Cpu,
+    _: &D,
+) -> Result<Box<dyn SideNetwork<D>>> {
     Ok(Box::new(LinearProbe))
 }
 
-fn build_head(
+/// The `linear` head on any training device, initial values from `init`.
+fn head_on<D: TrainDevice>(
     _: &HeadConfig,
     spec: &BackboneSpec,
     classes: usize,
-    dev: &Cpu,
-) -> Result<Box<dyn Head<Cpu>>> {
-    Ok(Box::new(LinearHead::new(spec.width, classes, dev, dev)?))
+    init: &Cpu,
+    dev: &D,
+) -> Result<Box<dyn Head<D>>> {
+    Ok(Box::new(LinearHead::new(spec.width, classes, init, dev)?))
 }
 
-#[cfg(feature = "cuda")]
-mod on_cuda {
-    use super::*;
+// The CPU constructors: the seeded CPU device is also the generator of the initial values.
+fn dtl_cpu(c: &SideConfig, s: &BackboneSpec, dev: &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>> {
+    dtl_on(c, s, dev, dev)
+}
 
-    pub(super) fn build_dtl(
-        cfg: &SideConfig,
-        spec: &BackboneSpec,
-        init: &Cpu,
-        dev: &Cuda,
-    ) -> Result<Box<dyn SideNetwork<Cuda>>> {
-        Ok(Box::new(DtlSide::from_config(cfg, spec, init, dev)?))
-    }
+fn linear_cpu(c: &SideConfig, s: &BackboneSpec, dev: &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>> {
+    linear_on(c, s, dev, dev)
+}
 
-    pub(super) fn build_linear(
-        _: &SideConfig,
-        _: &BackboneSpec,
-        _: &Cpu,
-        _: &Cuda,
-    ) -> Result<Box<dyn SideNetwork<Cuda>>> {
-        Ok(Box::new(LinearProbe))
-    }
-
-    pub(super) fn build_head(
-        _: &HeadConfig,
-        spec: &BackboneSpec,
-        classes: usize,
-        init: &Cpu,
-        dev: &Cuda,
-    ) -> Result<Box<dyn Head<Cuda>>> {
-        Ok(Box::new(LinearHead::new(spec.width, classes, init, dev)?))
-    }
+fn head_cpu(c: &HeadConfig, s: &BackboneSpec, n: usize, dev: &Cpu) -> Result<Box<dyn Head<Cpu>>> {
+    head_on(c, s, n, dev, dev)
 }
 
 /// The CUDA constructor of a built-in registration (`None` without the `cuda` feature).
 macro_rules! on_cuda {
     ($f:ident) => {{
         #[cfg(feature = "cuda")]
-        let f = Some(on_cuda::$f as _);
+        let f = Some($f::<Cuda> as _);
         #[cfg(not(feature = "cuda"))]
         let f = None;
         f
@@ -345,8 +335,8 @@ inventory::submit! {
     SideEntry {
         name: "dtl",
         description: "DTL: low-rank maps on the tapped blocks, swish_beta, added after the inject blocks",
-        build_cpu: build_dtl,
-        build_cuda: on_cuda!(build_dtl),
+        build_cpu: dtl_cpu,
+        build_cuda: on_cuda!(dtl_on),
         origin: module_path!(),
     }
 }
@@ -355,8 +345,8 @@ inventory::submit! {
     SideEntry {
         name: "dtl+",
         description: "DTL+: DTL plus a shared depthwise k x k conv over the patch grid (side.kernel, default 3)",
-        build_cpu: build_dtl,
-        build_cuda: on_cuda!(build_dtl),
+        build_cpu: dtl_cpu,
+        build_cuda: on_cuda!(dtl_on),
         origin: module_path!(),
     }
 }
@@ -365,8 +355,8 @@ inventory::submit! {
     SideEntry {
         name: "linear",
         description: "linear probe: no side network, the backbone runs without a tape",
-        build_cpu: build_linear,
-        build_cuda: on_cuda!(build_linear),
+        build_cpu: linear_cpu,
+        build_cuda: on_cuda!(linear_on),
         origin: module_path!(),
     }
 }
@@ -375,8 +365,8 @@ inventory::submit! {
     HeadEntry {
         name: "linear",
         description: "pooled tokens -> the backbone's final norm -> linear classifier",
-        build_cpu: build_head,
-        build_cuda: on_cuda!(build_head),
+        build_cpu: head_cpu,
+        build_cuda: on_cuda!(head_on),
         origin: module_path!(),
     }
 }
