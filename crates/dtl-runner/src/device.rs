@@ -1,10 +1,10 @@
 //! The devices the runner trains on, and the side-network operations each one provides.
 //!
 //! The training loop, the model and the optimizer are written once, generic over a
-//! [`TrainDevice`]. The CPU implements the operations on plain slices ([`crate::ops`]);
-//! the CUDA GPU (feature `cuda`) implements them with dfdx's device operations
-//! ([`crate::generic_ops`]), which run on any dfdx device and are checked against the CPU
-//! versions on the CPU.
+//! [`TrainDevice`]. The operations default to dfdx's device operations
+//! ([`crate::generic_ops`]), which run on any dfdx device and are what the CUDA GPU
+//! (feature `cuda`) uses; the CPU overrides them with its faster slice versions
+//! ([`crate::ops`]), against which the generic ones are checked.
 
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -26,7 +26,8 @@ pub fn dev_err<E: std::fmt::Debug>(e: E) -> DtlError {
 ///
 /// Besides dfdx's own kernels, a training device provides the side network's and the head's
 /// operations with memory-lean backward passes (nothing is kept for the backward pass but
-/// the inputs it needs, and no gradient is formed for an input that needs none).
+/// the inputs it needs, and no gradient is formed for an input that needs none). Each has a
+/// default built from dfdx's device operations; a device may override it with its own.
 ///
 /// ```
 /// use dfdx::prelude::*;
@@ -56,9 +57,13 @@ pub trait TrainDevice:
         x_tape: Option<TapeOf<Self>>,
         a: &Param<Self>,
         b: &Param<Self>,
-    ) -> Result<Act<Self>>;
+    ) -> Result<Act<Self>> {
+        crate::generic_ops::low_rank(x, x_tape, a, b)
+    }
     /// `z * sigmoid(beta * z)` (see [`crate::ops::swish`]).
-    fn swish(z: Act<Self>, beta: f32) -> Result<Act<Self>>;
+    fn swish(z: Act<Self>, beta: f32) -> Result<Act<Self>> {
+        crate::generic_ops::swish(z, beta)
+    }
     /// Depthwise "same" convolution over the patch grid (see
     /// [`crate::ops::depthwise_conv_tokens`]).
     fn depthwise_conv_tokens(
@@ -66,20 +71,28 @@ pub trait TrainDevice:
         w: &Param<Self>,
         prefix: usize,
         grid: (usize, usize),
-    ) -> Result<Act<Self>>;
+    ) -> Result<Act<Self>> {
+        crate::generic_ops::depthwise_conv_tokens(s, w, prefix, grid)
+    }
     /// `f W^T + bias` (see [`crate::ops::linear`]).
-    fn linear(f: Matrix<Self>, w: &Param<Self>, bias: &Param<Self>) -> Result<Matrix<Self>>;
+    fn linear(f: Matrix<Self>, w: &Param<Self>, bias: &Param<Self>) -> Result<Matrix<Self>> {
+        crate::generic_ops::linear(f, w, bias)
+    }
     /// Mean of the tokens from `prefix` on, or token 0 (see [`crate::ops::pool`]).
     fn pool<T: Tape<f32, Self>>(
         x: Tensor<(usize, usize, usize), f32, Self, T>,
         prefix: usize,
         cls: bool,
-    ) -> Result<Tensor<(usize, usize), f32, Self, T>>;
+    ) -> Result<Tensor<(usize, usize), f32, Self, T>> {
+        crate::generic_ops::pool(x, prefix, cls)
+    }
     /// Soft-target cross entropy (see [`crate::model::soft_cross_entropy`]).
     fn soft_cross_entropy(
         logits: Matrix<Self>,
         targets: &[f32],
-    ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>>;
+    ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>> {
+        crate::generic_ops::soft_cross_entropy(logits, targets)
+    }
 }
 
 impl TrainDevice for Cpu {
@@ -159,40 +172,5 @@ impl TrainDevice for Cuda {
             build_side(&cfg.side, spec, init, dev)?,
             build_head(&cfg.head, spec, classes, init, dev)?,
         ))
-    }
-    fn low_rank(
-        x: &Tensor<(usize, usize, usize), f32, Self>,
-        x_tape: Option<TapeOf<Self>>,
-        a: &Param<Self>,
-        b: &Param<Self>,
-    ) -> Result<Act<Self>> {
-        crate::generic_ops::low_rank(x, x_tape, a, b)
-    }
-    fn swish(z: Act<Self>, beta: f32) -> Result<Act<Self>> {
-        crate::generic_ops::swish(z, beta)
-    }
-    fn depthwise_conv_tokens(
-        s: Act<Self>,
-        w: &Param<Self>,
-        prefix: usize,
-        grid: (usize, usize),
-    ) -> Result<Act<Self>> {
-        crate::generic_ops::depthwise_conv_tokens(s, w, prefix, grid)
-    }
-    fn linear(f: Matrix<Self>, w: &Param<Self>, bias: &Param<Self>) -> Result<Matrix<Self>> {
-        crate::generic_ops::linear(f, w, bias)
-    }
-    fn pool<T: Tape<f32, Self>>(
-        x: Tensor<(usize, usize, usize), f32, Self, T>,
-        prefix: usize,
-        cls: bool,
-    ) -> Result<Tensor<(usize, usize), f32, Self, T>> {
-        crate::generic_ops::pool(x, prefix, cls)
-    }
-    fn soft_cross_entropy(
-        logits: Matrix<Self>,
-        targets: &[f32],
-    ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>> {
-        crate::generic_ops::soft_cross_entropy(logits, targets)
     }
 }
