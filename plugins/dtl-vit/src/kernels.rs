@@ -1,11 +1,12 @@
 //! The hot loops of the CPU backbone, on plain `f32` slices.
 //!
-//! Matrix products go through the `gemm` crate; row-wise work (LayerNorm, GELU, softmax)
+//! Matrix products go through [`crate::strided::matmul`]; row-wise work (LayerNorm, GELU, softmax)
 //! and attention (one task per sample and head) are parallelised with rayon. Every function
 //! here works on row-major buffers and knows nothing about dfdx.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::strided::{matmul, Mat, MatMut};
 
 /// Rows handled by one rayon task in the row-wise kernels.
 const ROW_CHUNK: usize = 16;
@@ -22,12 +23,14 @@ macro_rules! simd_loop {
             fn inner($($a: $t),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(unsafe_code)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($a: $t),*) {
                     inner($($a),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    #[allow(unsafe_code)]
                     return unsafe { avx2($($a),*) };
                 }
             }
@@ -77,21 +80,6 @@ pub fn erf_fast(x: f32) -> f32 {
     x * p / q
 }
 
-/// A raw pointer that may cross threads; each task writes a disjoint part of the buffer.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the pointer is only dereferenced by tasks writing disjoint elements, while the
-// buffer it points to outlives the parallel loop that uses it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer; a method call makes closures capture the whole (Send) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 thread_local! {
     /// Large buffers kept for reuse by the calling thread, so that each block does not map
     /// fresh pages from the system for its intermediates.
@@ -132,39 +120,6 @@ pub fn recycle(v: Vec<f32>) {
             p.swap_remove(i);
         }
     });
-}
-
-/// A strided view of a matrix for `gemm`: base pointer, row stride, column stride.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-/// `dst (m x n) = [dst +] scale * a (m x k) * b (k x n)` on strided views.
-///
-/// # Safety
-/// Every view must address `m x k`, `k x n` and `m x n` valid elements respectively, and
-/// `dst` must not alias `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    dst_cs: isize,
-    accumulate: bool,
-    a: View,
-    b: View,
-    scale: f32,
-    par: Parallelism,
-) {
-    gemm::gemm(
-        m, n, k, dst, dst_cs, dst_rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale,
-        false, false, false, par,
-    );
 }
 
 /// `out (m x n) = x (m x k) * w^T + bias`, with `w` in PyTorch's (out, in) = (n x k) layout.
@@ -208,50 +163,19 @@ fn rows_product(
     accumulate: bool,
     out: &mut [f32],
 ) {
-    assert!(a.len() >= m * k && out.len() >= m * n);
+    assert!(out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        if !accumulate {
-            out[..m * n].fill(0.0);
-        }
-        return;
-    }
-    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    let b = Mat::new(b, 0, k, n, b_rs, b_cs);
     let rows = rows_per_task(m);
     out[..m * n]
         .par_chunks_mut(rows * n)
         .enumerate()
         .for_each(|(t, o)| {
-            let r0 = t * rows;
             let mr = o.len() / n;
-            // SAFETY: the asserts above bound every access to `a` (rows r0..r0 + mr of k
-            // values), `b` (the largest index read is (k-1) b_rs + (n-1) b_cs) and `o` (mr
-            // rows of n); each task writes its own rows, which alias neither input.
-            unsafe {
-                gemm_raw(
-                    mr,
-                    n,
-                    k,
-                    o.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    accumulate,
-                    View {
-                        ptr: a[r0 * k..].as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
-                    },
-                    View {
-                        ptr: b.as_ptr(),
-                        rs: b_rs as isize,
-                        cs: b_cs as isize,
-                    },
-                    1.0,
-                    Parallelism::None,
-                );
-            }
+            let a = Mat::new(a, t * rows * k, mr, k, k, 1);
+            matmul(MatMut::rows_of(o, mr, n), a, b, 1.0, accumulate);
         });
 }
 
@@ -503,197 +427,92 @@ impl AttnShape {
 }
 
 /// Views of head `h` of sample `b` inside the fused `qkv` buffer (rows x 3d, timm order
-/// `[q | k | v]`, each split into heads).
-fn head_views(qkv: *const f32, s: AttnShape, b: usize, h: usize) -> (View, View, View) {
+/// `[q | k | v]`, each split into heads): `[q, k, v]`, each tokens x head_dim.
+fn head_views(qkv: &[f32], s: AttnShape, b: usize, h: usize) -> [Mat<'_>; 3] {
     let d = s.width();
-    let base = (b * s.tokens * 3 * d + h * s.head_dim) as isize;
-    let rs = (3 * d) as isize;
-    // SAFETY: offsets stay inside the qkv buffer of batch * tokens * 3d elements.
-    unsafe {
-        (
-            View {
-                ptr: qkv.offset(base),
-                rs,
-                cs: 1,
-            },
-            View {
-                ptr: qkv.offset(base + d as isize),
-                rs,
-                cs: 1,
-            },
-            View {
-                ptr: qkv.offset(base + 2 * d as isize),
-                rs,
-                cs: 1,
-            },
-        )
-    }
+    let base = b * s.tokens * 3 * d + h * s.head_dim;
+    [0, d, 2 * d].map(|at| Mat::new(qkv, base + at, s.tokens, s.head_dim, 3 * d, 1))
 }
 
-/// Transposed view.
-fn t(v: View) -> View {
-    View {
-        ptr: v.ptr,
-        rs: v.cs,
-        cs: v.rs,
-    }
+/// Copies per-head results into token rows: `src` holds, for each sample and head, `parts`
+/// consecutive tokens x head_dim blocks; `dst` has rows of `parts * d` per token, part `p`
+/// of head `h` at columns `p * d + h * head_dim`.
+fn heads_to_rows(src: &[f32], s: AttnShape, parts: usize, dst: &mut [f32]) {
+    let (d, n, hd) = (s.width(), s.tokens, s.head_dim);
+    let block = n * hd;
+    dst[..s.batch * n * parts * d]
+        .par_chunks_mut(n * parts * d)
+        .enumerate()
+        .for_each(|(b, sample)| {
+            for h in 0..s.heads {
+                for p in 0..parts {
+                    let from = &src[((b * s.heads + h) * parts + p) * block..][..block];
+                    for (row, vals) in sample.chunks_mut(parts * d).zip(from.chunks(hd)) {
+                        row[p * d + h * hd..][..hd].copy_from_slice(vals);
+                    }
+                }
+            }
+        });
 }
 
 /// Multi-head self-attention core: `out[b, :, head h] = softmax(q k^T * scale) v`.
 ///
-/// `qkv` is (batch * tokens, 3d); `out` is (batch * tokens, d).
+/// `qkv` is (batch * tokens, 3d); `out` is (batch * tokens, d). One task per sample and
+/// head writes its own block of a scratch buffer, which is then copied into `out`.
 pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32]) {
-    let d = s.width();
-    let n = s.tokens;
+    let (d, n, hd) = (s.width(), s.tokens, s.head_dim);
     assert!(qkv.len() >= s.batch * n * 3 * d && out.len() >= s.batch * n * d);
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let qkv_ptr = qkv.as_ptr() as usize;
-    (0..s.batch * s.heads).into_par_iter().for_each_init(
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut heads = scratch(s.batch * s.heads * n * hd);
+    heads.par_chunks_mut(n * hd).enumerate().for_each_init(
         || vec![0.0f32; n * n],
-        |scores, bh| {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            let (q, k, v) = head_views(qkv_ptr as *const f32, s, b, h);
-            // SAFETY: views address this sample's rows; each task writes the disjoint
-            // columns of head `h` of sample `b` in `out`.
-            unsafe {
-                gemm_raw(
-                    n,
-                    n,
-                    s.head_dim,
-                    scores.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    false,
-                    q,
-                    t(k),
-                    scale,
-                    Parallelism::None,
-                );
-                softmax_rows(scores, n);
-                let dst = out_ptr.get().add(b * n * d + h * s.head_dim);
-                gemm_raw(
-                    n,
-                    s.head_dim,
-                    n,
-                    dst,
-                    d as isize,
-                    1,
-                    false,
-                    View {
-                        ptr: scores.as_ptr(),
-                        rs: n as isize,
-                        cs: 1,
-                    },
-                    v,
-                    1.0,
-                    Parallelism::None,
-                );
-            }
+        |scores, (bh, o)| {
+            let [q, k, v] = head_views(qkv, s, bh / s.heads, bh % s.heads);
+            matmul(MatMut::rows_of(scores, n, n), q, k.t(), scale, false);
+            softmax_rows(scores, n);
+            let p = Mat::rows_of(scores, n, n);
+            matmul(MatMut::rows_of(o, n, hd), p, v, 1.0, false);
         },
     );
+    heads_to_rows(&heads, s, 1, out);
+    recycle(heads);
 }
 
 /// Input-only VJP of [`attention`]: the gradient with respect to the fused `qkv` buffer,
 /// given the gradient `dout` of the attention output. Probabilities are recomputed.
 pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32]) {
-    let d = s.width();
-    let n = s.tokens;
-    let hd = s.head_dim;
+    let (d, n, hd) = (s.width(), s.tokens, s.head_dim);
     assert!(qkv.len() >= s.batch * n * 3 * d && dout.len() >= s.batch * n * d);
     assert!(dqkv.len() >= s.batch * n * 3 * d);
     let scale = 1.0 / (hd as f32).sqrt();
-    let dptr = SendPtr(dqkv.as_mut_ptr());
-    let qkv_ptr = qkv.as_ptr() as usize;
-    (0..s.batch * s.heads).into_par_iter().for_each_init(
+    // per sample and head: [dq | dk | dv], each tokens x head_dim
+    let mut heads = scratch(s.batch * s.heads * 3 * n * hd);
+    heads.par_chunks_mut(3 * n * hd).enumerate().for_each_init(
         || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
-        |(p, dp), bh| {
+        |(p, dp), (bh, grads)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            let (q, k, v) = head_views(qkv_ptr as *const f32, s, b, h);
-            let d_o = View {
-                ptr: dout[b * n * d + h * hd..].as_ptr(),
-                rs: d as isize,
-                cs: 1,
-            };
-            // SAFETY: as in `attention`; this task writes only the q, k and v columns of
-            // head `h` of sample `b` in `dqkv`.
-            unsafe {
-                let base = dptr.get().add(b * n * 3 * d + h * hd);
-                let (dq, dk, dv) = (base, base.add(d), base.add(2 * d));
-                let rs3 = (3 * d) as isize;
-                // P = softmax(q k^T * scale)
-                gemm_raw(
-                    n,
-                    n,
-                    hd,
-                    p.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    false,
-                    q,
-                    t(k),
-                    scale,
-                    Parallelism::None,
-                );
-                softmax_rows(p, n);
-                let pv = View {
-                    ptr: p.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                };
-                // dV = P^T dO
-                gemm_raw(
-                    n,
-                    hd,
-                    n,
-                    dv,
-                    rs3,
-                    1,
-                    false,
-                    t(pv),
-                    d_o,
-                    1.0,
-                    Parallelism::None,
-                );
-                // dP = dO V^T
-                gemm_raw(
-                    n,
-                    n,
-                    hd,
-                    dp.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    false,
-                    d_o,
-                    t(v),
-                    1.0,
-                    Parallelism::None,
-                );
-                // dS = P * (dP - rowsum(dP * P)), times the scale
-                softmax_backward_rows(p, dp, n, scale);
-                let ds = View {
-                    ptr: dp.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                };
-                // dQ = dS K ; dK = dS^T Q
-                gemm_raw(n, hd, n, dq, rs3, 1, false, ds, k, 1.0, Parallelism::None);
-                gemm_raw(
-                    n,
-                    hd,
-                    n,
-                    dk,
-                    rs3,
-                    1,
-                    false,
-                    t(ds),
-                    q,
-                    1.0,
-                    Parallelism::None,
-                );
-            }
+            let [q, k, v] = head_views(qkv, s, b, h);
+            let d_o = Mat::new(dout, b * n * d + h * hd, n, hd, d, 1);
+            let (dq, rest) = grads.split_at_mut(n * hd);
+            let (dk, dv) = rest.split_at_mut(n * hd);
+            // P = softmax(q k^T * scale)
+            matmul(MatMut::rows_of(p, n, n), q, k.t(), scale, false);
+            softmax_rows(p, n);
+            let pm = Mat::rows_of(p, n, n);
+            // dV = P^T dO
+            matmul(MatMut::rows_of(dv, n, hd), pm.t(), d_o, 1.0, false);
+            // dP = dO V^T
+            matmul(MatMut::rows_of(dp, n, n), d_o, v.t(), 1.0, false);
+            // dS = P * (dP - rowsum(dP * P)), times the scale
+            softmax_backward_rows(p, dp, n, scale);
+            let ds = Mat::rows_of(dp, n, n);
+            // dQ = dS K ; dK = dS^T Q
+            matmul(MatMut::rows_of(dq, n, hd), ds, k, 1.0, false);
+            matmul(MatMut::rows_of(dk, n, hd), ds.t(), q, 1.0, false);
         },
     );
+    heads_to_rows(&heads, s, 3, dqkv);
+    recycle(heads);
 }
 
 /// `x[row] += scale[row / rows_per_scale] * y[row]` over rows of width `d`; a missing scale

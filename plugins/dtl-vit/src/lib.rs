@@ -20,6 +20,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// Unsafe code lives in `strided` (the gemm calls) and the SIMD dispatch of `kernels` only.
+#![deny(unsafe_code)]
 
 use std::path::Path;
 
@@ -32,6 +34,8 @@ mod flat;
 pub mod kernels;
 mod load;
 mod model;
+#[allow(unsafe_code)]
+pub mod strided;
 pub mod variants;
 mod weights;
 
