@@ -163,7 +163,7 @@ fn rows_product(
     accumulate: bool,
     out: &mut [f32],
 ) {
-    assert!(out.len() >= m * n);
+    assert!(a.len() >= m * k && out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
