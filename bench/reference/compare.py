@@ -7,7 +7,8 @@
 Inputs:
   --dtl   the JSON object that `dtl bench <pipeline> --what train --json` prints:
           {"backbone", "device", "image_size", "rows": [{"what", "side", "batch", "img_per_s",
-          "peak_rss_mib", "peak_gpu_mib", "trainable_params"}, ...]}; repeat --dtl for several runs
+          "peak_rss_mib", "peak_gpu_mib", "gpu_driver_mib" (optional), "trainable_params"}, ...]};
+          repeat --dtl for several runs
           (for instance one per batch size)
   --ref   JSON lines appended by `bench_dtl_train.py --json`: {"method", "model", "batch",
           "device", "precision", "img_per_s", "peak_mib", "steps", "warmup"}; repeatable
@@ -116,10 +117,14 @@ def load_dtl(path):
         gpu = number(path, where, r, "peak_gpu_mib", allow_none=True) if "peak_gpu_mib" in r else None
         rss = number(path, where, r, "peak_rss_mib", allow_none=True) if "peak_rss_mib" in r else None
         row = {
-            "file": path, "where": where, "what": r["what"], "side": r["side"], "batch": int(batch),
+            "file": path, "where": where, "what": r["what"], "batch": int(batch),
+            # `run.activations` of the row ("recompute" or "store"), shown with the side
+            "side": r["side"] + (" (%s)" % r["activations"] if isinstance(r.get("activations"), str) and r["side"] != "linear" else ""),
+            "activations": r.get("activations"),
             "img_per_s": ips, "peak": gpu if gpu is not None else rss,
             "peak_kind": "gpu" if gpu is not None else ("rss" if rss is not None else None),
             "method": SIDE_TO_METHOD.get(r["side"]),
+            "driver": number(path, where, r, "gpu_driver_mib", allow_none=True) if "gpu_driver_mib" in r else None,
         }
         if r["what"] == "train" and row["method"] is not None:
             train.append(row)
@@ -202,7 +207,7 @@ def compare(dtl_files, ref_files, card=None, precision=None):
         other += o
     for p in ref_files:
         refs += load_ref(p)
-    train = dedupe(train, lambda r: (r["method"], r["batch"], r["meta"]["backbone"], r["meta"]["device"]), notes, "dtl row")
+    train = dedupe(train, lambda r: (r["method"], r["activations"], r["batch"], r["meta"]["backbone"], r["meta"]["device"]), notes, "dtl row")
     refs = dedupe(refs, lambda r: (r["method"], r["batch"], r["precision"], r["model"], r["device"]), notes, "reference row")
 
     unmatched = []
@@ -275,6 +280,9 @@ def compare(dtl_files, ref_files, card=None, precision=None):
             "dtl peak MiB", "PyTorch peak MiB", "memory ratio"]
     if reserved:
         head += ["PyTorch reserved MiB", "dtl / reserved"]
+    driver = any(d.get("driver") is not None for d, _ in pairs)
+    if driver:
+        head += ["dtl driver MiB"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for d, r in pairs:
@@ -284,6 +292,8 @@ def compare(dtl_files, ref_files, card=None, precision=None):
                  peak_cell(r["peak"], rkind), ratio(d["peak"], r["peak"])]
         if reserved:
             cells += [fmt(r["reserved"], 0), ratio(d["peak"], r["reserved"])]
+        if driver:
+            cells += [fmt(d.get("driver"), 0)]
         out.append("| " + " | ".join(cells) + " |")
     if not pairs:
         out.append("| (no pair matched) |" + " |" * (len(head) - 1))
@@ -291,8 +301,10 @@ def compare(dtl_files, ref_files, card=None, precision=None):
     if reserved:
         out.append("")
         out.append("PyTorch peak is torch.cuda.max_memory_allocated (live tensors); PyTorch reserved is "
-                   "max_memory_reserved (the caching allocator's blocks, freed ones included), the closer "
-                   "match for a dtl peak that counts all device memory the process holds.")
+                   "max_memory_reserved (the caching allocator's blocks, freed ones included). dtl's peak is "
+                   "the most its live device buffers held (workspaces included), the counterpart of "
+                   "max_memory_allocated; dtl driver MiB, where shown, is the driver's used-memory growth "
+                   "since the device was opened.")
     if any(a != b for a, b in mixed):
         out.append("")
         out.append("Note: some memory ratios compare a process RSS with a GPU allocation peak; they are not like for like.")

@@ -44,6 +44,23 @@ def run_main(argv):
 
 
 class CompareTest(unittest.TestCase):
+    def test_driver_column_when_dtl_rows_carry_it(self):
+        d = json.loads(read(B32))
+        for i, r in enumerate(d["rows"]):
+            r["gpu_driver_mib"] = 1000.0 + i
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "b32.json")
+            with open(path, "w") as f:
+                json.dump(d, f)
+            text, n = compare.compare([path], [REF])
+        self.assertGreater(n, 0)
+        header = next(l for l in text.splitlines() if l.startswith("| method"))
+        self.assertTrue(header.rstrip(" |").endswith("dtl driver MiB"), header)
+        self.assertTrue(all(r[-1].startswith("1,00") for r in table_rows(text)), text)
+        plain, _ = compare.compare([B32], [REF])
+        plain_header = next(l for l in plain.splitlines() if l.startswith("| method"))
+        self.assertNotIn("driver MiB", plain_header)
+
     def test_pairs_and_ratios(self):
         text, n = compare.compare([B32, B128], [REF], card="Test Card")
         rows = table_rows(text)

@@ -39,9 +39,9 @@ TEMPLATE = """\
 [run]
 name = "vtab-{task}-{method}"
 seed = 42
-# ViT-B/16 for 100 epochs takes hours on a CPU: with a build that has `--features cuda`
-# (docs/cuda.md), add run.device=cuda:0 to the command line to train on a GPU.
-device = "cpu"
+# The first usable GPU when this dtl is built with `--features cuda` (docs/cuda.md), else
+# the CPU (with a notice; ViT-B/16 for 100 epochs takes hours there).
+device = "auto"
 
 [backbone]
 kind = "vit_base_patch16_224"

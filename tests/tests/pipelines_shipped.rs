@@ -30,7 +30,7 @@ fn shipped_pipelines_are_valid_but_for_user_files() {
     assert!(files.len() >= 40, "found {} pipelines", files.len());
     let reg = registry().unwrap();
     let device_check = |d: DeviceSpec| match d {
-        DeviceSpec::Cpu => Ok(()),
+        DeviceSpec::Cpu | DeviceSpec::Auto => Ok(()),
         DeviceSpec::Cuda(_) => Err("no GPU in tests".to_string()),
     };
     for f in files {
@@ -46,7 +46,8 @@ fn shipped_pipelines_are_valid_but_for_user_files() {
                 DtlError::Config { key, .. } if key == "data.root" => {}
                 // ViT-B/16 weights are brought by the user.
                 DtlError::Config { key, .. } if key == "backbone.weights" => {
-                    assert!(f.to_string_lossy().contains("vtab-1k"), "{e}")
+                    let f = f.to_string_lossy();
+                    assert!(f.contains("vtab-1k") || f.contains("few-shot"), "{e}")
                 }
                 _ => panic!("{e}"),
             }

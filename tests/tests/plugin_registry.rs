@@ -130,7 +130,7 @@ dtl_core::inventory::submit! {
         name: "zz_gain_test",
         description: "test side network with one gain",
         build_cpu: gain_build,
-        build_cuda: None,
+        kernels: None,
         origin: module_path!(),
     }
 }
@@ -197,4 +197,27 @@ fn unknown_names_suggest_the_nearest() {
     let e = reg.side("zz_gian_test").err().unwrap().to_string();
     assert!(e.contains("did you mean `zz_gain_test`"), "{e}");
     assert!(e.contains("registered side networks:"), "{e}");
+}
+
+#[test]
+fn a_side_network_without_kernels_is_refused_by_the_device_step_by_name() {
+    use dtl_kernels::CpuKernels;
+    let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    let spec = Backbone::<Cpu>::spec(&vit).clone();
+    let k = CpuKernels::new();
+    let on = dtl_vit::VitOn::upload(&k, &spec, vit.weights()).unwrap();
+    let cfg = dtl_core::PipelineConfig::from_str(
+        "[backbone]\nkind = \"vit_test_patch8_32\"\n[side]\nkind = \"zz_gain_test\"\n[data]\nkind = \"image-folder\"\nroot = \".\"\n",
+        "p.toml".as_ref(),
+        &[],
+    )
+    .unwrap();
+    let e = dtl_runner::resident::ResidentModel::from_config(&cfg, k, std::sync::Arc::new(on), 3)
+        .err()
+        .expect("a side network with no kernel description cannot run on the device step")
+        .to_string();
+    assert!(
+        e.contains("zz_gain_test") && e.contains("run.device = \"cpu\""),
+        "{e}"
+    );
 }

@@ -11,13 +11,52 @@ use dtl_core::{
 
 fn device_check(d: DeviceSpec) -> std::result::Result<(), String> {
     match d {
-        DeviceSpec::Cpu => Ok(()),
+        DeviceSpec::Cpu | DeviceSpec::Auto => Ok(()),
         DeviceSpec::Cuda(n) => dtl_cuda::check_device(n),
     }
 }
 
+/// The first usable GPU, or why there is none.
+fn first_gpu() -> std::result::Result<usize, String> {
+    dtl_cuda::first_usable().ok_or_else(|| {
+        dtl_cuda::check_device(0)
+            .err()
+            .unwrap_or_else(|| "no usable CUDA device".to_string())
+    })
+}
+
+/// The pipeline with `run.device = "auto"` replaced by the device it stands for on this
+/// machine; says so on stderr when that is the CPU.
+fn on_this_machine(cfg: &PipelineConfig) -> PipelineConfig {
+    let mut c = cfg.clone();
+    if let Some(notice) = c.resolve_device(first_gpu) {
+        eprintln!("notice: {notice}");
+    }
+    c
+}
+
 /// Parses and validates one pipeline; every problem found is returned.
 pub fn load_checked(
+    reg: &Registry,
+    file: &Path,
+    overrides: &[String],
+) -> std::result::Result<PipelineConfig, Vec<DtlError>> {
+    let cfg = load_schema_checked(reg, file, overrides)?;
+    // What `dtl run` would refuse before training, refused here with the same line.
+    let spec = reg
+        .backbone(&cfg.backbone.kind)
+        .map_err(|e| vec![e])?
+        .spec();
+    crate::preflight::check(&cfg, &spec, file).map_err(|e| vec![e])?;
+    for w in crate::preflight::warnings(&cfg, &spec, file) {
+        eprintln!("warning: {w}");
+    }
+    Ok(cfg)
+}
+
+/// Parses one pipeline and checks the meaning of every key, without opening its data (what
+/// `dtl bench`, which trains on generated batches, needs).
+fn load_schema_checked(
     reg: &Registry,
     file: &Path,
     overrides: &[String],
@@ -29,29 +68,16 @@ pub fn load_checked(
         device_check: &device_check,
     };
     let errs = validate_config(&cfg, &cx);
-    if errs.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(errs)
+    if !errs.is_empty() {
+        return Err(errs);
     }
+    Ok(cfg)
 }
 
 fn report_errors(errs: &[DtlError]) {
     for e in errs {
         eprintln!("error: {e}");
     }
-}
-
-/// A run directory that does not exist yet: `<output_dir>/<name>`, then `<name>-2`, `<name>-3`, ...
-fn fresh_run_dir(cfg: &PipelineConfig) -> PathBuf {
-    let base = cfg.run.output_dir.join(&cfg.run.name);
-    if !base.exists() {
-        return base;
-    }
-    (2..)
-        .map(|i| cfg.run.output_dir.join(format!("{}-{i}", cfg.run.name)))
-        .find(|p| !p.exists())
-        .expect("an unused run directory name exists")
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename.
@@ -89,8 +115,14 @@ pub fn run(
     print_config: bool,
     resume: Option<PathBuf>,
     progress: bool,
+    skip_done: bool,
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
+    if skip_done && resume.is_some() {
+        return Err(DtlError::invalid(
+            "--skip-done finds the run directories itself; leave out --resume",
+        ));
+    }
     if files.is_empty() {
         return Err(DtlError::invalid(
             "no pipeline file given; usage: dtl run <PIPELINE.toml>... [KEY=VALUE]...",
@@ -130,17 +162,76 @@ pub fn run(
         return Ok(ExitCode::SUCCESS);
     }
     let mut results = Vec::new();
-    for (f, cfg) in &configs {
-        let run_dir = match &resume {
-            Some(r) if r.is_dir() => r.clone(),
-            Some(r) => r
+    let sweep_start = std::time::Instant::now();
+    let mut sweep = dtl_runner::sweep::Progress::new(configs.len());
+    for (k, (f, cfg)) in configs.iter().enumerate() {
+        if configs.len() > 1 {
+            eprintln!(
+                "{}",
+                sweep.line(k + 1, &f.display().to_string(), sweep_start.elapsed())
+            );
+        }
+        let mut resume = resume.clone();
+        let mut reuse = None;
+        if skip_done {
+            use dtl_runner::sweep::{find_previous, Previous};
+            match find_previous(&cfg.run.output_dir, &cfg.run.name, &cfg.to_toml()) {
+                Previous::Done(dir) => {
+                    eprintln!(
+                        "dtl: {} -> {}: done already, skipped",
+                        f.display(),
+                        dir.display()
+                    );
+                    sweep.skipped();
+                    if let Some(r) = std::fs::read_to_string(dir.join("report.json"))
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    {
+                        results.push((cfg.clone(), r));
+                    }
+                    continue;
+                }
+                Previous::Interrupted(dir) => {
+                    eprintln!(
+                        "dtl: {} -> {}: interrupted, resuming",
+                        f.display(),
+                        dir.display()
+                    );
+                    resume = Some(dir.clone());
+                    reuse = Some(dir);
+                }
+                Previous::Unstarted(dir) => {
+                    eprintln!(
+                        "dtl: {} -> {}: interrupted before its first checkpoint, starting again there",
+                        f.display(),
+                        dir.display()
+                    );
+                    let metrics = dir.join("metrics.jsonl");
+                    if metrics.exists() {
+                        std::fs::remove_file(&metrics).map_err(|e| DtlError::io(&metrics, e))?;
+                    }
+                    reuse = Some(dir);
+                }
+                Previous::None => {}
+            }
+        }
+        let started = std::time::Instant::now();
+        let run_dir = match (&reuse, &resume) {
+            (Some(d), _) => d.clone(),
+            (None, Some(r)) if r.is_dir() => r.clone(),
+            (None, Some(r)) => r
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from(".")),
-            None => fresh_run_dir(cfg),
+            (None, None) => dtl_runner::lock::claim_run_dir(&cfg.run.output_dir, &cfg.run.name)?,
         };
+        let fresh = reuse.is_none() && resume.is_none();
         std::fs::create_dir_all(&run_dir).map_err(|e| DtlError::io(&run_dir, e))?;
+        // One writer per run directory, held until this run ends (the kernel drops it if
+        // the process dies).
+        let _lock = crate::preflight::enter_run_dir(&run_dir)?;
         write_atomic(&run_dir.join("pipeline.toml"), cfg.to_toml().as_bytes())?;
+        let cfg = &on_this_machine(cfg);
         eprintln!(
             "dtl: {} -> {} ({} on {}, side {})",
             f.display(),
@@ -149,13 +240,20 @@ pub fn run(
             cfg.run.device,
             cfg.side.kind
         );
-        let mut job = build_job(reg, cfg, f)?;
         let env = RunEnv {
             run_dir: run_dir.clone(),
             progress: progress && std::io::stderr().is_terminal(),
             resume: resume.clone(),
         };
-        let report = job.train(&env)?;
+        let report = match build_job(reg, cfg, f).and_then(|mut job| job.train(&env)) {
+            Ok(r) => r,
+            Err(e) => {
+                if fresh {
+                    crate::preflight::tidy_failed(&run_dir);
+                }
+                return Err(e);
+            }
+        };
         println!(
             "{}: top-1 {}  top-5 {}  trainable params {}  wall {} s  -> {}",
             cfg.run.name,
@@ -165,6 +263,7 @@ pub fn run(
             fmt_num(&report["wall_s"], 1),
             run_dir.display()
         );
+        sweep.trained(started.elapsed());
         results.push((cfg.clone(), report));
     }
     if results.len() > 1 {
@@ -289,6 +388,12 @@ pub fn eval(target: &Path, overrides: &[String]) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    {
+        let spec = reg.backbone(&cfg.backbone.kind)?.spec();
+        let sources = crate::preflight::check(&cfg, &spec, &pipeline)?.sources;
+        crate::preflight::eval_target(&pipeline, &checkpoint, &cfg, &sources)?;
+    }
+    let cfg = on_this_machine(&cfg);
     let mut job = build_job(reg, &cfg, &pipeline)?;
     let env = RunEnv {
         run_dir: pipeline.parent().unwrap_or(Path::new(".")).to_path_buf(),
@@ -325,21 +430,18 @@ pub fn bench(
     if batches.contains(&0) || steps == 0 {
         return Err(DtlError::invalid("--batch and --steps must be at least 1"));
     }
-    for w in &what {
-        if !["forward", "train", "vjp"].contains(&w.as_str()) {
-            return Err(DtlError::invalid(format!(
-                "--what `{w}` is not a measurement; use forward, train or vjp"
-            )));
-        }
-    }
+    let what = dtl_runner::bench::check_what(&what)?;
     let reg = registry()?;
-    let cfg = match load_checked(reg, file, &overrides) {
+    let cfg = match load_schema_checked(reg, file, &overrides) {
         Ok(c) => c,
         Err(errs) => {
             report_errors(&errs);
             return Ok(ExitCode::FAILURE);
         }
     };
+    let spec = reg.backbone(&cfg.backbone.kind)?.spec();
+    crate::preflight::bench_batches(&cfg, &spec, &batches, file)?;
+    let cfg = on_this_machine(&cfg);
     let mut job = build_job(reg, &cfg, file)?;
     let report = job.bench(&BenchOptions {
         batches,
@@ -356,21 +458,26 @@ pub fn bench(
     }
     println!(
         "{} at {}x{} on {}, {} timed steps per row",
-        cfg.backbone.kind, report["image_size"], report["image_size"], cfg.run.device, steps
+        cfg.backbone.kind,
+        report["image_size"],
+        report["image_size"],
+        report["device"].as_str().unwrap_or(&cfg.run.device),
+        steps
     );
     let rows: Vec<&serde_json::Value> = report["rows"].as_array().into_iter().flatten().collect();
     // On a GPU the memory that matters is the GPU's; the process's resident memory follows.
     let gpu = rows.iter().any(|r| r["peak_gpu_mib"].is_number());
     let mem_head = if gpu { "GPU MiB" } else { "peak MiB" };
     println!(
-        "{:<8} {:<15} {:>6} {:>10} {:>10} {:>10}{}",
+        "{:<8} {:<15} {:<11} {:>6} {:>10} {:>10} {:>10}{}",
         "what",
         "side",
+        "activations",
         "batch",
         "img/s",
         mem_head,
         "trainable",
-        if gpu { "     RSS MiB" } else { "" }
+        if gpu { "  driver MiB     RSS MiB" } else { "" }
     );
     for r in rows {
         let mem = if gpu {
@@ -379,9 +486,10 @@ pub fn bench(
             &r["peak_rss_mib"]
         };
         println!(
-            "{:<8} {:<15} {:>6} {:>10} {:>10} {:>10}{}",
+            "{:<8} {:<15} {:<11} {:>6} {:>10} {:>10} {:>10}{}",
             r["what"].as_str().unwrap_or("-"),
             r["side"].as_str().unwrap_or("-"),
+            r["activations"].as_str().unwrap_or("-"),
             r["batch"].to_string(),
             fmt_num(&r["img_per_s"], 1),
             fmt_num(mem, 0),
@@ -389,11 +497,40 @@ pub fn bench(
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "-".into()),
             if gpu {
-                format!(" {:>11}", fmt_num(&r["peak_rss_mib"], 0))
+                format!(
+                    " {:>11} {:>11}",
+                    fmt_num(&r["gpu_driver_mib"], 0),
+                    fmt_num(&r["peak_rss_mib"], 0)
+                )
             } else {
                 String::new()
             }
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dtl summarize`.
+pub fn summarize(
+    runs: &[String],
+    out: &Path,
+    sort: Option<&str>,
+    reference: Option<&Path>,
+) -> Result<ExitCode> {
+    use dtl_runner::summary;
+    let dirs = summary::expand_run_dirs(runs)?;
+    let records = dirs
+        .iter()
+        .map(|d| summary::load_run(d))
+        .collect::<Result<Vec<_>>>()?;
+    let reference = reference.map(summary::Reference::load).transpose()?;
+    let s = summary::summarize(records, reference, sort)?;
+    s.write(out)?;
+    print!("{}", s.markdown());
+    eprintln!(
+        "dtl: {} runs -> {} (summary.md, summary.json, summary.png, summary.svg)",
+        s.runs.len(),
+        out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

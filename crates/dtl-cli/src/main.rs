@@ -13,6 +13,7 @@ use dtl_data as _;
 use dtl_vit as _;
 
 mod commands;
+mod preflight;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -23,6 +24,8 @@ Examples:
   dtl validate pipelines/*.toml
   dtl list backbones
   dtl eval runs/quickstart
+  dtl run pipelines/vtab-1k/*.toml --skip-done      # a sweep that resumes where it stopped
+  dtl summarize runs/ --out results
   dtl bench pipelines/quickstart.toml --batch 8 --batch 32";
 
 /// Memory-efficient transfer learning of frozen vision backbones (Disentangled Transfer Learning).
@@ -53,6 +56,33 @@ e.g. `optim.lr=3e-4 data.batch_size=16`."
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Skip a pipeline whose run directory already holds a report for the same resolved
+        /// pipeline, and resume one that was interrupted (an interrupted sweep picks up where
+        /// it stopped).
+        #[arg(long)]
+        skip_done: bool,
+    },
+    /// Turn finished runs into tables (markdown, JSON) and a picture (PNG, SVG): VTAB-1k
+    /// group means, few-shot curves over shots, or one row per run.
+    #[command(
+        after_help = "Examples:\n  dtl summarize runs/vtab-*\n  dtl summarize runs/ --out results --sort top1\n  \
+dtl summarize 'runs/vtab-*' --reference paper-dtl.json"
+    )]
+    Summarize {
+        /// Run directories, glob patterns, or folders holding run directories.
+        #[arg(required = true, value_name = "RUN_DIR|GLOB")]
+        runs: Vec<String>,
+        /// Where summary.md, summary.json, summary.png and summary.svg go.
+        #[arg(long, default_value = "summary", value_name = "DIR")]
+        out: PathBuf,
+        /// Order the table of plain runs by a column: name, backbone, side, params, top1,
+        /// top5, img_per_s, memory, wall.
+        #[arg(long, value_name = "COLUMN")]
+        sort: Option<String>,
+        /// A reference row for the VTAB-1k table: JSON `{"name": "...", "tasks": {"cifar_100": 69.6, ...}}`
+        /// (top-1 in percent); its value and the difference are shown per task.
+        #[arg(long, value_name = "FILE.json")]
+        reference: Option<PathBuf>,
     },
     /// Check pipeline files and report every error of every file.
     Validate {
@@ -113,7 +143,14 @@ fn main() -> ExitCode {
             print_config,
             resume,
             no_progress,
-        } => commands::run(&args, print_config, resume, !no_progress),
+            skip_done,
+        } => commands::run(&args, print_config, resume, !no_progress, skip_done),
+        Command::Summarize {
+            runs,
+            out,
+            sort,
+            reference,
+        } => commands::summarize(&runs, &out, sort.as_deref(), reference.as_deref()),
         Command::Validate { args } => {
             let (files, overrides) = split_args(&args);
             commands::validate(&files, &overrides)

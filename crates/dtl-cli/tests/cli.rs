@@ -202,10 +202,28 @@ fn bench_json_has_the_fields_the_comparison_script_reads() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(v["backbone"], "vit_test_patch8_32");
-    assert_eq!(v["device"], "cpu");
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
     let rows = v["rows"].as_array().expect("rows");
-    let sides: Vec<&str> = rows.iter().filter_map(|r| r["side"].as_str()).collect();
-    assert_eq!(sides, ["dtl", "dtl+", "linear"]);
+    // dtl and dtl+ with each `run.activations` policy, the linear probe once
+    let runs: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["side"].as_str().unwrap(),
+                r["activations"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("dtl", "recompute"),
+            ("dtl", "store"),
+            ("dtl+", "recompute"),
+            ("dtl+", "store"),
+            ("linear", "recompute")
+        ]
+    );
     for r in rows {
         assert_eq!(r["what"], "train");
         assert_eq!(r["batch"], 2);
@@ -215,4 +233,31 @@ fn bench_json_has_the_fields_the_comparison_script_reads() {
         assert!(r.get("peak_rss_mib").is_some(), "{r}");
         assert!(r["trainable_params"].as_u64().unwrap() > 0, "{r}");
     }
+}
+
+#[test]
+fn auto_device_without_a_gpu_runs_on_the_cpu_with_a_notice() {
+    let out = dtl(&[
+        "bench",
+        "tests/pipelines/valid.toml",
+        "run.device=auto",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--what",
+        "forward",
+        "--json",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("notice: run.device = \"auto\": no usable GPU") && err.contains("on the CPU"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"), "{v}");
 }

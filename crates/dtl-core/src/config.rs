@@ -66,12 +66,17 @@ pub struct RunConfig {
     pub name: String,
     /// Seed of every random choice (init, shuffling, augmentation, drop path).
     pub seed: u64,
-    /// `cpu` or `cuda:N`.
+    /// `cpu`, `cuda:N`, or `auto` (the first usable GPU, else the CPU).
     pub device: String,
     /// Parent folder of run directories, relative to the working directory.
     pub output_dir: PathBuf,
     /// `f32` or `bf16` (bf16 needs a CUDA device).
     pub precision: String,
+    /// What the frozen blocks after the first inject keep for the backward pass:
+    /// `recompute` (only their inputs; each block's VJP recomputes its internals) or `store`
+    /// (their internals too, so the VJP recomputes nothing: faster, more memory). The
+    /// tape-based CPU path of plugin side networks always recomputes.
+    pub activations: String,
     /// CPU threads for compute (0 = all cores).
     pub threads: usize,
     /// Write a step metrics line every this many steps.
@@ -86,6 +91,7 @@ impl Default for RunConfig {
             device: "cpu".into(),
             output_dir: "runs".into(),
             precision: "f32".into(),
+            activations: "recompute".into(),
             threads: 0,
             log_every: 10,
         }
@@ -383,6 +389,12 @@ pub struct EvalConfig {
     pub every: usize,
     /// Also evaluate before training.
     pub at_start: bool,
+    /// A validation split (a `data.test`-style split name, e.g. `"val"` for the few-shot
+    /// lists): when set, the evaluations during training run on it, the best checkpoint is the
+    /// one with the best validation top-1, and the test split is evaluated once at the end,
+    /// with that checkpoint. Unset: the evaluations run on the test split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
 }
 
 impl Default for EvalConfig {
@@ -390,6 +402,7 @@ impl Default for EvalConfig {
         EvalConfig {
             every: 1,
             at_start: false,
+            val: None,
         }
     }
 }
@@ -402,6 +415,8 @@ impl Default for EvalConfig {
 /// assert_eq!(b.resolve(12), vec![0, 1, 2, 5]);
 /// assert_eq!("all".parse::<Blocks>().unwrap().resolve(3), vec![0, 1, 2]);
 /// assert!("3-1".parse::<Blocks>().is_err());
+/// // No backbone has 4 billion blocks: an index past MAX_BLOCK is refused, never expanded.
+/// assert!("0-4000000000".parse::<Blocks>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blocks {
@@ -412,6 +427,16 @@ pub enum Blocks {
 }
 
 impl Blocks {
+    /// The largest block index a pipeline may name (backbones have tens of blocks).
+    pub const MAX_BLOCK: usize = 4095;
+
+    fn too_far(i: impl fmt::Display) -> String {
+        format!(
+            "block {i} is past the largest block index, {}",
+            Blocks::MAX_BLOCK
+        )
+    }
+
     /// The indices for a backbone of `depth` blocks (indices past the depth are kept, so
     /// that validation can report them).
     pub fn resolve(&self, depth: usize) -> Vec<usize> {
@@ -446,9 +471,16 @@ impl std::str::FromStr for Blocks {
                         "range `{part}` is empty: its start is after its end"
                     ));
                 }
+                if b > Blocks::MAX_BLOCK {
+                    return Err(Blocks::too_far(b));
+                }
                 out.extend(a..=b);
             } else {
-                out.push(part.parse().map_err(|_| bad())?);
+                let i: usize = part.parse().map_err(|_| bad())?;
+                if i > Blocks::MAX_BLOCK {
+                    return Err(Blocks::too_far(i));
+                }
+                out.push(i);
             }
         }
         out.sort_unstable();
@@ -514,6 +546,9 @@ impl<'de> Deserialize<'de> for Blocks {
                             "block index {i} is negative"
                         )));
                     }
+                    if i as u64 > Blocks::MAX_BLOCK as u64 {
+                        return Err(serde::de::Error::custom(Blocks::too_far(i)));
+                    }
                     out.push(i as usize);
                 }
                 out.sort_unstable();
@@ -524,12 +559,13 @@ impl<'de> Deserialize<'de> for Blocks {
     }
 }
 
-/// A parsed `cpu` / `cuda:N` device string.
+/// A parsed `cpu` / `cuda:N` / `auto` device string.
 ///
 /// ```
 /// use dtl_core::config::DeviceSpec;
 /// assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
 /// assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+/// assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
 /// assert!("gpu".parse::<DeviceSpec>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,6 +574,8 @@ pub enum DeviceSpec {
     Cpu,
     /// CUDA device with this ordinal.
     Cuda(usize),
+    /// The first usable CUDA device, else the CPU; see [`PipelineConfig::resolve_device`].
+    Auto,
 }
 
 impl std::str::FromStr for DeviceSpec {
@@ -545,13 +583,14 @@ impl std::str::FromStr for DeviceSpec {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
+            "auto" => Ok(DeviceSpec::Auto),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
                 .ok_or_else(|| {
-                    format!("`{s}` is not a device; use \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\")")
+                    format!("`{s}` is not a device; use \"cpu\", \"cuda:N\" (e.g. \"cuda:0\") or \"auto\"")
                 }),
         }
     }
@@ -745,6 +784,43 @@ impl PipelineConfig {
         self.data.eval_batch_size.unwrap_or(self.data.batch_size)
     }
 
+    /// Replaces `run.device = "auto"` with the device it stands for: `cuda:N` for the first
+    /// usable GPU that `first_gpu` finds, else `cpu`, in which case the returned notice says
+    /// why (one line, for the user). Any other device is left as it is.
+    ///
+    /// ```
+    /// use dtl_core::PipelineConfig;
+    /// let mut cfg = PipelineConfig::from_str("[backbone]\nkind = \"toy\"\n[run]\ndevice = \"auto\"\n[data]\nkind = \"image-folder\"\nroot = \".\"\n",
+    ///     "p.toml".as_ref(), &[]).unwrap();
+    /// let notice = cfg.resolve_device(|| Err("no CUDA driver".into()));
+    /// assert_eq!(cfg.run.device, "cpu");
+    /// assert!(notice.unwrap().contains("no CUDA driver"));
+    /// let mut cfg2 = cfg.clone();
+    /// cfg2.run.device = "auto".into();
+    /// assert!(cfg2.resolve_device(|| Ok(0)).is_none());
+    /// assert_eq!(cfg2.run.device, "cuda:0");
+    /// ```
+    pub fn resolve_device(
+        &mut self,
+        first_gpu: impl FnOnce() -> std::result::Result<usize, String>,
+    ) -> Option<String> {
+        if self.run.device != "auto" {
+            return None;
+        }
+        match first_gpu() {
+            Ok(n) => {
+                self.run.device = format!("cuda:{n}");
+                None
+            }
+            Err(why) => {
+                self.run.device = "cpu".into();
+                Some(format!(
+                    "run.device = \"auto\": no usable GPU ({why}); training on the CPU"
+                ))
+            }
+        }
+    }
+
     /// The parsed device.
     pub fn device(&self) -> Result<DeviceSpec> {
         self.run
@@ -799,6 +875,15 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
             "bf16 needs a CUDA device; use \"f32\" on the CPU".into(),
         );
     }
+    if !["recompute", "store"].contains(&cfg.run.activations.as_str()) {
+        err(
+            "run.activations",
+            format!(
+                "`{}` is not an activation policy; use \"recompute\" or \"store\"",
+                cfg.run.activations
+            ),
+        );
+    }
     if cfg.run.log_every == 0 {
         err("run.log_every", "must be at least 1".into());
     }
@@ -812,8 +897,8 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
         }
     };
     if let Some(w) = &cfg.backbone.weights {
-        if !w.is_file() {
-            err("backbone.weights", format!("file `{}` does not exist; give the path of a timm .safetensors or Google .npz checkpoint (relative to the pipeline file), or remove the key for random weights", w.display()));
+        if let Some(why) = crate::paths::not_a_file(w) {
+            err("backbone.weights", format!("file `{}` {why}; give the path of a timm .safetensors or Google .npz checkpoint (relative to the pipeline file), or remove the key for random weights", w.display()));
         }
     }
     if !["auto", "safetensors", "npz"].contains(&cfg.backbone.format.as_str()) {
@@ -883,6 +968,17 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
             }
         }
         Ok(_) => {}
+    }
+    if BUILT_IN_SIDES.contains(&cfg.side.kind.as_str()) {
+        if let Some(k) = cfg.side.options.keys().next() {
+            err(
+                &format!("side.options.{k}"),
+                format!(
+                    "side network `{}` reads no options; remove `{k}` (side.options is for plugin side networks)",
+                    cfg.side.kind
+                ),
+            );
+        }
     }
 
     // [head]
@@ -1024,5 +1120,28 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     if cfg.eval.every == 0 {
         err("eval.every", "must be at least 1, got 0".into());
     }
+    if cfg.eval.val.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        err(
+            "eval.val",
+            "is empty; name a validation split (e.g. \"val\") or leave the key out".into(),
+        );
+    }
+
+    // Sizes: the caps, then (where the class count is already known) the memory of a step.
+    if let Ok(b) = reg.backbone(&cfg.backbone.kind) {
+        let spec = b.spec();
+        let capped = crate::limits::caps(cfg, &spec, file);
+        if capped.is_empty() && errs.is_empty() {
+            if let Some(c) = cfg.head.classes {
+                if let Err(e) = crate::limits::check_memory(cfg, &spec, c, file) {
+                    errs.push(e);
+                }
+            }
+        }
+        errs.extend(capped);
+    }
     errs
 }
+
+/// The side networks built into dtl; they read no `side.options`.
+pub const BUILT_IN_SIDES: [&str; 3] = ["dtl", "dtl+", "linear"];

@@ -121,6 +121,17 @@ pub trait Dataset: Send + Sync {
     fn get(&self, index: usize) -> Result<Example>;
     /// Where item `index` comes from, for error messages (`list.txt:12 (images/a.jpg)`).
     fn describe(&self, index: usize) -> String;
+    /// The label of item `index` without decoding it, where the layout knows it up front
+    /// (every built-in layout does); `None` otherwise.
+    fn label(&self, index: usize) -> Option<usize> {
+        let _ = index;
+        None
+    }
+    /// The files this split is read from (list files, CSV or IDX files), for the
+    /// fingerprints a checkpoint records; empty where there is no such file.
+    fn sources(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }
 
 /// One augmentation or preprocessing op.

@@ -15,6 +15,8 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod job;
+pub mod limits;
+pub mod paths;
 pub mod registry;
 pub mod side;
 pub mod tape;

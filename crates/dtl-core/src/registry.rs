@@ -68,29 +68,59 @@ pub struct BackboneEntry {
 /// is seeded by `run.seed`; initial values come from its generator.
 pub type SideBuilder = fn(&SideConfig, &BackboneSpec, &Cpu) -> Result<Box<dyn SideNetwork<Cpu>>>;
 
-/// Stands in for the CUDA device type in a build without the `cuda` feature, so that entries
-/// are written the same way with and without it. It has no values.
-#[derive(Debug, Clone, Copy)]
-pub enum CudaNotBuilt {}
+/// What a side network is in the terms of the kernel set, so that a device step written over
+/// `dtl_kernels::Kernels` can run it without dfdx: the built-in `dtl`, `dtl+` and `linear`
+/// sides describe themselves this way. A plugin side network that only exists as dfdx code on
+/// the CPU has none.
+///
+/// ```
+/// use dtl_core::registry::KernelSide;
+/// let s = KernelSide::LowRank { rank: 2, beta: 100.0, taps: vec![0, 1], injects: vec![1], kernel: 3 };
+/// assert!(matches!(s, KernelSide::LowRank { kernel: 3, .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub enum KernelSide {
+    /// No side network: a linear probe, only the head trains.
+    None,
+    /// DTL's Compact Side Network: `z += x_i A_i^T B_i^T` at each tap, `x += g(z)` after each
+    /// inject, `g = swish_beta`, followed by one depthwise `kernel x kernel` conv when
+    /// `kernel > 0` (DTL+). Parameters in the order `side.<i>.a`, `side.<i>.b` per tap, then
+    /// `fusion.weight`.
+    LowRank {
+        /// Rank r of each map.
+        rank: usize,
+        /// beta of swish_beta.
+        beta: f32,
+        /// Tapped blocks, ascending.
+        taps: Vec<usize>,
+        /// Inject blocks, ascending.
+        injects: Vec<usize>,
+        /// Depthwise conv kernel side (0: none).
+        kernel: usize,
+    },
+}
 
-/// Builds a side network on a CUDA GPU: `(config, backbone spec, init, device)`. `init` is the
-/// CPU generator seeded by `run.seed`: drawing the initial values from it, then placing them
-/// on the GPU, starts a GPU run from the same parameters as a CPU run.
-#[cfg(feature = "cuda")]
-pub type CudaSideBuilder = fn(
-    &SideConfig,
-    &BackboneSpec,
-    &Cpu,
-    &dfdx::tensor::Cuda,
-) -> Result<Box<dyn SideNetwork<dfdx::tensor::Cuda>>>;
-/// Builds a side network on a CUDA GPU (this build has no `cuda` feature: always `None`).
-#[cfg(not(feature = "cuda"))]
-pub type CudaSideBuilder = fn(CudaNotBuilt) -> CudaNotBuilt;
+/// Describes a side network in kernel-set terms: `(config, backbone spec)`.
+pub type KernelSideFn = fn(&SideConfig, &BackboneSpec) -> Result<KernelSide>;
+
+/// What a head is in the terms of the kernel set (see [`KernelSide`]).
+///
+/// ```
+/// assert_eq!(dtl_core::registry::KernelHead::Linear, dtl_core::registry::KernelHead::Linear);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelHead {
+    /// `logits = features W^T + b`: parameters `head.weight` (classes, width), `head.bias`.
+    Linear,
+}
+
+/// Describes a head in kernel-set terms: `(config, backbone spec, classes)`.
+pub type KernelHeadFn = fn(&HeadConfig, &BackboneSpec, usize) -> Result<KernelHead>;
 
 /// A registered side network.
 ///
-/// `build_cuda` is `None` for a side network that only runs on the CPU; a pipeline asking
-/// for it on `cuda:N` then gets an error naming it.
+/// `kernels` is `None` for a side network that exists only as dfdx code on the CPU; a
+/// pipeline asking for it on a GPU then gets an error naming it.
 pub struct SideEntry {
     /// Name used in `side.kind`.
     pub name: &'static str,
@@ -98,28 +128,14 @@ pub struct SideEntry {
     pub description: &'static str,
     /// Constructor on the CPU.
     pub build_cpu: SideBuilder,
-    /// Constructor on a CUDA GPU, when the side network has one.
-    pub build_cuda: Option<CudaSideBuilder>,
+    /// The side network in kernel-set terms, for the device training step.
+    pub kernels: Option<KernelSideFn>,
     /// Where the registration comes from.
     pub origin: &'static str,
 }
 
 /// Builds a head for the CPU device: `(config, backbone spec, classes, device)`.
 pub type HeadBuilder = fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
-
-/// Builds a head on a CUDA GPU: `(config, backbone spec, classes, init, device)`, `init` as for
-/// [`CudaSideBuilder`].
-#[cfg(feature = "cuda")]
-pub type CudaHeadBuilder = fn(
-    &HeadConfig,
-    &BackboneSpec,
-    usize,
-    &Cpu,
-    &dfdx::tensor::Cuda,
-) -> Result<Box<dyn Head<dfdx::tensor::Cuda>>>;
-/// Builds a head on a CUDA GPU (this build has no `cuda` feature: always `None`).
-#[cfg(not(feature = "cuda"))]
-pub type CudaHeadBuilder = fn(CudaNotBuilt) -> CudaNotBuilt;
 
 /// A registered head.
 pub struct HeadEntry {
@@ -129,8 +145,8 @@ pub struct HeadEntry {
     pub description: &'static str,
     /// Constructor on the CPU.
     pub build_cpu: HeadBuilder,
-    /// Constructor on a CUDA GPU, when the head has one.
-    pub build_cuda: Option<CudaHeadBuilder>,
+    /// The head in kernel-set terms, for the device training step.
+    pub kernels: Option<KernelHeadFn>,
     /// Where the registration comes from.
     pub origin: &'static str,
 }

@@ -36,24 +36,6 @@ impl AccumulateGrad for Cpu {
     }
 }
 
-#[cfg(feature = "cuda")]
-impl AccumulateGrad for dfdx::tensor::Cuda {
-    fn add_into<S: Shape>(
-        dst: &mut <Self as dfdx::tensor::Storage<f32>>::Vec,
-        value: &Tensor<S, f32, Self>,
-    ) -> Result<(), Self::Err> {
-        // Through the host: dfdx 0.13 exposes no device pointer of a tensor's data. Correct,
-        // and a copy of one activation per frozen block and step.
-        let dev = dst.device();
-        let mut acc = dev.dtoh_sync_copy(&**dst)?;
-        for (a, v) in acc.iter_mut().zip(value.as_vec()) {
-            *a += v;
-        }
-        dev.htod_sync_copy_into(&acc, &mut **dst)?;
-        Ok(())
-    }
-}
-
 /// Converts a backbone error raised inside a backward pass into the device error type the
 /// tape expects, keeping the message on stderr (dfdx's error types carry no text).
 fn report<T>(r: Result<T>) -> Option<T> {

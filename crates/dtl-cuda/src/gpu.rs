@@ -1,1030 +1,598 @@
-//! The GPU device handle, device buffers and the safe kernel and GEMM functions.
+//! The GPU device: [`Gpu`] implements the kernel set [`Kernels`] on one CUDA device, over
+//! [`GpuBuf`] buffers.
 //!
-//! Every `unsafe` call of the crate lives in this module: each public function checks the
-//! lengths of its buffers against the sizes it is given before it launches anything, so no
-//! argument can make a kernel or a GEMM read or write out of bounds.
+//! Every `unsafe` call of the device lives here or in `blas.rs`, behind safe functions: each
+//! operation checks the ownership and length of every buffer and that its sizes fit the
+//! kernels' 32-bit indices before it launches anything, so no argument can make a kernel or a
+//! matrix product touch memory outside its buffers.
+//!
+//! All work runs in order on one non-blocking stream per [`Gpu`]. cudarc's per-buffer event
+//! tracking is off (it is only needed across streams, and it would get in the way of CUDA
+//! graph capture): buffers are allocated and freed in stream order (`cuMemAllocAsync` /
+//! `cuMemFreeAsync`), so a buffer dropped while work using it is queued stays valid until
+//! that work is done.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaDevice, CudaFunction, CudaSlice, DeviceSlice, LaunchAsync, LaunchConfig};
+use cudarc::driver::{
+    result as drv, sys as dsys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream,
+    DevicePtr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
-
 use dtl_core::{DtlError, Result};
+use dtl_kernels::{check_len, Kernels, MemoryStats};
 
-/// Name under which the kernels are loaded into a device.
-const MODULE: &str = "dtl_kernels";
+use crate::blas::{Blas, Gemm};
+use crate::ops::{invalid, Arg, Exec, K, PARTIALS};
+use crate::{libs, nvrtc};
 
-/// CUDA C source of the project's kernels (compiled at run time with NVRTC).
-pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+/// The oldest driver the device accepts, as `cuDriverGetVersion` reports it (CUDA 13.0, R580).
+pub(crate) const MIN_DRIVER: i32 = 13000;
 
-/// Every kernel entry point in [`KERNEL_SOURCE`].
-pub const KERNEL_NAMES: &[&str] = &[
-    "dtl_layer_norm",
-    "dtl_layer_norm_vjp",
-    "dtl_gelu",
-    "dtl_bias_gelu",
-    "dtl_gelu_vjp",
-    "dtl_bias_add",
-    "dtl_softmax_rows",
-    "dtl_softmax_rows_vjp",
-    "dtl_residual",
-    "dtl_scale_samples",
-    "dtl_split_heads",
-    "dtl_merge_heads",
-    "dtl_patchify",
-    "dtl_assemble_tokens",
-];
+/// Values per pinned staging buffer of `upload` (two of them).
+const STAGE: usize = 1 << 22;
 
-/// Threads per block of the elementwise kernels.
-const THREADS: u32 = 256;
-
-/// Compiles [`KERNEL_SOURCE`] to PTX with NVRTC. Needs the NVRTC library but no GPU.
-///
-/// ```no_run
-/// let ptx = dtl_cuda::compile_kernels().unwrap();
-/// assert!(ptx.contains(".entry dtl_layer_norm"));
-/// ```
-pub fn compile_kernels() -> Result<String> {
-    compile_ptx().map(|p| p.to_src())
-}
-
-/// NVRTC runs once per process; every device loads the same PTX.
-fn compile_ptx() -> Result<Ptx> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(KERNEL_SOURCE)
-            .map(|p| p.to_src())
-            .map_err(|e| match e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => format!(
-                    "NVRTC could not compile the dtl kernels: {}",
-                    log.to_string_lossy().replace('\n', " | ")
-                ),
-                other => format!("NVRTC failed on the dtl kernels: {other:?}"),
-            })
-    })
-    .clone()
-    .map(Ptx::from_src)
-    .map_err(DtlError::Device)
-}
-
-/// Names a driver error by its code. cudarc's own formatting asks the driver for the text and
-/// panics when the driver cannot answer (as the link-time stub driver cannot).
-fn driver_code(e: &cudarc::driver::DriverError) -> String {
-    format!("{:?}", e.0)
-}
-
-fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> DtlError + '_ {
-    move |e| DtlError::Device(format!("{what}: CUDA driver error {}", driver_code(&e)))
-}
-
-fn blas_err(what: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> DtlError + '_ {
-    move |e| DtlError::Device(format!("{what}: cuBLAS error {:?}", e.0))
-}
-
-fn check_len(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
-    if got < want {
-        Err(DtlError::Invalid(format!(
-            "{op}: buffer `{name}` holds {got} values, needs at least {want}"
-        )))
-    } else {
-        Ok(())
+/// Names a driver error by its code and the driver's text.
+fn driver_text(e: DriverError) -> String {
+    match (e.error_name(), e.error_string()) {
+        (Ok(n), Ok(s)) => format!("{} ({})", n.to_string_lossy(), s.to_string_lossy()),
+        _ => format!("{:?}", e.0),
     }
 }
 
-fn to_i32(op: &str, name: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
-        DtlError::Invalid(format!(
-            "{op}: `{name}` = {v} exceeds the 32-bit range the kernels use"
-        ))
-    })
+fn drv_err(what: &str, e: DriverError) -> DtlError {
+    DtlError::Device(format!("{what}: CUDA driver error {}", driver_text(e)))
 }
 
-/// Counts the CUDA devices, or says why there are none, without panicking.
-fn device_count() -> Result<usize> {
-    cudarc::driver::result::init().map_err(|e| {
-        DtlError::Unavailable(format!(
-            "no usable CUDA driver ({}); device cuda:N needs an NVIDIA GPU and its driver",
-            driver_code(&e)
-        ))
-    })?;
-    let n = cudarc::driver::result::device::get_count().map_err(|e| {
-        DtlError::Unavailable(format!(
-            "the CUDA driver could not count devices: {}",
-            driver_code(&e)
-        ))
-    })?;
-    Ok(n.max(0) as usize)
+/// What the driver says about one device, without creating a context.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceInfo {
+    pub name: String,
+    pub cc: (u32, u32),
 }
 
-/// A float buffer in GPU memory.
+/// Checks everything [`Gpu::open`] needs for `cuda:<ordinal>` short of creating a context:
+/// the libraries, the driver version, the device, its compute capability against NVRTC.
+pub(crate) fn probe(ordinal: usize) -> std::result::Result<DeviceInfo, String> {
+    libs::driver()?;
+    let mut version = 0;
+    // SAFETY: the driver library is loaded (checked above); `version` is a valid out-pointer.
+    unsafe { dsys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| {
+            format!(
+                "the CUDA driver does not report its version: {}",
+                driver_text(e)
+            )
+        })?;
+    if version < MIN_DRIVER {
+        return Err(format!(
+            "the NVIDIA driver supports CUDA {}.{}, dtl needs a driver for CUDA 13.0 or newer (R580+)",
+            version / 1000,
+            version % 1000 / 10
+        ));
+    }
+    drv::init().map_err(|e| match e.0 {
+        dsys::cudaError_enum::CUDA_ERROR_NO_DEVICE => {
+            "no CUDA device is present (the driver found no GPU)".to_string()
+        }
+        _ => format!("the CUDA driver failed to initialise: {}", driver_text(e)),
+    })?;
+    let count = drv::device::get_count()
+        .map_err(|e| {
+            format!(
+                "the CUDA driver could not count devices: {}",
+                driver_text(e)
+            )
+        })?
+        .max(0) as usize;
+    if ordinal >= count {
+        return Err(match count {
+            0 => format!("cuda:{ordinal} requested but no CUDA device is present"),
+            1 => format!("cuda:{ordinal} requested but 1 CUDA device is present (cuda:0)"),
+            n => format!(
+                "cuda:{ordinal} requested but {n} CUDA devices are present (cuda:0 to cuda:{})",
+                n - 1
+            ),
+        });
+    }
+    let dev = drv::device::get(ordinal as i32)
+        .map_err(|e| format!("cuda:{ordinal}: {}", driver_text(e)))?;
+    let attr = |a| {
+        // SAFETY: `dev` comes from cuDeviceGet.
+        unsafe { drv::device::get_attribute(dev, a) }
+            .map_err(|e| format!("cuda:{ordinal}: {}", driver_text(e)))
+    };
+    let major = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".to_string());
+    let cc = (major.max(0) as u32, minor.max(0) as u32);
+    libs::nvrtc()?;
+    libs::cublas()?;
+    nvrtc::target_architecture(cc).map_err(|e| format!("cuda:{ordinal} ({name}): {e}"))?;
+    Ok(DeviceInfo { name, cc })
+}
+
+/// Byte counters shared by a device and its buffers.
+#[derive(Debug, Default)]
+struct Counters {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, bytes: u64) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: u64) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A buffer of `f32` values in the memory of one [`Gpu`]: the [`Kernels::Buf`] of the GPU.
 ///
-/// Made by [`Gpu::upload`] or [`Gpu::zeros`], read back with [`Gpu::download`].
+/// Made by [`Kernels::alloc`] (zero-filled) or [`Kernels::upload_new`]; its bytes count in
+/// [`Kernels::memory`] until it is dropped. A buffer works only with the [`Gpu`] that made it
+/// (or a clone of it); any other is refused with an error.
 ///
 /// ```no_run
-/// let gpu = dtl_cuda::Gpu::new(0).unwrap();
-/// let v = gpu.upload(&[1.0, 2.0]).unwrap();
-/// assert_eq!(v.len(), 2);
-/// assert_eq!(gpu.download(&v).unwrap(), vec![1.0, 2.0]);
+/// use dtl_kernels::Kernels;
+/// let gpu = dtl_cuda::Gpu::open(0).unwrap();
+/// let b = gpu.upload_new(&[1.0, 2.0]).unwrap();
+/// assert_eq!(gpu.len(&b), 2);
+/// assert_eq!(gpu.download(&b, 2).unwrap(), vec![1.0, 2.0]);
 /// ```
-pub struct GpuVec {
-    buf: CudaSlice<f32>,
+pub struct GpuBuf {
+    /// Owns the memory (freed in stream order when dropped); work goes through `ptr`.
+    _mem: CudaSlice<f32>,
+    ptr: u64,
+    len: usize,
+    bytes: u64,
+    owner: u64,
+    counters: Arc<Counters>,
 }
 
-impl GpuVec {
-    /// Number of floats.
+impl GpuBuf {
+    /// Number of values.
+    ///
+    /// ```no_run
+    /// use dtl_kernels::Kernels;
+    /// let gpu = dtl_cuda::Gpu::open(0).unwrap();
+    /// assert_eq!(gpu.alloc(3).unwrap().len(), 3);
+    /// ```
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
     /// Whether the buffer holds no value.
+    ///
+    /// ```no_run
+    /// use dtl_kernels::Kernels;
+    /// let gpu = dtl_cuda::Gpu::open(0).unwrap();
+    /// assert!(gpu.alloc(0).unwrap().is_empty());
+    /// ```
     pub fn is_empty(&self) -> bool {
-        self.buf.len() == 0
+        self.len == 0
     }
 }
 
-impl std::fmt::Debug for GpuVec {
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        // the memory itself is freed by `_mem`, in stream order
+        self.counters.sub(self.bytes);
+    }
+}
+
+impl std::fmt::Debug for GpuBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuVec(len = {})", self.len())
+        write!(f, "GpuBuf({} values)", self.len)
     }
 }
 
-/// Shape of a row-major matrix product `C = alpha * op(A) op(B) + beta * C`, optionally
-/// repeated over a batch with fixed strides between the matrices.
-///
-/// `op(A)` is `m x k` and `op(B)` is `k x n`; with `trans_a` the buffer holds A as `k x m`,
-/// with `trans_b` B as `n x k`. `C` is `m x n`.
-///
-/// ```
-/// // y (rows x out) = x (rows x in) * w^T, with w stored (out x in) like a PyTorch Linear.
-/// let mm = dtl_cuda::MatMul::new(4, 3, 2).trans_b();
-/// assert_eq!((mm.m, mm.n, mm.k, mm.trans_b), (4, 3, 2, true));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MatMul {
-    /// Rows of `C`.
-    pub m: usize,
-    /// Columns of `C`.
-    pub n: usize,
-    /// Inner dimension.
-    pub k: usize,
-    /// Whether the `A` buffer holds `A^T` (`k x m`).
-    pub trans_a: bool,
-    /// Whether the `B` buffer holds `B^T` (`n x k`).
-    pub trans_b: bool,
-    /// Number of products.
-    pub batch: usize,
-    /// Floats between consecutive `A` matrices.
-    pub stride_a: usize,
-    /// Floats between consecutive `B` matrices.
-    pub stride_b: usize,
-    /// Floats between consecutive `C` matrices.
-    pub stride_c: usize,
-    /// Factor of the product.
-    pub alpha: f32,
-    /// Factor of the previous content of `C` (0 overwrites it).
-    pub beta: f32,
+/// One pinned staging buffer of `upload` and the event after its last copy.
+struct Stage {
+    host: PinnedHostSlice<f32>,
+    done: CudaEvent,
 }
 
-impl MatMul {
-    /// One product `C (m x n) = A (m x k) B (k x n)`, no transposes, alpha 1, beta 0.
-    pub fn new(m: usize, n: usize, k: usize) -> Self {
-        MatMul {
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b: false,
-            batch: 1,
-            stride_a: m * k,
-            stride_b: k * n,
-            stride_c: m * n,
-            alpha: 1.0,
-            beta: 0.0,
-        }
-    }
+struct Staging {
+    bufs: [Stage; 2],
+    next: usize,
+}
 
-    /// The `A` buffer holds `A^T`.
-    pub fn trans_a(mut self) -> Self {
-        self.trans_a = true;
-        self
-    }
+struct Inner {
+    id: u64,
+    ordinal: usize,
+    name: String,
+    cc: (u32, u32),
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: Vec<CudaFunction>,
+    /// Declared before the workspace it uses, so that it is destroyed first.
+    blas: Blas,
+    _blas_workspace: CudaSlice<u8>,
+    /// The partial sums of `sum_squares`; the lock keeps its two launches together.
+    partials: Mutex<CudaSlice<f32>>,
+    partials_ptr: u64,
+    staging: Mutex<Staging>,
+    counters: Arc<Counters>,
+    driver_base: Option<u64>,
+}
 
-    /// The `B` buffer holds `B^T`.
-    pub fn trans_b(mut self) -> Self {
-        self.trans_b = true;
-        self
-    }
-
-    /// `batch` products of densely packed matrices.
-    pub fn batched(mut self, batch: usize) -> Self {
-        self.batch = batch;
-        self.stride_a = self.m * self.k;
-        self.stride_b = self.k * self.n;
-        self.stride_c = self.m * self.n;
-        self
-    }
-
-    /// Scales the product by `alpha`.
-    pub fn alpha(mut self, alpha: f32) -> Self {
-        self.alpha = alpha;
-        self
-    }
-
-    /// Adds `beta` times the previous `C`.
-    pub fn beta(mut self, beta: f32) -> Self {
-        self.beta = beta;
-        self
-    }
-
-    fn need(batch: usize, stride: usize, size: usize) -> usize {
-        if batch == 0 {
-            0
-        } else {
-            (batch - 1) * stride + size
-        }
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Queued copies may still read the staging buffers and kernels may still run: wait
+        // before the pinned memory, the module and the handle go.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
     }
 }
 
-/// A CUDA device: the primary context of GPU `ordinal`, a cuBLAS handle and the project's
-/// kernels. Cloning is cheap and shares all three.
+/// One CUDA device running dtl's kernel set ([`Kernels`]) in f32: the project's own kernels
+/// (compiled once per process with NVRTC for the device's compute capability) and cuBLAS
+/// products with f32 compute (TF32 off), all in order on one non-blocking stream.
 ///
-/// It retains the device's primary context and works on the legacy default stream, exactly
-/// like dfdx's `Cuda` device, so buffers and work of both are ordered with each other.
+/// Cloning is cheap (one `Arc`) and shares the device, its stream and its buffers' accounting.
+/// Operations are asynchronous: [`Kernels::download`] and [`Kernels::synchronize`] wait for
+/// the work queued before them and report a failure of any of it.
 ///
 /// ```no_run
-/// let gpu = dtl_cuda::Gpu::new(0).unwrap();
-/// let x = gpu.upload(&[1.0, 2.0, 3.0, 4.0]).unwrap();
-/// let mut y = gpu.zeros(4).unwrap();
-/// gpu.gelu(&x, &mut y).unwrap();
-/// println!("{:?}", gpu.download(&y).unwrap());
+/// use dtl_kernels::Kernels;
+/// let gpu = dtl_cuda::Gpu::open(0).unwrap();
+/// println!("{}", gpu.describe()); // cuda:0 (NVIDIA H200)
+/// let x = gpu.upload_new(&[0.0, 1.0]).unwrap();
+/// let mut y = gpu.alloc(2).unwrap();
+/// gpu.gelu(&x, 2, &mut y).unwrap();
+/// let v = gpu.download(&y, 2).unwrap();
+/// assert!((v[1] - 0.841_344_7).abs() < 1e-6);
 /// ```
 #[derive(Clone)]
 pub struct Gpu {
-    dev: Arc<CudaDevice>,
-    blas: Arc<CudaBlas>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Gpu(cuda:{})", self.dev.ordinal())
+        write!(f, "Gpu({})", self.describe())
     }
 }
 
 impl Gpu {
-    /// Number of CUDA devices; an error (not a panic) when there is no usable driver.
-    pub fn count() -> Result<usize> {
-        device_count()
-    }
-
-    /// Opens `cuda:<ordinal>`, creates a cuBLAS handle and loads the kernels (compiled with
-    /// NVRTC on first use in the process).
-    pub fn new(ordinal: usize) -> Result<Self> {
-        let n = device_count()?;
-        if ordinal >= n {
-            return Err(DtlError::Unavailable(format!(
-                "cuda:{ordinal} requested but {n} CUDA device(s) are present (valid: {})",
-                if n == 0 {
-                    "none".to_string()
-                } else {
-                    format!("cuda:0 .. cuda:{}", n - 1)
-                }
-            )));
-        }
-        let dev = CudaDevice::new(ordinal).map_err(driver_err("opening the CUDA device"))?;
-        let blas = CudaBlas::new(dev.clone()).map_err(blas_err("creating a cuBLAS handle"))?;
-        if !dev.has_func(MODULE, KERNEL_NAMES[0]) {
-            dev.load_ptx(compile_ptx()?, MODULE, KERNEL_NAMES)
-                .map_err(driver_err("loading the dtl kernels"))?;
-        }
-        Ok(Gpu {
-            dev,
-            blas: Arc::new(blas),
-        })
-    }
-
-    /// The device ordinal.
-    pub fn ordinal(&self) -> usize {
-        self.dev.ordinal()
-    }
-
-    /// Free and total device memory in bytes.
-    pub fn memory_info(&self) -> Result<(usize, usize)> {
-        self.dev
-            .bind_to_thread()
-            .map_err(driver_err("binding the CUDA context"))?;
-        cudarc::driver::result::mem_get_info().map_err(driver_err("querying device memory"))
-    }
-
-    /// Waits for all queued work to finish.
-    pub fn synchronize(&self) -> Result<()> {
-        self.dev.synchronize().map_err(driver_err("synchronizing"))
-    }
-
-    /// Copies host floats into a new device buffer.
-    pub fn upload(&self, host: &[f32]) -> Result<GpuVec> {
-        let buf = self
-            .dev
-            .htod_sync_copy(host)
-            .map_err(driver_err("copying to the GPU"))?;
-        Ok(GpuVec { buf })
-    }
-
-    /// Copies host floats into an existing buffer of the same length.
-    pub fn upload_into(&self, host: &[f32], dst: &mut GpuVec) -> Result<()> {
-        if host.len() != dst.len() {
-            return Err(DtlError::Invalid(format!(
-                "upload_into: {} host values for a buffer of {}",
-                host.len(),
-                dst.len()
-            )));
-        }
-        self.dev
-            .htod_sync_copy_into(host, &mut dst.buf)
-            .map_err(driver_err("copying to the GPU"))
-    }
-
-    /// A new zero-filled device buffer of `len` floats.
-    pub fn zeros(&self, len: usize) -> Result<GpuVec> {
-        let buf = self
-            .dev
-            .alloc_zeros::<f32>(len)
-            .map_err(driver_err("allocating GPU memory"))?;
-        Ok(GpuVec { buf })
-    }
-
-    /// Copies a device buffer back to the host.
-    pub fn download(&self, v: &GpuVec) -> Result<Vec<f32>> {
-        self.dev
-            .dtoh_sync_copy(&v.buf)
-            .map_err(driver_err("copying from the GPU"))
-    }
-
-    /// `dst = src` for buffers of equal length.
-    pub fn copy(&self, src: &GpuVec, dst: &mut GpuVec) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(DtlError::Invalid(format!(
-                "copy: source holds {} values, destination {}",
-                src.len(),
-                dst.len()
-            )));
-        }
-        self.dev
-            .dtod_copy(&src.buf, &mut dst.buf)
-            .map_err(driver_err("copying on the GPU"))
-    }
-
-    /// A new buffer holding a copy of `src`.
-    pub fn duplicate(&self, src: &GpuVec) -> Result<GpuVec> {
-        let buf = src
-            .buf
-            .try_clone()
-            .map_err(driver_err("copying on the GPU"))?;
-        Ok(GpuVec { buf })
-    }
-
-    fn func(&self, name: &str) -> Result<CudaFunction> {
-        self.dev.get_func(MODULE, name).ok_or_else(|| {
-            DtlError::Device(format!(
-                "kernel `{name}` is not loaded on cuda:{}",
-                self.ordinal()
-            ))
-        })
-    }
-
-    fn elementwise(n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    fn per_row(op: &str, rows: usize, width: usize) -> Result<LaunchConfig> {
-        let threads = width.div_ceil(32).clamp(1, 8) as u32 * 32;
-        let rows = u32::try_from(rows)
-            .map_err(|_| DtlError::Invalid(format!("{op}: {rows} rows exceed the launch limit")))?;
-        Ok(LaunchConfig {
-            grid_dim: (rows.max(1), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-
-    /// Row-wise LayerNorm: `y = (x - mean) / sqrt(var + eps) * gamma + beta` over rows of
-    /// width `d` (`x.len() / d` rows).
-    pub fn layer_norm(
-        &self,
-        x: &GpuVec,
-        gamma: &GpuVec,
-        beta: &GpuVec,
-        d: usize,
-        eps: f32,
-        y: &mut GpuVec,
-    ) -> Result<()> {
-        let op = "layer_norm";
-        let rows = rows_of(op, x.len(), d)?;
-        check_len(op, "gamma", gamma.len(), d)?;
-        check_len(op, "beta", beta.len(), d)?;
-        check_len(op, "y", y.len(), x.len())?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let cfg = Self::per_row(op, rows, d)?;
-        let d = to_i32(op, "d", d)?;
-        // SAFETY: every row of x and y is in bounds (checked above); gamma/beta hold d values.
-        unsafe {
-            self.func("dtl_layer_norm")?
-                .launch(cfg, (&x.buf, &gamma.buf, &beta.buf, &mut y.buf, d, eps))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Input-only VJP of [`Gpu::layer_norm`]: the gradient with respect to `x` given the
-    /// gradient `gy` of the output; written into `gx`, or added to it with `accumulate`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layer_norm_vjp(
-        &self,
-        x: &GpuVec,
-        gamma: &GpuVec,
-        gy: &GpuVec,
-        d: usize,
-        eps: f32,
-        gx: &mut GpuVec,
-        accumulate: bool,
-    ) -> Result<()> {
-        let op = "layer_norm_vjp";
-        let rows = rows_of(op, x.len(), d)?;
-        check_len(op, "gamma", gamma.len(), d)?;
-        check_len(op, "gy", gy.len(), x.len())?;
-        check_len(op, "gx", gx.len(), x.len())?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let cfg = Self::per_row(op, rows, d)?;
-        let d = to_i32(op, "d", d)?;
-        // SAFETY: x, gy and gx hold rows * d values; gamma holds d.
-        unsafe {
-            self.func("dtl_layer_norm_vjp")?.launch(
-                cfg,
-                (
-                    &x.buf,
-                    &gamma.buf,
-                    &gy.buf,
-                    &mut gx.buf,
-                    d,
-                    eps,
-                    accumulate as i32,
-                ),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// `y = gelu(x)` with the exact (erf) GELU.
-    pub fn gelu(&self, x: &GpuVec, y: &mut GpuVec) -> Result<()> {
-        let op = "gelu";
-        check_len(op, "y", y.len(), x.len())?;
-        let n = x.len();
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: the kernel touches indices below n, held by both buffers.
-        unsafe {
-            self.func("dtl_gelu")?
-                .launch(Self::elementwise(n), (&x.buf, &mut y.buf, n))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Adds `bias` (width `d`) to every row of `u` in place, then `y = gelu(u)`; `u` keeps the
-    /// pre-activation that [`Gpu::gelu_vjp`] needs.
-    pub fn bias_gelu(&self, u: &mut GpuVec, bias: &GpuVec, d: usize, y: &mut GpuVec) -> Result<()> {
-        let op = "bias_gelu";
-        rows_of(op, u.len(), d)?;
-        check_len(op, "bias", bias.len(), d)?;
-        check_len(op, "y", y.len(), u.len())?;
-        let n = u.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let d = to_i32(op, "d", d)?;
-        // SAFETY: indices below n are in u and y; i % d is in bias.
-        unsafe {
-            self.func("dtl_bias_gelu")?.launch(
-                Self::elementwise(n),
-                (&mut u.buf, &bias.buf, &mut y.buf, n, d),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// `gx = gy * gelu'(u)`.
-    pub fn gelu_vjp(&self, u: &GpuVec, gy: &GpuVec, gx: &mut GpuVec) -> Result<()> {
-        let op = "gelu_vjp";
-        check_len(op, "gy", gy.len(), u.len())?;
-        check_len(op, "gx", gx.len(), u.len())?;
-        let n = u.len();
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: indices below n are in all three buffers.
-        unsafe {
-            self.func("dtl_gelu_vjp")?
-                .launch(Self::elementwise(n), (&u.buf, &gy.buf, &mut gx.buf, n))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Adds `bias` (width `d`) to every row of `y` in place.
-    pub fn bias_add(&self, y: &mut GpuVec, bias: &GpuVec, d: usize) -> Result<()> {
-        let op = "bias_add";
-        rows_of(op, y.len(), d)?;
-        check_len(op, "bias", bias.len(), d)?;
-        let n = y.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let d = to_i32(op, "d", d)?;
-        // SAFETY: indices below n are in y; i % d is in bias.
-        unsafe {
-            self.func("dtl_bias_add")?
-                .launch(Self::elementwise(n), (&mut y.buf, &bias.buf, n, d))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// In place, row by row (rows of width `n`): `s = softmax(scale * s)`.
-    pub fn softmax_rows(&self, s: &mut GpuVec, n: usize, scale: f32) -> Result<()> {
-        let op = "softmax_rows";
-        let rows = rows_of(op, s.len(), n)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let cfg = Self::per_row(op, rows, n)?;
-        let n = to_i32(op, "n", n)?;
-        // SAFETY: rows * n values are in s.
-        unsafe {
-            self.func("dtl_softmax_rows")?
-                .launch(cfg, (&mut s.buf, n, scale))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// In place, row by row: turns the gradient `g` of `p = softmax(scale * s)` into the
-    /// gradient with respect to `s`: `g = scale * p * (g - sum(g * p))`.
-    pub fn softmax_rows_vjp(&self, p: &GpuVec, g: &mut GpuVec, n: usize, scale: f32) -> Result<()> {
-        let op = "softmax_rows_vjp";
-        let rows = rows_of(op, p.len(), n)?;
-        check_len(op, "g", g.len(), p.len())?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let cfg = Self::per_row(op, rows, n)?;
-        let n = to_i32(op, "n", n)?;
-        // SAFETY: rows * n values are in p and g.
-        unsafe {
-            self.func("dtl_softmax_rows_vjp")?
-                .launch(cfg, (&p.buf, &mut g.buf, n, scale))
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// `out = x + scales[s] * branch`, where sample `s` spans `x.len() / scales.len()` values
-    /// (per-sample stochastic-depth scales; all ones for a plain residual).
-    pub fn residual(
-        &self,
-        x: &GpuVec,
-        branch: &GpuVec,
-        scales: &GpuVec,
-        out: &mut GpuVec,
-    ) -> Result<()> {
-        let op = "residual";
-        let per = per_sample(op, x.len(), scales.len())?;
-        check_len(op, "branch", branch.len(), x.len())?;
-        check_len(op, "out", out.len(), x.len())?;
-        let n = x.len();
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: indices below n are in x, branch and out; i / per < scales.len().
-        unsafe {
-            self.func("dtl_residual")?.launch(
-                Self::elementwise(n),
-                (&x.buf, &branch.buf, &scales.buf, &mut out.buf, n, per),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// `out = scales[s] * g`, sample `s` spanning `g.len() / scales.len()` values.
-    pub fn scale_samples(&self, g: &GpuVec, scales: &GpuVec, out: &mut GpuVec) -> Result<()> {
-        let op = "scale_samples";
-        let per = per_sample(op, g.len(), scales.len())?;
-        check_len(op, "out", out.len(), g.len())?;
-        let n = g.len();
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: indices below n are in g and out; i / per < scales.len().
-        unsafe {
-            self.func("dtl_scale_samples")?.launch(
-                Self::elementwise(n),
-                (&g.buf, &scales.buf, &mut out.buf, n, per),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Gathers heads: `dst (b, h, n, hd)` from the columns `offset + head * hd ..` of the
-    /// rows of `src (b * n, stride)`. With `stride = 3 D` and `offset` 0, D or 2 D this splits
-    /// timm's fused qkv output into q, k or v.
-    #[allow(clippy::too_many_arguments)]
-    pub fn split_heads(
-        &self,
-        src: &GpuVec,
-        dst: &mut GpuVec,
-        b: usize,
-        n: usize,
-        h: usize,
-        hd: usize,
-        stride: usize,
-        offset: usize,
-    ) -> Result<()> {
-        self.heads(
-            "split_heads",
-            "dtl_split_heads",
-            src,
-            dst,
-            [b, n, h, hd, stride, offset],
-            true,
-        )
-    }
-
-    /// The inverse of [`Gpu::split_heads`]: scatters `src (b, h, n, hd)` into the columns
-    /// `offset + head * hd ..` of the rows of `dst (b * n, stride)`; other columns keep
-    /// their values.
-    #[allow(clippy::too_many_arguments)]
-    pub fn merge_heads(
-        &self,
-        src: &GpuVec,
-        dst: &mut GpuVec,
-        b: usize,
-        n: usize,
-        h: usize,
-        hd: usize,
-        stride: usize,
-        offset: usize,
-    ) -> Result<()> {
-        self.heads(
-            "merge_heads",
-            "dtl_merge_heads",
-            src,
-            dst,
-            [b, n, h, hd, stride, offset],
-            false,
-        )
-    }
-
-    fn heads(
-        &self,
-        op: &str,
-        kernel: &str,
-        src: &GpuVec,
-        dst: &mut GpuVec,
-        dims: [usize; 6],
-        split: bool,
-    ) -> Result<()> {
-        let [b, n, h, hd, stride, offset] = dims;
-        if offset + h * hd > stride {
-            return Err(DtlError::Invalid(format!(
-                "{op}: columns {offset}..{} do not fit rows of width {stride}",
-                offset + h * hd
-            )));
-        }
-        let heads_len = b * h * n * hd;
-        let rows_len = b * n * stride;
-        let (s_need, d_need) = if split {
-            (rows_len, heads_len)
-        } else {
-            (heads_len, rows_len)
-        };
-        check_len(op, "src", src.len(), s_need)?;
-        check_len(op, "dst", dst.len(), d_need)?;
-        if heads_len == 0 {
-            return Ok(());
-        }
-        let args = (
-            to_i32(op, "b", b)?,
-            to_i32(op, "n", n)?,
-            to_i32(op, "h", h)?,
-            to_i32(op, "hd", hd)?,
-            to_i32(op, "stride", stride)?,
-            to_i32(op, "offset", offset)?,
-        );
-        // SAFETY: the head layout (b, h, n, hd) and the row layout (b * n, stride) with the
-        // column range checked above both fit their buffers.
-        unsafe {
-            self.func(kernel)?.launch(
-                Self::elementwise(heads_len),
-                (
-                    &src.buf,
-                    &mut dst.buf,
-                    args.0,
-                    args.1,
-                    args.2,
-                    args.3,
-                    args.4,
-                    args.5,
-                ),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Patch rows for a patch embedding: `img (b, c, hgt, wid)` to
-    /// `out (b * (hgt / p) * (wid / p), c * p * p)`, columns ordered (channel, row, column).
-    #[allow(clippy::too_many_arguments)]
-    pub fn patchify(
-        &self,
-        img: &GpuVec,
-        out: &mut GpuVec,
-        b: usize,
-        c: usize,
-        hgt: usize,
-        wid: usize,
-        p: usize,
-    ) -> Result<()> {
-        let op = "patchify";
-        if p == 0 || hgt % p != 0 || wid % p != 0 {
-            return Err(DtlError::Invalid(format!(
-                "{op}: image {hgt}x{wid} is not a whole number of {p}x{p} patches"
-            )));
-        }
-        check_len(op, "img", img.len(), b * c * hgt * wid)?;
-        let total = b * c * hgt * wid;
-        check_len(op, "out", out.len(), total)?;
-        if total == 0 {
-            return Ok(());
-        }
-        // SAFETY: both layouts hold b * c * hgt * wid values, checked above.
-        unsafe {
-            self.func("dtl_patchify")?.launch(
-                Self::elementwise(total),
-                (
-                    &img.buf,
-                    &mut out.buf,
-                    to_i32(op, "b", b)?,
-                    to_i32(op, "c", c)?,
-                    to_i32(op, "hgt", hgt)?,
-                    to_i32(op, "wid", wid)?,
-                    to_i32(op, "p", p)?,
-                ),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Token matrix `out (b, prefix + patches, d)`: the prefix tokens, then the patch rows
-    /// `patches (b * patches, d)` plus `bias`; the position embedding `pos (prefix + patches, d)`
-    /// is added to every token.
-    #[allow(clippy::too_many_arguments)]
-    pub fn assemble_tokens(
-        &self,
-        patch_rows: &GpuVec,
-        bias: &GpuVec,
-        prefix_tokens: &GpuVec,
-        pos: &GpuVec,
-        out: &mut GpuVec,
-        b: usize,
-        patches: usize,
-        prefix: usize,
-        d: usize,
-    ) -> Result<()> {
-        let op = "assemble_tokens";
-        let tokens = prefix + patches;
-        check_len(op, "patches", patch_rows.len(), b * patches * d)?;
-        check_len(op, "bias", bias.len(), d)?;
-        check_len(op, "prefix_tokens", prefix_tokens.len(), prefix * d)?;
-        check_len(op, "pos", pos.len(), tokens * d)?;
-        check_len(op, "out", out.len(), b * tokens * d)?;
-        let total = b * tokens * d;
-        if total == 0 {
-            return Ok(());
-        }
-        // SAFETY: every index the kernel forms is bounded by the lengths checked above.
-        unsafe {
-            self.func("dtl_assemble_tokens")?.launch(
-                Self::elementwise(total),
-                (
-                    &patch_rows.buf,
-                    &bias.buf,
-                    &prefix_tokens.buf,
-                    &pos.buf,
-                    &mut out.buf,
-                    to_i32(op, "b", b)?,
-                    to_i32(op, "patches", patches)?,
-                    to_i32(op, "prefix", prefix)?,
-                    to_i32(op, "d", d)?,
-                ),
-            )
-        }
-        .map_err(driver_err(op))
-    }
-
-    /// Row-major (batched) matrix product through cuBLAS, see [`MatMul`].
-    pub fn matmul(&self, mm: &MatMul, a: &GpuVec, b: &GpuVec, c: &mut GpuVec) -> Result<()> {
-        let op = "matmul";
-        check_len(
-            op,
-            "a",
-            a.len(),
-            MatMul::need(mm.batch, mm.stride_a, mm.m * mm.k),
-        )?;
-        check_len(
-            op,
-            "b",
-            b.len(),
-            MatMul::need(mm.batch, mm.stride_b, mm.k * mm.n),
-        )?;
-        check_len(
-            op,
-            "c",
-            c.len(),
-            MatMul::need(mm.batch, mm.stride_c, mm.m * mm.n),
-        )?;
-        if mm.batch == 0 || mm.m == 0 || mm.n == 0 {
-            return Ok(());
-        }
-        // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-        let tr = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
+    /// Opens `cuda:<ordinal>`: loads the driver, NVRTC and cuBLAS (see [`crate::libs`]), checks
+    /// the driver version, retains the device's primary context, compiles the kernels for the
+    /// device (once per process and architecture), and creates the stream, the cuBLAS handle
+    /// with its workspace and two pinned staging buffers for uploads.
+    ///
+    /// Errors name what is missing or wrong, e.g. `no CUDA device is present` or
+    /// `cuda:2 requested but 1 CUDA device is present (cuda:0)`; nothing here panics.
+    ///
+    /// ```no_run
+    /// let gpu = dtl_cuda::Gpu::open(0).unwrap();
+    /// assert_eq!(gpu.ordinal(), 0);
+    /// ```
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let info = probe(ordinal).map_err(DtlError::Unavailable)?;
+        let arch = nvrtc::target_architecture(info.cc)?;
+        let ptx = nvrtc::compile_kernels(arch)?;
+        let what = |s: &str| format!("cuda:{ordinal}: {s}");
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| drv_err(&what("creating the context"), e))?;
+        // SAFETY: every buffer of this context is used on the one stream made below only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| drv_err(&what("creating the stream"), e))?;
+        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+            let hint = if e.0 == dsys::cudaError_enum::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                " (the driver is older than the NVRTC that compiled them; update the driver)"
             } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let gemm = GemmConfig {
-            transa: tr(mm.trans_b),
-            transb: tr(mm.trans_a),
-            m: to_i32(op, "n", mm.n)?,
-            n: to_i32(op, "m", mm.m)?,
-            k: to_i32(op, "k", mm.k)?,
-            alpha: mm.alpha,
-            lda: to_i32(op, "ldb", if mm.trans_b { mm.k } else { mm.n })?.max(1),
-            ldb: to_i32(op, "lda", if mm.trans_a { mm.m } else { mm.k })?.max(1),
-            beta: mm.beta,
-            ldc: to_i32(op, "ldc", mm.n)?,
-        };
-        // SAFETY: the extents of all batch entries of a, b and c are checked above.
-        if mm.batch == 1 {
-            unsafe { self.blas.gemm(gemm, &b.buf, &a.buf, &mut c.buf) }.map_err(blas_err(op))
-        } else {
-            let cfg = StridedBatchedConfig {
-                gemm,
-                batch_size: to_i32(op, "batch", mm.batch)?,
-                stride_a: mm.stride_b as i64,
-                stride_b: mm.stride_a as i64,
-                stride_c: mm.stride_c as i64,
+                ""
             };
-            unsafe {
-                self.blas
-                    .gemm_strided_batched(cfg, &b.buf, &a.buf, &mut c.buf)
-            }
-            .map_err(blas_err(op))
-        }
+            drv_err(&what(&format!("loading the kernels{hint}")), e)
+        })?;
+        let funcs = nvrtc::KERNEL_NAMES
+            .iter()
+            .map(|n| {
+                module
+                    .load_function(n)
+                    .map_err(|e| drv_err(&what(&format!("kernel {n}")), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let driver_base = ctx
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as u64);
+        let counters = Arc::new(Counters::default());
+        // cuBLAS recommends 32 MiB of workspace from Hopper on, 4 MiB before.
+        let ws_bytes: usize = if info.cc.0 >= 9 { 32 << 20 } else { 4 << 20 };
+        let workspace = stream
+            .alloc_zeros::<u8>(ws_bytes)
+            .map_err(|e| drv_err(&what("allocating the cuBLAS workspace"), e))?;
+        let ws_ptr = workspace.device_ptr(&stream).0;
+        ctx.bind_to_thread()
+            .map_err(|e| drv_err(&what("binding the context"), e))?;
+        // SAFETY: the workspace is device memory of this context that lives as long as the
+        // handle (both in `Inner`, the handle dropped first); the context is bound.
+        let blas = unsafe { Blas::new(&stream, ws_ptr, ws_bytes) }?;
+        let partials = stream
+            .alloc_zeros::<f32>(2 * PARTIALS)
+            .map_err(|e| drv_err(&what("allocating the reduction buffer"), e))?;
+        let partials_ptr = partials.device_ptr(&stream).0;
+        counters.add((ws_bytes + 8 * PARTIALS) as u64);
+        let stage = || -> Result<Stage> {
+            // SAFETY: the memory is zeroed right away, before any read.
+            let mut host = unsafe { ctx.alloc_pinned::<f32>(STAGE) }
+                .map_err(|e| drv_err(&what("allocating pinned host memory"), e))?;
+            let p = host
+                .as_mut_ptr()
+                .map_err(|e| drv_err(&what("pinned host memory"), e))?;
+            // SAFETY: `p` points to STAGE f32 values just allocated.
+            unsafe { std::ptr::write_bytes(p, 0, STAGE) };
+            let done = ctx
+                .new_event(None)
+                .map_err(|e| drv_err(&what("creating an event"), e))?;
+            Ok(Stage { host, done })
+        };
+        let staging = Staging {
+            bufs: [stage()?, stage()?],
+            next: 0,
+        };
+        Ok(Gpu {
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                ordinal,
+                name: info.name,
+                cc: info.cc,
+                ctx,
+                stream,
+                funcs,
+                blas,
+                _blas_workspace: workspace,
+                partials: Mutex::new(partials),
+                partials_ptr,
+                staging: Mutex::new(staging),
+                counters,
+                driver_base,
+            }),
+        })
     }
 
-    /// A PyTorch-style linear layer on rows: `y (rows, out) = x (rows, in) w^T + bias`, with
-    /// `w` stored `(out, in)`.
-    pub fn linear(
-        &self,
-        x: &GpuVec,
-        w: &GpuVec,
-        bias: Option<&GpuVec>,
-        in_features: usize,
-        out_features: usize,
-        y: &mut GpuVec,
-    ) -> Result<()> {
-        let op = "linear";
-        let rows = rows_of(op, x.len(), in_features)?;
-        check_len(op, "w", w.len(), in_features * out_features)?;
-        check_len(op, "y", y.len(), rows * out_features)?;
-        self.matmul(
-            &MatMul::new(rows, out_features, in_features).trans_b(),
-            x,
-            w,
-            y,
-        )?;
-        if let Some(bias) = bias {
-            self.bias_add(y, bias, out_features)?;
+    /// The device ordinal `N` of `cuda:N`.
+    ///
+    /// ```no_run
+    /// assert_eq!(dtl_cuda::Gpu::open(0).unwrap().ordinal(), 0);
+    /// ```
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+
+    /// The device's name, as the driver gives it (`NVIDIA H200`).
+    ///
+    /// ```no_run
+    /// println!("{}", dtl_cuda::Gpu::open(0).unwrap().name());
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The device's compute capability `(major, minor)` (`(9, 0)` for Hopper).
+    ///
+    /// ```no_run
+    /// let (major, _) = dtl_cuda::Gpu::open(0).unwrap().compute_capability();
+    /// assert!(major >= 7);
+    /// ```
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.inner.cc
+    }
+
+    fn bind(&self, op: &str) -> Result<()> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
+    }
+}
+
+impl Exec for Gpu {
+    type Buf = GpuBuf;
+
+    fn ptr(&self, op: &str, name: &str, b: &GpuBuf, need: usize) -> Result<u64> {
+        if b.owner != self.inner.id {
+            return Err(invalid(
+                op,
+                format!("buffer `{name}` belongs to another GPU device handle"),
+            ));
+        }
+        check_len(op, name, b.len, need)?;
+        Ok(b.ptr)
+    }
+
+    unsafe fn launch(&self, op: &str, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = &self.inner.funcs[k as usize];
+        let mut b = self.inner.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) => {
+                    b.arg(p);
+                }
+                Arg::I(i) => {
+                    b.arg(i);
+                }
+                Arg::F(x) => {
+                    b.arg(x);
+                }
+            }
+        }
+        // SAFETY: the caller's contract (see `Exec::launch`).
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
+    }
+
+    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
+        self.bind(op)?;
+        // SAFETY: the caller's contract; the context is bound.
+        unsafe { self.inner.blas.run(op, g, a, b, c) }
+    }
+
+    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, n: usize) -> Result<()> {
+        self.bind(op)?;
+        // SAFETY: the caller's contract: both pointers hold `n` values, apart.
+        unsafe { drv::memcpy_dtod_async(dst, src, n * 4, self.inner.stream.cu_stream()) }
+            .map_err(|e| drv_err(op, e))
+    }
+
+    fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
+        let _guard = self
+            .inner
+            .partials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(self.inner.partials_ptr)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Kernels for Gpu {
+    type Buf = GpuBuf;
+
+    fn describe(&self) -> String {
+        format!("cuda:{} ({})", self.inner.ordinal, self.inner.name)
+    }
+
+    fn alloc(&self, len: usize) -> Result<GpuBuf> {
+        const OP: &str = "alloc";
+        let n = len.max(1);
+        if n > isize::MAX as usize / 4 {
+            return Err(invalid(OP, format!("{len} values do not fit in memory")));
+        }
+        self.bind(OP)?;
+        let slice = self.inner.stream.alloc_zeros::<f32>(n).map_err(|e| {
+            drv_err(
+                &format!(
+                    "allocating {:.1} MiB on cuda:{}",
+                    (n * 4) as f64 / (1u64 << 20) as f64,
+                    self.inner.ordinal
+                ),
+                e,
+            )
+        })?;
+        let ptr = slice.device_ptr(&self.inner.stream).0;
+        let bytes = (n * 4) as u64;
+        self.inner.counters.add(bytes);
+        Ok(GpuBuf {
+            _mem: slice,
+            ptr,
+            len,
+            bytes,
+            owner: self.inner.id,
+            counters: self.inner.counters.clone(),
+        })
+    }
+
+    fn len(&self, buf: &GpuBuf) -> usize {
+        buf.len
+    }
+
+    fn upload(&self, host: &[f32], dst: &mut GpuBuf) -> Result<()> {
+        const OP: &str = "upload";
+        let base = self.dst(OP, "dst", dst, host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.bind(OP)?;
+        let mut st = self.inner.staging.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, chunk) in host.chunks(STAGE).enumerate() {
+            let which = st.next;
+            st.next ^= 1;
+            let stage = &mut st.bufs[which];
+            // The previous copy out of this staging buffer must be done before it is rewritten.
+            stage.done.synchronize().map_err(|e| drv_err(OP, e))?;
+            let p = stage.host.as_mut_ptr().map_err(|e| drv_err(OP, e))?;
+            // SAFETY: the staging buffer holds STAGE >= chunk.len() values, no copy reads it
+            // (waited above), and host memory never overlaps it.
+            let staged = unsafe {
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len());
+                std::slice::from_raw_parts(p as *const f32, chunk.len())
+            };
+            let at = base + (i * STAGE * 4) as u64;
+            // SAFETY: `dst` holds host.len() values (checked), so this chunk fits at its
+            // offset; the staging memory is pinned and stays untouched until `done` passes.
+            unsafe { drv::memcpy_htod_async(at, staged, self.inner.stream.cu_stream()) }
+                .map_err(|e| drv_err(OP, e))?;
+            stage
+                .done
+                .record(&self.inner.stream)
+                .map_err(|e| drv_err(OP, e))?;
         }
         Ok(())
     }
 
-    /// Input-only VJP of [`Gpu::linear`]: `gx (rows, in) = gy (rows, out) w`, or added to
-    /// `gx` with `accumulate`.
-    pub fn linear_vjp(
-        &self,
-        gy: &GpuVec,
-        w: &GpuVec,
-        in_features: usize,
-        out_features: usize,
-        gx: &mut GpuVec,
-        accumulate: bool,
-    ) -> Result<()> {
-        let op = "linear_vjp";
-        let rows = rows_of(op, gy.len(), out_features)?;
-        check_len(op, "w", w.len(), in_features * out_features)?;
-        check_len(op, "gx", gx.len(), rows * in_features)?;
-        let mm =
-            MatMul::new(rows, in_features, out_features).beta(if accumulate { 1.0 } else { 0.0 });
-        self.matmul(&mm, gy, w, gx)
+    fn download(&self, src: &GpuBuf, len: usize) -> Result<Vec<f32>> {
+        const OP: &str = "download";
+        let p = self.src(OP, "src", src, len)?;
+        self.bind(OP)?;
+        let mut out = vec![0.0f32; len];
+        if len > 0 {
+            // SAFETY: `src` holds at least `len` values (checked) and `out` exactly `len`.
+            unsafe { drv::memcpy_dtoh_async(&mut out, p, self.inner.stream.cu_stream()) }
+                .map_err(|e| drv_err(OP, e))?;
+        }
+        self.synchronize()?;
+        Ok(out)
     }
-}
 
-fn rows_of(op: &str, len: usize, width: usize) -> Result<usize> {
-    if width == 0 || len % width != 0 {
-        return Err(DtlError::Invalid(format!(
-            "{op}: {len} values are not whole rows of width {width}"
-        )));
+    fn synchronize(&self) -> Result<()> {
+        const OP: &str = "synchronize";
+        self.bind(OP)?;
+        self.inner.stream.synchronize().map_err(|e| {
+            drv_err(
+                &format!("cuda:{}: queued work failed", self.inner.ordinal),
+                e,
+            )
+        })?;
+        self.inner.ctx.check_err().map_err(|e| {
+            drv_err(
+                &format!("cuda:{}: freeing memory failed", self.inner.ordinal),
+                e,
+            )
+        })
     }
-    Ok(len / width)
-}
 
-fn per_sample(op: &str, len: usize, samples: usize) -> Result<usize> {
-    if samples == 0 || len % samples != 0 {
-        return Err(DtlError::Invalid(format!(
-            "{op}: {len} values cannot be split evenly over {samples} per-sample scales"
-        )));
+    fn memory(&self) -> Option<MemoryStats> {
+        let c = &self.inner.counters;
+        let driver_used = self.inner.driver_base.and_then(|base| {
+            let (free, total) = self.inner.ctx.mem_get_info().ok()?;
+            Some(((total - free) as u64).saturating_sub(base))
+        });
+        Some(MemoryStats {
+            live: c.live.load(Ordering::Relaxed),
+            peak: c.peak.load(Ordering::Relaxed),
+            driver_used,
+        })
     }
-    Ok((len / samples).max(1))
+
+    fn reset_peak(&self) {
+        let c = &self.inner.counters;
+        c.peak
+            .store(c.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    crate::ops::kernel_ops!();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Runs without a GPU: NVRTC alone compiles the kernels.
-    #[test]
-    fn kernels_compile_with_nvrtc_and_export_every_entry_point() {
-        let ptx = compile_kernels().expect("NVRTC compiles the kernels");
-        for name in KERNEL_NAMES {
-            assert!(
-                ptx.contains(&format!(".entry {name}(")),
-                "PTX lacks the entry point {name}"
-            );
-        }
-        let entries = ptx.matches(".entry ").count();
-        assert_eq!(
-            entries,
-            KERNEL_NAMES.len(),
-            "KERNEL_NAMES must list every kernel"
-        );
-    }
-
-    #[test]
-    fn shape_helpers_reject_partial_rows_and_uneven_samples() {
-        assert_eq!(rows_of("op", 12, 4).unwrap(), 3);
-        let e = rows_of("layer_norm", 10, 4).unwrap_err().to_string();
-        assert!(e.contains("layer_norm") && e.contains("width 4"), "{e}");
-        assert!(rows_of("op", 4, 0).is_err());
-        assert_eq!(per_sample("op", 12, 3).unwrap(), 4);
-        let e = per_sample("residual", 10, 3).unwrap_err().to_string();
-        assert!(e.contains("residual") && e.contains("3 per-sample"), "{e}");
-        assert!(check_len("op", "x", 3, 4).is_err());
-        assert!(check_len("op", "x", 4, 4).is_ok());
-        assert!(to_i32("op", "n", 1 << 40).is_err());
-    }
-
     #[test]
     fn handles_can_be_shared_across_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Gpu>();
-        send_sync::<GpuVec>();
-    }
-
-    #[test]
-    fn matmul_extents_cover_every_batch_entry() {
-        let mm = MatMul::new(2, 3, 4).batched(5);
-        assert_eq!((mm.stride_a, mm.stride_b, mm.stride_c), (8, 12, 6));
-        assert_eq!(MatMul::need(mm.batch, mm.stride_a, 8), 40);
-        assert_eq!(MatMul::need(0, 8, 8), 0);
-    }
-
-    #[test]
-    fn no_driver_is_an_error_not_a_panic() {
-        // On a machine without a GPU the stub or missing driver must give an error; on a GPU
-        // machine the count is at least one.
-        match Gpu::count() {
-            Ok(n) => assert!(n >= 1 || Gpu::new(0).is_err()),
-            Err(e) => assert!(e.to_string().contains("CUDA driver"), "{e}"),
-        }
-        if Gpu::count().unwrap_or(0) == 0 {
-            let e = Gpu::new(0).unwrap_err().to_string();
-            assert!(e.contains("CUDA") || e.contains("cuda:0"), "{e}");
-        }
+        send_sync::<GpuBuf>();
     }
 }

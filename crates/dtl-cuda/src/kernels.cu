@@ -1,12 +1,28 @@
-// f32 kernels of dtl's frozen ViT, compiled at run time with NVRTC.
+// The f32 kernels of dtl's GPU device, compiled at run time with NVRTC (no CUDA header needed).
 //
-// Conventions: matrices are row-major; a "row" kernel runs one thread block per row with a
-// block size that is a multiple of 32 (at most 1024); elementwise kernels use grid-stride
-// loops, so any grid size is correct.
+// Conventions:
+// - matrices are row-major; token tensors are (batch, tokens, width) with the width fastest;
+// - the host checks every size against the buffers before a launch and that every element
+//   count fits a 32-bit int, so `int` indices are exact; loop counters that step by the whole
+//   grid are 64-bit so that stepping past the end cannot overflow;
+// - elementwise kernels use grid-stride loops, so any grid size is correct;
+// - "row" kernels run one warp per row (`WARP_ROWS`) or one block per row (`BLOCK_ROWS`), with
+//   a block size that is a multiple of 32 and at most 1024;
+// - reductions accumulate in f32 (f64 for sum_squares) in a fixed order: results do not depend on
+//   timing;
+// - kernels launched with 1024-thread blocks say so (__launch_bounds__), so that the compiler keeps
+//   them within the registers such a block may use.
 
 #define DTL_INV_SQRT2 0.70710678118654752440f
 #define DTL_INV_SQRT_2PI 0.39894228040143267794f
 #define DTL_INF __int_as_float(0x7f800000)
+
+typedef long long i64;
+
+#define GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
+
+// ---- reductions ---------------------------------------------------------------------------
 
 __device__ __forceinline__ float dtl_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -15,6 +31,11 @@ __device__ __forceinline__ float dtl_warp_sum(float v) {
 
 __device__ __forceinline__ float dtl_warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int dtl_warp_sum_int(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
@@ -36,31 +57,103 @@ __device__ float dtl_block_sum(float v, float* scratch) {
     return scratch[32];
 }
 
-// Maximum over the thread block; every thread gets the result.
-__device__ float dtl_block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    v = dtl_warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float t = lane < warps ? scratch[lane] : -DTL_INF;
-        t = dtl_warp_max(t);
-        if (lane == 0) scratch[32] = t;
-    }
-    __syncthreads();
-    return scratch[32];
+// ---- elementwise --------------------------------------------------------------------------
+
+// y[..n] = value.
+extern "C" __global__ void dtl_fill(float* y, int n, float value) {
+    GRID_STRIDE(i, n) y[i] = value;
 }
 
-__device__ __forceinline__ float dtl_gelu(float x) {
+// y[..n] += x[..n].
+extern "C" __global__ void dtl_add(float* y, const float* x, int n) {
+    GRID_STRIDE(i, n) y[i] += x[i];
+}
+
+// y (m x n) = bias broadcast over the rows, or y += bias with `accumulate`.
+extern "C" __global__ void dtl_bias_rows(float* y, const float* bias, int m, int n, int accumulate) {
+    const i64 total = (i64)m * n;
+    GRID_STRIDE(i, total) {
+        const float b = bias[(int)(i % n)];
+        y[i] = accumulate ? y[i] + b : b;
+    }
+}
+
+// db (n) (=|+=) column sums of dy (m x n). Block (32, 32): 32 columns, 32 row lanes; grid:
+// ceil(n / 32) blocks. Each lane sums every 32nd row, then the lanes are added in order.
+extern "C" __global__ void __launch_bounds__(1024)
+    dtl_sum_rows(const float* dy, float* db, int m, int n, int accumulate) {
+    __shared__ float part[32][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (col < n) {
+        for (int r = threadIdx.y; r < m; r += blockDim.y) s += dy[(i64)r * n + col];
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < n) {
+        float t = 0.0f;
+        for (int j = 0; j < (int)blockDim.y; ++j) t += part[j][threadIdx.x];
+        db[col] = accumulate ? db[col] + t : t;
+    }
+}
+
+__device__ __forceinline__ float dtl_gelu_f(float x) {
     return 0.5f * x * (1.0f + erff(x * DTL_INV_SQRT2));
 }
 
 __device__ __forceinline__ float dtl_gelu_grad(float x) {
     return 0.5f * (1.0f + erff(x * DTL_INV_SQRT2)) + x * DTL_INV_SQRT_2PI * expf(-0.5f * x * x);
 }
+
+// y = gelu(x), erf form.
+extern "C" __global__ void dtl_gelu(const float* x, float* y, int n) {
+    GRID_STRIDE(i, n) y[i] = dtl_gelu_f(x[i]);
+}
+
+// g *= gelu'(u).
+extern "C" __global__ void dtl_gelu_vjp(const float* u, float* g, int n) {
+    GRID_STRIDE(i, n) g[i] *= dtl_gelu_grad(u[i]);
+}
+
+__device__ __forceinline__ float dtl_sigmoid(float x) {
+    return 1.0f / (1.0f + expf(-x));
+}
+
+// y = z * sigmoid(beta * z).
+extern "C" __global__ void dtl_swish(const float* z, float* y, int n, float beta) {
+    GRID_STRIDE(i, n) {
+        const float v = z[i];
+        y[i] = v * dtl_sigmoid(beta * v);
+    }
+}
+
+// dz (=|+=) dy * (s + beta z s (1 - s)), s = sigmoid(beta z).
+extern "C" __global__ void dtl_swish_vjp(const float* z, const float* dy, float* dz, int n, float beta,
+                                         int accumulate) {
+    GRID_STRIDE(i, n) {
+        const float v = z[i];
+        const float s = dtl_sigmoid(beta * v);
+        const float g = dy[i] * (s + beta * v * s * (1.0f - s));
+        dz[i] = accumulate ? dz[i] + g : g;
+    }
+}
+
+// x += scales[sample] * branch, each sample spanning `per_sample` values; a sample whose scale
+// is 0 (dropped by stochastic depth) is left as it is, whatever its branch holds.
+extern "C" __global__ void dtl_add_scaled(float* x, const float* branch, const float* scales, int n,
+                                          int per_sample) {
+    GRID_STRIDE(i, n) {
+        const float s = scales[(int)i / per_sample];
+        if (s != 0.0f) x[i] += s * branch[i];
+    }
+}
+
+// out = scales[sample] * g.
+extern "C" __global__ void dtl_scaled(const float* g, const float* scales, float* out, int n, int per_sample) {
+    GRID_STRIDE(i, n) out[i] = scales[(int)i / per_sample] * g[i];
+}
+
+// ---- LayerNorm (one block per row) --------------------------------------------------------
 
 // Mean and reciprocal standard deviation of one row (biased variance, two passes).
 __device__ void dtl_row_moments(const float* r, int d, float eps, float* scratch, float* mean, float* rstd) {
@@ -78,10 +171,10 @@ __device__ void dtl_row_moments(const float* r, int d, float eps, float* scratch
 }
 
 // y = (x - mean) * rstd * gamma + beta, row by row. Grid: rows.
-extern "C" __global__ void dtl_layer_norm(const float* x, const float* gamma, const float* beta,
-                                          float* y, int d, float eps) {
+extern "C" __global__ void dtl_layer_norm(const float* x, const float* gamma, const float* beta, float* y,
+                                          int d, float eps) {
     __shared__ float scratch[33];
-    const size_t row = blockIdx.x;
+    const i64 row = blockIdx.x;
     const float* r = x + row * d;
     float* o = y + row * d;
     float mean, rstd;
@@ -89,15 +182,15 @@ extern "C" __global__ void dtl_layer_norm(const float* x, const float* gamma, co
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = (r[i] - mean) * rstd * gamma[i] + beta[i];
 }
 
-// Input-only VJP of the LayerNorm: gx (=|+=) rstd * (gy*gamma - mean(gy*gamma) - xhat * mean(gy*gamma*xhat)).
+// Input-only VJP: dx (=|+=) rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat)).
 // Grid: rows.
-extern "C" __global__ void dtl_layer_norm_vjp(const float* x, const float* gamma, const float* gy,
-                                              float* gx, int d, float eps, int accumulate) {
+extern "C" __global__ void dtl_layer_norm_vjp(const float* x, const float* gamma, const float* dy, float* dx,
+                                              int d, float eps, int accumulate) {
     __shared__ float scratch[33];
-    const size_t row = blockIdx.x;
+    const i64 row = blockIdx.x;
     const float* r = x + row * d;
-    const float* g = gy + row * d;
-    float* o = gx + row * d;
+    const float* g = dy + row * d;
+    float* o = dx + row * d;
     float mean, rstd;
     dtl_row_moments(r, d, eps, scratch, &mean, &rstd);
     float a = 0.0f, c = 0.0f;
@@ -115,138 +208,435 @@ extern "C" __global__ void dtl_layer_norm_vjp(const float* x, const float* gamma
     }
 }
 
-// y = gelu(x), erf form.
-extern "C" __global__ void dtl_gelu(const float* x, float* y, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = dtl_gelu(x[i]);
-}
+// ---- attention ----------------------------------------------------------------------------
 
-// u += bias (per column of width d), then y = gelu(u); u keeps the pre-activation for the VJP.
-extern "C" __global__ void dtl_bias_gelu(float* u, const float* bias, float* y, size_t n, int d) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = u[i] + bias[i % d];
-        u[i] = v;
-        y[i] = dtl_gelu(v);
+// q, k, v (b, h, n, hd) <- the fused rows qkv (b * n, 3 h hd), timm's [q | k | v] order.
+extern "C" __global__ void dtl_split_qkv(const float* qkv, float* q, float* k, float* v, int b, int n, int h,
+                                         int hd) {
+    const int width = h * hd;
+    const i64 total = (i64)b * n * width;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int e = j % hd;
+        const int t = (j / hd) % n;
+        const int head = (j / (hd * n)) % h;
+        const int s = j / (hd * n * h);
+        const i64 src = ((i64)s * n + t) * 3 * width + head * hd + e;
+        q[j] = qkv[src];
+        k[j] = qkv[src + width];
+        v[j] = qkv[src + 2 * width];
     }
 }
 
-// gx = gy * gelu'(u).
-extern "C" __global__ void dtl_gelu_vjp(const float* u, const float* gy, float* gx, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        gx[i] = gy[i] * dtl_gelu_grad(u[i]);
+// dst (b, h, n, hd) <- columns offset + head * hd + e of the rows of src (b * n, stride).
+extern "C" __global__ void dtl_split_heads(const float* src, float* dst, int b, int n, int h, int hd, int stride,
+                                           int offset) {
+    const i64 total = (i64)b * h * n * hd;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int e = j % hd;
+        const int t = (j / hd) % n;
+        const int head = (j / (hd * n)) % h;
+        const int s = j / (hd * n * h);
+        dst[j] = src[((i64)s * n + t) * stride + offset + head * hd + e];
+    }
 }
 
-// y += bias (per column of width d).
-extern "C" __global__ void dtl_bias_add(float* y, const float* bias, size_t n, int d) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] += bias[i % d];
+// The inverse of dtl_split_heads: src (b, h, n, hd) -> columns of the rows of dst (b * n, stride).
+extern "C" __global__ void dtl_merge_heads(const float* src, float* dst, int b, int n, int h, int hd, int stride,
+                                           int offset) {
+    const i64 total = (i64)b * h * n * hd;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int e = j % hd;
+        const int t = (j / hd) % n;
+        const int head = (j / (hd * n)) % h;
+        const int s = j / (hd * n * h);
+        dst[((i64)s * n + t) * stride + offset + head * hd + e] = src[j];
+    }
 }
 
-// In place, row by row: s = softmax(scale * s). Grid: rows.
-extern "C" __global__ void dtl_softmax_rows(float* s, int n, float scale) {
-    __shared__ float scratch[33];
-    float* r = s + (size_t)blockIdx.x * n;
+// The inverse of dtl_split_qkv: dqkv (b * n, 3 h hd) <- dq, dk, dv (b, h, n, hd), every value written.
+extern "C" __global__ void dtl_merge_qkv(const float* dq, const float* dk, const float* dv, float* dqkv, int b,
+                                         int n, int h, int hd) {
+    const int width = h * hd;
+    const i64 total = (i64)b * n * width;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int e = j % hd;
+        const int t = (j / hd) % n;
+        const int head = (j / (hd * n)) % h;
+        const int s = j / (hd * n * h);
+        const i64 dst = ((i64)s * n + t) * 3 * width + head * hd + e;
+        dqkv[dst] = dq[j];
+        dqkv[dst + width] = dk[j];
+        dqkv[dst + 2 * width] = dv[j];
+    }
+}
+
+// In place, one warp per row of n values: s = softmax(s). Grid: ceil(rows / warps per block).
+extern "C" __global__ void dtl_softmax_rows(float* s, int rows, int n) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp leaves together
+    float* r = s + row * n;
     float m = -DTL_INF;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, scale * r[i]);
-    m = dtl_block_max(m, scratch);
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, r[j]);
+    m = dtl_warp_max(m);
     float z = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float e = expf(scale * r[i] - m);
-        r[i] = e;
+    for (int j = lane; j < n; j += 32) {
+        const float e = expf(r[j] - m);
+        r[j] = e;
         z += e;
     }
-    z = dtl_block_sum(z, scratch);
+    z = dtl_warp_sum(z);
     const float inv = 1.0f / z;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) r[i] *= inv;
+    for (int j = lane; j < n; j += 32) r[j] *= inv;
 }
 
-// In place, row by row: g = scale * p * (g - sum(g * p)), the VJP of softmax(scale * s) wrt s.
-extern "C" __global__ void dtl_softmax_rows_vjp(const float* p, float* g, int n, float scale) {
-    __shared__ float scratch[33];
-    const float* pr = p + (size_t)blockIdx.x * n;
-    float* gr = g + (size_t)blockIdx.x * n;
+// In place, one warp per row: g = scale * p * (g - sum(g * p)), the VJP of softmax(scale * s) wrt s.
+extern "C" __global__ void dtl_softmax_rows_vjp(const float* p, float* g, int rows, int n, float scale) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const float* pr = p + row * n;
+    float* gr = g + row * n;
     float dot = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dot += pr[i] * gr[i];
-    dot = dtl_block_sum(dot, scratch);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) gr[i] = scale * pr[i] * (gr[i] - dot);
+    for (int j = lane; j < n; j += 32) dot += pr[j] * gr[j];
+    dot = dtl_warp_sum(dot);
+    for (int j = lane; j < n; j += 32) gr[j] = scale * pr[j] * (gr[j] - dot);
 }
 
-// out = x + scales[sample] * branch, where each sample spans `per_sample` values.
-extern "C" __global__ void dtl_residual(const float* x, const float* branch, const float* scales,
-                                        float* out, size_t n, size_t per_sample) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = x[i] + scales[i / per_sample] * branch[i];
-}
+// ---- patch embedding ----------------------------------------------------------------------
 
-// out = scales[sample] * g.
-extern "C" __global__ void dtl_scale_samples(const float* g, const float* scales, float* out, size_t n,
-                                             size_t per_sample) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = scales[i / per_sample] * g[i];
-}
-
-// dst (B, H, N, hd) <- columns [offset + h*hd, offset + (h+1)*hd) of src rows (B*N, stride).
-extern "C" __global__ void dtl_split_heads(const float* src, float* dst, int b, int n, int h, int hd,
-                                           int stride, int offset) {
-    const size_t total = (size_t)b * h * n * hd;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t e = i % hd;
-        const size_t t = (i / hd) % n;
-        const size_t head = (i / ((size_t)hd * n)) % h;
-        const size_t s = i / ((size_t)hd * n * h);
-        dst[i] = src[(s * n + t) * stride + offset + head * hd + e];
-    }
-}
-
-// The inverse of dtl_split_heads: src (B, H, N, hd) -> columns of dst rows (B*N, stride).
-extern "C" __global__ void dtl_merge_heads(const float* src, float* dst, int b, int n, int h, int hd,
-                                           int stride, int offset) {
-    const size_t total = (size_t)b * h * n * hd;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t e = i % hd;
-        const size_t t = (i / hd) % n;
-        const size_t head = (i / ((size_t)hd * n)) % h;
-        const size_t s = i / ((size_t)hd * n * h);
-        dst[(s * n + t) * stride + offset + head * hd + e] = src[i];
-    }
-}
-
-// Patch rows for the patch-embedding GEMM: img (B, C, H, W) -> out (B * gh * gw, C * p * p),
-// columns ordered (channel, row, column) like a flattened conv kernel.
-extern "C" __global__ void dtl_patchify(const float* img, float* out, int b, int c, int hgt, int wid, int p) {
-    const int gh = hgt / p;
-    const int gw = wid / p;
-    const size_t cols = (size_t)c * p * p;
-    const size_t total = (size_t)b * gh * gw * cols;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t col = i % cols;
-        const size_t row = i / cols;
+// cols (b * g * g, c * p * p) <- img (b, c, size, size), g = size / p; one row per patch in row-major
+// grid order, columns ordered (channel, row, column) like a flattened conv kernel.
+extern "C" __global__ void dtl_patchify(const float* img, float* cols, int b, int c, int size, int p) {
+    const int g = size / p;
+    const int width = c * p * p;
+    const i64 total = (i64)b * g * g * width;
+    GRID_STRIDE(i, total) {
+        const i64 row = i / width;
+        const int col = (int)(i % width);
         const int kx = col % p;
         const int ky = (col / p) % p;
-        const int ch = col / ((size_t)p * p);
-        const int gx = row % gw;
-        const int gy = (row / gw) % gh;
-        const size_t s = row / ((size_t)gw * gh);
-        out[i] = img[((s * c + ch) * hgt + (size_t)gy * p + ky) * wid + (size_t)gx * p + kx];
+        const int ch = col / (p * p);
+        const int gx = (int)(row % g);
+        const int gy = (int)((row / g) % g);
+        const i64 s = row / ((i64)g * g);
+        cols[i] = img[((s * c + ch) * size + (i64)gy * p + ky) * size + (i64)gx * p + kx];
     }
 }
 
-// Tokens (B, prefix + P, D): prefix rows from `prefix_tok`, then patch rows + bias; pos added to all.
-extern "C" __global__ void dtl_assemble_tokens(const float* patches, const float* bias, const float* prefix_tok,
-                                               const float* pos, float* out, int b, int patches_per_image,
-                                               int prefix, int d) {
-    const int tokens = prefix + patches_per_image;
-    const size_t total = (size_t)b * tokens * d;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const int col = i % d;
-        const int t = (i / d) % tokens;
-        const size_t s = i / ((size_t)d * tokens);
-        float v;
+// out (b, prefix + patches, d): prefix_tok[t] + pos[t] for t < prefix, else patches[s, t - prefix] + pos[t].
+extern "C" __global__ void dtl_assemble_tokens(const float* patches, const float* prefix_tok, const float* pos,
+                                               float* out, int b, int prefix, int patches_per_sample, int d) {
+    const int tokens = prefix + patches_per_sample;
+    const i64 total = (i64)b * tokens * d;
+    GRID_STRIDE(i, total) {
+        const int col = (int)(i % d);
+        const int t = (int)((i / d) % tokens);
+        const i64 s = i / ((i64)d * tokens);
+        const float v = t < prefix ? prefix_tok[(i64)t * d + col]
+                                   : patches[(s * patches_per_sample + (t - prefix)) * d + col];
+        out[i] = v + pos[(i64)t * d + col];
+    }
+}
+
+// ---- depthwise "same" convolution over the patch grid -------------------------------------
+// x, y: (b, prefix + gh * gw, c); w: (c, 1, k, k). PyTorch's padding="same": (k - 1) / 2 before,
+// k / 2 after; cross-correlation like conv2d. Prefix tokens pass through.
+
+extern "C" __global__ void dtl_dwconv(const float* x, const float* w, float* y, int b, int prefix, int gh, int gw,
+                                      int c, int k) {
+    const int tokens = prefix + gh * gw;
+    const int before = (k - 1) / 2;
+    const i64 total = (i64)b * tokens * c;
+    GRID_STRIDE(i, total) {
+        const int ch = (int)(i % c);
+        const int t = (int)((i / c) % tokens);
         if (t < prefix) {
-            v = prefix_tok[(size_t)t * d + col];
-        } else {
-            v = patches[(s * patches_per_image + (t - prefix)) * d + col] + bias[col];
+            y[i] = x[i];
+            continue;
         }
-        out[i] = v + pos[(size_t)t * d + col];
+        const float* xs = x + (i / ((i64)c * tokens)) * tokens * c;
+        const int p = t - prefix;
+        const int row = p / gw;
+        const int col = p % gw;
+        const float* wc = w + ch * k * k;
+        float acc = 0.0f;
+        for (int u = 0; u < k; ++u) {
+            const int rr = row + u - before;
+            if (rr < 0 || rr >= gh) continue;
+            for (int v = 0; v < k; ++v) {
+                const int cc = col + v - before;
+                if (cc < 0 || cc >= gw) continue;
+                acc += wc[u * k + v] * xs[(i64)(prefix + rr * gw + cc) * c + ch];
+            }
+        }
+        y[i] = acc;
+    }
+}
+
+// dx (overwritten): prefix tokens get dy; patch (r, q) gets sum_{u,v} w[u, v] dy[r - u + before, q - v + before].
+extern "C" __global__ void dtl_dwconv_dx(const float* dy, const float* w, float* dx, int b, int prefix, int gh,
+                                         int gw, int c, int k) {
+    const int tokens = prefix + gh * gw;
+    const int before = (k - 1) / 2;
+    const i64 total = (i64)b * tokens * c;
+    GRID_STRIDE(i, total) {
+        const int ch = (int)(i % c);
+        const int t = (int)((i / c) % tokens);
+        if (t < prefix) {
+            dx[i] = dy[i];
+            continue;
+        }
+        const float* gs = dy + (i / ((i64)c * tokens)) * tokens * c;
+        const int p = t - prefix;
+        const int row = p / gw;
+        const int col = p % gw;
+        const float* wc = w + ch * k * k;
+        float acc = 0.0f;
+        for (int u = 0; u < k; ++u) {
+            const int rr = row - u + before;
+            if (rr < 0 || rr >= gh) continue;
+            for (int v = 0; v < k; ++v) {
+                const int cc = col - v + before;
+                if (cc < 0 || cc >= gw) continue;
+                acc += wc[u * k + v] * gs[(i64)(prefix + rr * gw + cc) * c + ch];
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
+// dw[ch, u, v] (=|+=) sum over samples and patches (r, q) of dy[r, q] x[r + u - before, q + v - before].
+// Block (32, 16): 32 channels, 16 lanes over the positions; grid (ceil(c / 32), k * k). The lanes'
+// partial sums are added in order: no atomics, the same result on every run.
+extern "C" __global__ void dtl_dwconv_dw(const float* x, const float* dy, float* dw, int b, int prefix, int gh,
+                                         int gw, int c, int k, int accumulate) {
+    __shared__ float part[16][33];
+    const int ch = blockIdx.x * 32 + threadIdx.x;
+    const int u = blockIdx.y / k;
+    const int v = blockIdx.y % k;
+    const int before = (k - 1) / 2;
+    const int grid = gh * gw;
+    const int tokens = prefix + grid;
+    const int positions = b * grid;
+    float acc = 0.0f;
+    if (ch < c) {
+        for (int q = threadIdx.y; q < positions; q += blockDim.y) {
+            const int s = q / grid;
+            const int p = q % grid;
+            const int rr = p / gw + u - before;
+            const int cc = p % gw + v - before;
+            if (rr < 0 || rr >= gh || cc < 0 || cc >= gw) continue;
+            const i64 base = (i64)s * tokens + prefix;
+            acc += dy[(base + p) * c + ch] * x[(base + rr * gw + cc) * c + ch];
+        }
+    }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && ch < c) {
+        float t = 0.0f;
+        for (int j = 0; j < (int)blockDim.y; ++j) t += part[j][threadIdx.x];
+        float* o = dw + (ch * k + u) * k + v;
+        *o = accumulate ? *o + t : t;
+    }
+}
+
+// ---- pooling ------------------------------------------------------------------------------
+
+// out (b, d) = mean of tokens from..to of x (b, tokens, d).
+extern "C" __global__ void dtl_mean_tokens(const float* x, float* out, int b, int tokens, int d, int from, int to) {
+    const i64 total = (i64)b * d;
+    const float inv = 1.0f / (float)(to - from);
+    GRID_STRIDE(i, total) {
+        const int col = (int)(i % d);
+        const i64 s = i / d;
+        const float* xs = x + s * tokens * d + col;
+        float acc = 0.0f;
+        for (int t = from; t < to; ++t) acc += xs[(i64)t * d];
+        out[i] = acc * inv;
+    }
+}
+
+// dx (b, tokens, d) = g / (to - from) at tokens from..to, zero elsewhere.
+extern "C" __global__ void dtl_mean_tokens_vjp(const float* g, float* dx, int b, int tokens, int d, int from,
+                                               int to) {
+    const i64 total = (i64)b * tokens * d;
+    const float inv = 1.0f / (float)(to - from);
+    GRID_STRIDE(i, total) {
+        const int col = (int)(i % d);
+        const int t = (int)((i / d) % tokens);
+        const i64 s = i / ((i64)d * tokens);
+        dx[i] = (t >= from && t < to) ? g[s * d + col] * inv : 0.0f;
+    }
+}
+
+// ---- loss and evaluation (one block; one warp per row) -----------------------------------
+
+// Soft-target cross entropy of logits (b, classes) against targets (b, classes):
+// loss[0] = sum_rows(lse * sum(t) - sum(t * l)) / b and grad = (softmax(l) * sum(t) - t) / b.
+// One block of whole warps, warp w takes rows w, w + warps, ...; the per-warp sums are added in
+// order by the first thread, so the loss does not depend on timing. Grid: 1.
+extern "C" __global__ void __launch_bounds__(1024)
+    dtl_soft_cross_entropy(const float* logits, const float* targets, float* loss, float* grad, int b, int classes) {
+    __shared__ float warp_loss[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const float inv_b = 1.0f / (float)b;
+    float mine = 0.0f;
+    for (int row = warp; row < b; row += warps) {
+        const float* l = logits + (i64)row * classes;
+        const float* t = targets + (i64)row * classes;
+        float* g = grad + (i64)row * classes;
+        float m = -DTL_INF;
+        for (int j = lane; j < classes; j += 32) m = fmaxf(m, l[j]);
+        m = dtl_warp_max(m);
+        float z = 0.0f, ts = 0.0f, tl = 0.0f;
+        for (int j = lane; j < classes; j += 32) {
+            z += expf(l[j] - m);
+            ts += t[j];
+            tl += t[j] * l[j];
+        }
+        z = dtl_warp_sum(z);
+        ts = dtl_warp_sum(ts);
+        tl = dtl_warp_sum(tl);
+        const float lse = m + logf(z);
+        for (int j = lane; j < classes; j += 32) g[j] = (expf(l[j] - lse) * ts - t[j]) * inv_b;
+        mine += lse * ts - tl;
+    }
+    if (lane == 0) warp_loss[warp] = mine;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; ++w) total += warp_loss[w];
+        loss[0] = total * inv_b;
+    }
+}
+
+// stats[0..4] += (top-1 hits, top-5 hits, sum of the hard-label cross entropy, rows whose logits are not
+// all finite). A label is valid when it is a whole number in 0..classes; an invalid label is neither hit
+// and its loss is infinite. A row is a top-k hit when fewer than k logits are strictly greater than its
+// label's. Grid: 1.
+extern "C" __global__ void __launch_bounds__(1024)
+    dtl_eval_stats(const float* logits, const float* labels, float* stats, int b, int classes) {
+    __shared__ float warp_stats[32][4];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    float top1 = 0.0f, top5 = 0.0f, ce = 0.0f, bad = 0.0f;
+    for (int row = warp; row < b; row += warps) {
+        const float* l = logits + (i64)row * classes;
+        const float label = labels[row];
+        const bool valid = label >= 0.0f && label < (float)classes && label == floorf(label);
+        const int y = valid ? (int)label : 0;
+        const float ly = valid ? l[y] : 0.0f;
+        float m = -DTL_INF;
+        int nonfinite = 0;
+        int rank = 0;
+        for (int j = lane; j < classes; j += 32) {
+            const float v = l[j];
+            if (!(fabsf(v) < DTL_INF)) nonfinite += 1;
+            m = fmaxf(m, v);
+            if (v > ly) rank += 1;
+        }
+        m = dtl_warp_max(m);
+        nonfinite = dtl_warp_sum_int(nonfinite);
+        rank = dtl_warp_sum_int(rank);
+        float z = 0.0f;
+        for (int j = lane; j < classes; j += 32) z += expf(l[j] - m);
+        z = dtl_warp_sum(z);
+        if (valid) {
+            top1 += rank < 1 ? 1.0f : 0.0f;
+            top5 += rank < 5 ? 1.0f : 0.0f;
+            ce += m + logf(z) - ly;
+        } else {
+            ce += DTL_INF;
+        }
+        bad += nonfinite > 0 ? 1.0f : 0.0f;
+    }
+    if (lane == 0) {
+        warp_stats[warp][0] = top1;
+        warp_stats[warp][1] = top5;
+        warp_stats[warp][2] = ce;
+        warp_stats[warp][3] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x < 4) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; ++w) total += warp_stats[w][threadIdx.x];
+        stats[threadIdx.x] += total;
+    }
+}
+
+// ---- optimizer ----------------------------------------------------------------------------
+
+// Sum over the thread block in f64; every thread gets the result. `scratch` holds 33 doubles.
+__device__ double dtl_block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < warps ? scratch[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) scratch[32] = t;
+    }
+    __syncthreads();
+    return scratch[32];
+}
+
+// partials[block] = sum of x^2 (in f64) over the block's grid-stride share of x[..n]. Grid: at
+// most the number of partials.
+extern "C" __global__ void dtl_sum_squares_partial(const float* x, double* partials, int n) {
+    __shared__ double scratch[33];
+    double s = 0.0;
+    GRID_STRIDE(i, n) {
+        const double v = x[i];
+        s += v * v;
+    }
+    s = dtl_block_sum_f64(s, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// acc[0] += sum of partials[..parts], added in f64 by one block in a fixed order. Grid: 1.
+extern "C" __global__ void __launch_bounds__(1024)
+    dtl_sum_squares_final(const double* partials, float* acc, int parts) {
+    __shared__ double scratch[33];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) s += partials[i];
+    s = dtl_block_sum_f64(s, scratch);
+    if (threadIdx.x == 0) acc[0] = (float)((double)acc[0] + s);
+}
+
+// One AdamW step (PyTorch's, amsgrad off), term by term as the CPU computes it:
+// m = m b1 + g (1 - b1), v = v b2 + g^2 (1 - b2), p = p decay, p -= m step_size / (sqrt(v) / bc2_sqrt + eps),
+// with decay = 1 - lr weight_decay computed by the host. With `has_clip`, the gradient is first
+// multiplied by PyTorch's clip factor max_norm / (sqrt(sq[0]) + 1e-6) when that is below 1; sq[0] is
+// read on the device.
+extern "C" __global__ void dtl_adamw(float* param, const float* grad, float* m, float* v, int n, float beta1,
+                                     float beta2, float eps, float decay, float step_size, float bc2_sqrt,
+                                     const float* sq, float max_norm, int has_clip) {
+    float factor = 1.0f;
+    if (has_clip) {
+        const double coef = (double)max_norm / (sqrt((double)sq[0]) + 1e-6);
+        if (coef < 1.0) factor = (float)coef;
+    }
+    const float one_b1 = 1.0f - beta1;
+    const float one_b2 = 1.0f - beta2;
+    GRID_STRIDE(i, n) {
+        const float g = has_clip ? grad[i] * factor : grad[i];
+        const float mi = m[i] * beta1 + g * one_b1;
+        const float vi = v[i] * beta2 + g * g * one_b2;
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        param[i] = param[i] * decay - mi * step_size / denom;
     }
 }

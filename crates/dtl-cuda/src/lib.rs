@@ -1,24 +1,56 @@
-//! CUDA support for dtl.
+//! The CUDA device of dtl.
 //!
-//! With the `cuda` feature this crate holds the project's GPU glue over cudarc: a device
-//! handle ([`Gpu`]) sharing the process's primary CUDA context with dfdx, float buffers in
-//! GPU memory ([`GpuVec`]), cuBLAS matrix products ([`MatMul`]) and the f32 kernels of the
-//! frozen ViT (LayerNorm, GELU, softmax, residuals with drop-path scales, bias, head
-//! split/merge, patch embedding), compiled at run time with NVRTC. Every function is safe:
-//! buffer lengths are checked before anything is launched, and all `unsafe` code stays in
-//! this crate.
+//! With the `cuda` feature this crate implements the kernel set [`dtl_kernels::Kernels`] on an
+//! NVIDIA GPU: [`Gpu`] (one device, one stream) over [`GpuBuf`] buffers, with the project's own
+//! f32 kernels ([`KERNEL_SOURCE`], compiled at run time with NVRTC for the device) and cuBLAS
+//! products with f32 compute. It builds without any CUDA software: the driver, NVRTC and
+//! cuBLAS are found and loaded when first needed ([`libs`]), and anything missing is an error
+//! naming it, never a panic. Every function is safe; all `unsafe` code stays in this crate.
 //!
-//! Without the feature it only reports that CUDA is not built in.
+//! [`Emulator`] runs the same device code on the host (the kernels compiled as C++ against an
+//! emulation of the CUDA execution model), so that it is tested on machines without a GPU.
+//!
+//! Without the feature only the device checks below exist, and they say that CUDA is not
+//! built in.
+//!
+//! ```
+//! // Which device `run.device = "auto"` would pick; None without a usable GPU.
+//! match dtl_cuda::first_usable() {
+//!     Some(n) => println!("using cuda:{n}"),
+//!     None => println!("no usable GPU: {}", dtl_cuda::check_device(0).unwrap_err()),
+//! }
+//! ```
 
 #![warn(missing_docs)]
 
 #[cfg(feature = "cuda")]
+mod blas;
+#[cfg(feature = "cuda")]
+mod emulator;
+#[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+pub mod libs;
+#[cfg(feature = "cuda")]
+mod nvrtc;
+#[cfg(feature = "cuda")]
+mod ops;
 
 #[cfg(feature = "cuda")]
-pub use gpu::{compile_kernels, Gpu, GpuVec, MatMul, KERNEL_NAMES, KERNEL_SOURCE};
+pub use emulator::{EmuBuf, Emulator};
+#[cfg(feature = "cuda")]
+pub use gpu::{Gpu, GpuBuf};
+#[cfg(feature = "cuda")]
+pub use nvrtc::{
+    compile_kernels, compile_ptx, nvrtc_architectures, nvrtc_version, target_architecture,
+    KERNEL_NAMES, KERNEL_SOURCE,
+};
 
-/// Whether this build of dtl includes the CUDA path.
+/// The message of every device check in a build without the `cuda` feature.
+#[cfg_attr(feature = "cuda", allow(dead_code))]
+const NOT_BUILT: &str = "this dtl was built without CUDA; rebuild with `--features cuda` (see docs/cuda.md) or set run.device = \"cpu\"";
+
+/// Whether this build of dtl includes the CUDA device.
 ///
 /// ```
 /// assert_eq!(dtl_cuda::built_with_cuda(), cfg!(feature = "cuda"));
@@ -27,8 +59,9 @@ pub fn built_with_cuda() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// Checks that `cuda:<ordinal>` can be used, or says why not (never panics, also without
-/// a driver).
+/// Checks that `cuda:<ordinal>` can be opened, or says in one line why not: CUDA not built
+/// in, no driver or one older than CUDA 13.0, no such device, NVRTC or cuBLAS not found, a
+/// GPU too old for NVRTC. It loads the libraries but creates no context; it never panics.
 ///
 /// ```
 /// if !dtl_cuda::built_with_cuda() {
@@ -38,18 +71,77 @@ pub fn built_with_cuda() -> bool {
 pub fn check_device(ordinal: usize) -> Result<(), String> {
     #[cfg(feature = "cuda")]
     {
-        let n = Gpu::count().map_err(|e| e.to_string())?;
-        if ordinal < n {
-            Ok(())
-        } else {
-            Err(format!(
-                "cuda:{ordinal} requested but {n} CUDA device(s) are present"
-            ))
-        }
+        gpu::probe(ordinal).map(|_| ())
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = ordinal;
-        Err("this dtl was built without CUDA; rebuild with `--features cuda` (see docs/cuda.md) or set run.device = \"cpu\"".to_string())
+        Err(NOT_BUILT.to_string())
+    }
+}
+
+/// The lowest ordinal `N` for which [`check_device`] succeeds, if any (what
+/// `run.device = "auto"` uses); `None` without the feature, a driver or a usable GPU.
+///
+/// ```
+/// if let Some(n) = dtl_cuda::first_usable() {
+///     assert!(dtl_cuda::check_device(n).is_ok());
+/// }
+/// ```
+pub fn first_usable() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        (0..device_count()).find(|&n| check_device(n).is_ok())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
+}
+
+/// Number of CUDA devices the driver reports; 0 without the feature or a usable driver.
+///
+/// ```
+/// let n = dtl_cuda::device_count();
+/// if n == 0 {
+///     assert!(dtl_cuda::check_device(0).is_err());
+/// }
+/// ```
+pub fn device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        if libs::driver().is_err() {
+            return 0;
+        }
+        if cudarc::driver::result::init().is_err() {
+            return 0;
+        }
+        cudarc::driver::result::device::get_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checks_never_panic_and_agree() {
+        match super::check_device(0) {
+            Ok(()) => assert_eq!(super::first_usable(), Some(0)),
+            Err(e) => {
+                assert!(!e.is_empty() && !e.contains('\n'), "{e:?}");
+                if !super::built_with_cuda() {
+                    assert_eq!(e, super::NOT_BUILT);
+                    assert_eq!(super::first_usable(), None);
+                    assert_eq!(super::device_count(), 0);
+                }
+            }
+        }
+        let far = super::check_device(1 << 20).unwrap_err();
+        assert!(!far.contains('\n'), "{far}");
     }
 }

@@ -33,7 +33,20 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             "{format:?} images are not supported; use JPEG or PNG"
         ));
     }
-    let img = image::load_from_memory_with_format(bytes, format).map_err(|e| e.to_string())?;
+    // The size a header announces is not trusted: bounded before anything is allocated.
+    let side = dtl_core::limits::MAX_DECODED_SIDE as u32;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(1 << 30);
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => format!(
+            "the image is larger than {side}x{side} pixels or needs more than 1 GiB to decode"
+        ),
+        e => e.to_string(),
+    })?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     Ok(RgbImage {
@@ -149,7 +162,7 @@ pub struct ListDataset {
 
 /// Parses a list file into `(path, label, line)` triples without touching the images.
 fn parse_list(list: &Path) -> Result<Vec<(String, usize, usize)>> {
-    let text = std::fs::read_to_string(list).map_err(|e| DtlError::io(list, e))?;
+    let text = crate::text::read(list)?;
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -169,6 +182,7 @@ fn parse_list(list: &Path) -> Result<Vec<(String, usize, usize)>> {
             .trim()
             .parse()
             .map_err(|_| bad(&format!("`{}` is not a class index", label.trim())))?;
+        let label = crate::text::label(list, i + 1, label)?;
         out.push((path.trim().to_string(), label, i + 1));
     }
     Ok(out)
@@ -211,11 +225,11 @@ impl ListDataset {
                 ));
             }
             let path = base.join(&shown);
-            if !path.is_file() {
+            if let Some(why) = dtl_core::paths::not_a_file(&path) {
                 return Err(DtlError::file(
                     list,
                     format!(
-                        "line {line}: image `{shown}` does not exist (looked for {})",
+                        "line {line}: image `{shown}` {why} (looked for {})",
                         path.display()
                     ),
                 ));
@@ -236,6 +250,12 @@ impl ListDataset {
 }
 
 impl Dataset for ListDataset {
+    fn sources(&self) -> Vec<PathBuf> {
+        vec![self.list.to_path_buf()]
+    }
+    fn label(&self, index: usize) -> Option<usize> {
+        self.items.get(index).map(|it| it.label)
+    }
     fn len(&self) -> usize {
         self.items.len()
     }
@@ -244,11 +264,11 @@ impl Dataset for ListDataset {
     }
     fn get(&self, index: usize) -> Result<Example> {
         let it = &self.items[index];
-        if !it.path.is_file() {
+        if let Some(why) = dtl_core::paths::not_a_file(&it.path) {
             return Err(DtlError::file(
                 self.list.as_path(),
                 format!(
-                    "line {}: image `{}` does not exist (looked for {})",
+                    "line {}: image `{}` {why} (looked for {})",
                     it.line,
                     it.shown,
                     it.path.display()
@@ -412,14 +432,14 @@ fn open_vtab(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
     }
     let name = split_name(cfg, split);
     let list = dir.join(format!("{name}.txt"));
-    if !list.is_file() {
+    if let Some(why) = dtl_core::paths::not_a_file(&list) {
         let key = if split == Split::Train {
             "data.train"
         } else {
             "data.test"
         };
         return Err(DtlError::invalid(format!(
-            "{key}: split `{name}` has no list file `{}`; VTAB-1k splits: {}",
+            "{key}: split `{name}` has no list file: `{}` {why}; VTAB-1k splits: {}",
             list.display(),
             VTAB_SPLITS.join(", ")
         )));
@@ -466,7 +486,11 @@ pub const FEW_SHOT_DATASETS: &[(&str, usize, &[&str])] = &[
         37,
         &["pets", "oxford_pets", "oxford_iiit_pet"],
     ),
-    ("stanford-cars", 196, &["cars", "stanford_cars"]),
+    (
+        "stanford-cars",
+        196,
+        &["cars", "stanford_cars", "standford-cars"],
+    ),
 ];
 
 fn few_shot_dataset(name: &str) -> Option<(&'static str, usize)> {
@@ -668,6 +692,9 @@ impl FolderDataset {
 }
 
 impl Dataset for FolderDataset {
+    fn label(&self, index: usize) -> Option<usize> {
+        self.items.get(index).map(|it| it.1)
+    }
     fn len(&self) -> usize {
         self.items.len()
     }
@@ -778,6 +805,12 @@ impl PixelDataset {
 }
 
 impl Dataset for PixelDataset {
+    fn sources(&self) -> Vec<PathBuf> {
+        vec![self.source.clone()]
+    }
+    fn label(&self, index: usize) -> Option<usize> {
+        self.labels.get(index).copied()
+    }
     fn len(&self) -> usize {
         self.labels.len()
     }
@@ -980,7 +1013,7 @@ fn parse_csv(
     labels_only: bool,
 ) -> Result<(Vec<usize>, Vec<u8>, usize, Vec<usize>)> {
     let bytes = read_maybe_gz(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| DtlError::file(path, "is not UTF-8 text"))?;
+    let text = crate::text::decode(path, &bytes)?;
     let mut labels = Vec::new();
     let mut pixels = Vec::new();
     let mut lines = Vec::new();
@@ -993,7 +1026,9 @@ fn parse_csv(
         let mut fields = line.split(',').map(str::trim);
         let first = fields.next().unwrap_or("");
         let label = match first.parse::<f64>() {
-            Ok(v) if v >= 0.0 && v.fract() == 0.0 => v as usize,
+            Ok(v) if v >= 0.0 && v.fract() == 0.0 => {
+                crate::text::label(path, i + 1, v.min(usize::MAX as f64) as usize)?
+            }
             Ok(v) => {
                 return Err(DtlError::file(
                     path,

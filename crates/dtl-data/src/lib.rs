@@ -25,6 +25,7 @@ pub mod ops;
 pub mod params;
 pub mod randaug;
 pub mod resample;
+pub mod text;
 
 pub use loader::{Batch, DataPipeline, Loader};
 

@@ -354,6 +354,42 @@ impl DataPipeline {
         }
     }
 
+    /// Checks every label of the items in use (both splits, after the limits) against a head
+    /// of `classes` classes, without decoding any image; the first one out of range is an
+    /// error naming its file and line (or item) and the valid range. `key` is the setting
+    /// that fixes `classes`, for the message.
+    pub fn check_labels(&self, classes: usize, key: &str) -> Result<()> {
+        for (split, ds, index) in [
+            ("training", &self.train, &self.train_index),
+            ("test", &self.test, &self.test_index),
+        ] {
+            for &i in index.iter() {
+                match ds.label(i) {
+                    Some(l) if l >= classes => {
+                        return Err(DtlError::invalid(format!(
+                            "{}: {split} label {l} is out of range: {key} = {classes} allows labels 0-{}",
+                            ds.describe(i),
+                            classes.saturating_sub(1)
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The files both splits are read from (see [`Dataset::sources`]), without repeats.
+    pub fn sources(&self) -> Vec<std::path::PathBuf> {
+        let mut out = self.train.sources();
+        for p in self.test.sources() {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     /// Where training item `i` (an index into the training split) comes from.
     pub fn describe_train(&self, i: usize) -> String {
         self.train.describe(i)

@@ -127,8 +127,16 @@ impl<'a> Params<'a> {
                 format!("expected a positive integer or [height, width], got {v}"),
             )
         };
+        const MAX_SIDE: usize = dtl_core::limits::MAX_IMAGE_SIDE;
+        let too_big = |i: i64| {
+            self.err(
+                key,
+                format!("{i} px is more than the largest image side, {MAX_SIDE} px"),
+            )
+        };
         match self.get(key) {
             None => Ok(None),
+            Some(toml::Value::Integer(i)) if *i > MAX_SIDE as i64 => Err(too_big(*i)),
             Some(toml::Value::Integer(i)) if *i > 0 => Ok(Some(Size::Short(*i as usize))),
             Some(v @ toml::Value::Array(a)) => {
                 if a.len() != 2 {
@@ -137,6 +145,7 @@ impl<'a> Params<'a> {
                 let mut hw = [0usize; 2];
                 for (slot, item) in hw.iter_mut().zip(a) {
                     match item {
+                        toml::Value::Integer(i) if *i > MAX_SIDE as i64 => return Err(too_big(*i)),
                         toml::Value::Integer(i) if *i > 0 => *slot = *i as usize,
                         _ => return Err(bad(v)),
                     }

@@ -280,6 +280,21 @@ fn build_rand_augment(op: &AugmentOp, path: &str) -> Result<Box<dyn Augment>> {
     if let Some(n) = p.usize_opt("num_ops")? {
         r.num_ops = n;
     }
+    if r.num_ops > dtl_core::limits::MAX_RAND_AUGMENT_OPS {
+        let key = if p.has("num_ops") {
+            "num_ops"
+        } else {
+            "config"
+        };
+        return Err(p.err(
+            key,
+            format!(
+                "{} ops per image is more than {}; timm's RandAugment draws 2 or 3",
+                r.num_ops,
+                dtl_core::limits::MAX_RAND_AUGMENT_OPS
+            ),
+        ));
+    }
     if let Some(s) = p.f64_opt("magnitude_std")? {
         r.magnitude_std = s;
     }

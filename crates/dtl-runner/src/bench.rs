@@ -1,82 +1,85 @@
 //! Throughput and peak memory of training steps on synthetic batches.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dfdx::prelude::*;
-use dtl_core::config::DeviceSpec;
 use dtl_core::{Backbone, BenchOptions, DtlError, PipelineConfig, Result};
 use serde_json::{json, Value};
 
 use crate::device::{dev_err, TrainDevice};
-use crate::job::{build_model, drop_masks, train_step, MemoryProbe};
+use crate::job::{build_model, drop_masks, train_step};
 use crate::model::smoothed_targets;
 use crate::optim::AdamW;
 use crate::report;
 
 /// Side networks measured by `train`: the pipeline's own settings with each kind.
-const KINDS: [&str; 3] = ["dtl", "dtl+", "linear"];
+pub(crate) const KINDS: [&str; 3] = ["dtl", "dtl+", "linear"];
+
+/// The measurements `dtl bench --what` knows.
+pub const MEASUREMENTS: [&str; 3] = ["train", "forward", "vjp"];
+
+/// Checks `--what` values against [`MEASUREMENTS`].
+///
+/// ```
+/// assert!(dtl_runner::bench::check_what(&["train".into()]).is_ok());
+/// let e = dtl_runner::bench::check_what(&["speed".into()]).unwrap_err().to_string();
+/// assert!(e.contains("train, forward or vjp"));
+/// ```
+pub fn check_what(what: &[String]) -> Result<Vec<String>> {
+    for w in what {
+        if !MEASUREMENTS.contains(&w.as_str()) {
+            return Err(DtlError::invalid(format!(
+                "bench: `{w}` is not a measurement; use train, forward or vjp"
+            )));
+        }
+    }
+    Ok(what.to_vec())
+}
+
+/// The pipeline with side network `kind` (`dtl` without a conv, `dtl+` with the pipeline's
+/// kernel or 3, `linear`), its other side settings kept.
+pub(crate) fn with_side(cfg: &PipelineConfig, kind: &str) -> PipelineConfig {
+    let mut c = cfg.clone();
+    c.side.kind = kind.to_string();
+    if kind == "dtl" {
+        c.side.kernel = Some(0);
+    } else if kind == "dtl+" && c.side.kernel_size() == 0 {
+        c.side.kernel = Some(3);
+    }
+    c
+}
 
 /// Throughput and memory of one measurement.
 struct Measured {
     img_per_s: f64,
     peak_rss_mib: Option<f64>,
-    peak_gpu_mib: Option<f64>,
 }
 
 fn measure(
     warmup: usize,
     steps: usize,
     batch: usize,
-    memory: Option<&MemoryProbe>,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Measured> {
     for _ in 0..warmup {
         f()?;
     }
     report::reset_peak_rss();
-    // GPU memory is polled from a second thread while the timed steps run: the backbone's
-    // transient buffers are freed within a step, so a reading between steps would miss them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = memory.map(|probe| {
-        let (probe, stop) = (Arc::clone(probe), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut peak: Option<f64> = None;
-            loop {
-                let done = stop.load(Ordering::Relaxed);
-                if let Some(m) = probe() {
-                    peak = Some(peak.map_or(m, |p: f64| p.max(m)));
-                }
-                if done {
-                    return peak;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(500));
-            }
-        })
-    });
     let t = Instant::now();
-    let mut result = Ok(());
     for _ in 0..steps.max(1) {
-        result = f();
-        if result.is_err() {
-            break;
-        }
+        f()?;
     }
     let secs = t.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let gpu = poller.and_then(|h| h.join().ok().flatten());
-    result?;
     Ok(Measured {
         img_per_s: (steps.max(1) * batch) as f64 / secs.max(1e-12),
         peak_rss_mib: report::peak_rss_mib(),
-        peak_gpu_mib: gpu,
     })
 }
 
 fn row(what: &str, side: &str, batch: usize, m: &Measured, params: Option<usize>) -> Value {
     let mut r = json!({"what": what, "side": side, "batch": batch, "img_per_s": m.img_per_s,
-                       "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": m.peak_gpu_mib});
+                       "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": null});
     if let Some(p) = params {
         r["trainable_params"] = json!(p);
     }
@@ -99,7 +102,7 @@ fn naive_autodiff<const M: usize, const H: usize, const F: usize, const L: usize
         .map_err(dev_err)?;
     let x: Tensor<(usize, usize, Const<M>), f32, Cpu> =
         dev.sample_normal_like(&(batch, tokens, Const));
-    measure(warmup, steps, batch, None, || {
+    measure(warmup, steps, batch, || {
         let grads = enc.try_alloc_grads().map_err(dev_err)?;
         let y = enc.try_forward(x.trace(grads)).map_err(dev_err)?;
         let g = y.mean().backward();
@@ -138,15 +141,12 @@ fn naive_for(
 /// with the pipeline's side settings, then, on the CPU and for ViT-Ti/S/B geometries, a
 /// naive all-traced step (`side = "naive-autodiff"`, see `naive_autodiff`). `peak_rss_mib`
 /// is the process's peak resident set size during the timed steps (reset before each
-/// measurement); `peak_gpu_mib` is the largest reading of `memory` (the GPU memory the
-/// process holds beyond its CUDA context: weights, activations and dfdx's cached buffers),
-/// polled every half millisecond during the timed steps, `null` without a probe. dfdx's
-/// buffer cache is emptied before each training measurement.
+/// measurement); `peak_gpu_mib` is `null` (see [`crate::resident::bench`] for a GPU).
+/// dfdx's buffer cache is emptied before each training measurement.
 pub fn run<B: Backbone<D>, D: TrainDevice>(
     cfg: &PipelineConfig,
     backbone: &Arc<B>,
     dev: &D,
-    memory: Option<&MemoryProbe>,
     opts: &BenchOptions,
 ) -> Result<Value> {
     let spec = backbone.spec().clone();
@@ -154,13 +154,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
     let classes = cfg.head.classes.unwrap_or(10);
     let rng = Cpu::seed_from_u64(cfg.run.seed);
     let mut rows = Vec::new();
-    for what in &opts.what {
-        if !["train", "forward", "vjp"].contains(&what.as_str()) {
-            return Err(DtlError::invalid(format!(
-                "bench: `{what}` is not a measurement; use train, forward or vjp"
-            )));
-        }
-    }
+    check_what(&opts.what)?;
     for &batch in &opts.batches {
         if batch == 0 {
             return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
@@ -174,20 +168,14 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
             match what.as_str() {
                 "train" => {
                     for kind in KINDS {
-                        let mut c = cfg.clone();
-                        c.side.kind = kind.to_string();
-                        if kind == "dtl" {
-                            c.side.kernel = Some(0);
-                        } else if kind == "dtl+" && c.side.kernel_size() == 0 {
-                            c.side.kernel = Some(3);
-                        }
+                        let c = with_side(cfg, kind);
                         // Buffers the previous measurement left in dfdx's cache are not this
                         // one's memory.
                         dev.try_empty_cache().map_err(dev_err)?;
                         let mut model = build_model(&c, backbone, classes, dev)?;
                         let mut opt = AdamW::from_config(&c.optim, &model.params(), dev);
                         let mut step = 0u64;
-                        let m = measure(opts.warmup, opts.steps, batch, memory, || {
+                        let m = measure(opts.warmup, opts.steps, batch, || {
                             let drops = drop_masks(
                                 c.backbone.drop_path,
                                 spec.depth,
@@ -201,22 +189,19 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                             )
                             .map(|_| ())
                         })?;
-                        rows.push(row(
-                            "train",
-                            kind,
-                            batch,
-                            &m,
-                            Some(model.trainable_params()),
-                        ));
+                        let mut r = row("train", kind, batch, &m, Some(model.trainable_params()));
+                        // the tape-based path always recomputes the blocks' internals
+                        r["activations"] = json!("recompute");
+                        rows.push(r);
                     }
-                    if cfg.device()? == DeviceSpec::Cpu {
-                        if let Some(m) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
-                            rows.push(row("train", "naive-autodiff", batch, &m, None));
-                        }
+                    if let Some(m) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
+                        let mut r = row("train", "naive-autodiff", batch, &m, None);
+                        r["activations"] = json!("store");
+                        rows.push(r);
                     }
                 }
                 "forward" => {
-                    let m = measure(opts.warmup, opts.steps, batch, memory, || {
+                    let m = measure(opts.warmup, opts.steps, batch, || {
                         let mut x = backbone.embed(&images)?;
                         for i in 0..spec.depth {
                             x = backbone.block_forward(i, &x, None)?;
@@ -227,7 +212,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                 }
                 _ => {
                     let x0 = backbone.embed(&images)?;
-                    let m = measure(opts.warmup, opts.steps, batch, memory, || {
+                    let m = measure(opts.warmup, opts.steps, batch, || {
                         let mut x = x0.clone();
                         let mut inputs = Vec::with_capacity(spec.depth);
                         for i in 0..spec.depth {

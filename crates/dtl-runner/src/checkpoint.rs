@@ -216,6 +216,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
+        crate::sanity::finite_tensor(path, "checkpoint", &name, &v)?;
         if let Some(n) = name.strip_prefix("optim.exp_avg_sq.") {
             m2.insert(n.to_string(), v);
         } else if let Some(n) = name.strip_prefix("optim.exp_avg.") {

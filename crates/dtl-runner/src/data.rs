@@ -53,6 +53,10 @@ pub trait BatchSource {
     fn train_epoch(&mut self, epoch: usize, skip: usize) -> Result<Box<dyn BatchIter>>;
     /// The evaluation batches.
     fn test_loader(&mut self) -> Result<Box<dyn BatchIter>>;
+    /// The files the data is read from, for the checkpoint's fingerprints (none by default).
+    fn sources(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }
 
 /// A generated classification task: each class is a fixed random pattern, each image that
@@ -234,6 +238,9 @@ impl BatchSource for Pipeline {
     }
     fn test_loader(&mut self) -> Result<Box<dyn BatchIter>> {
         Ok(Box::new(PipelineIter(self.0.test_loader()?)))
+    }
+    fn sources(&self) -> Vec<std::path::PathBuf> {
+        self.0.sources()
     }
 }
 

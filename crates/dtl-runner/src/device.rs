@@ -1,10 +1,10 @@
-//! The devices the runner trains on, and the side-network operations each one provides.
+//! The dfdx devices the tape-based model trains on, and the side-network operations each one
+//! provides.
 //!
-//! The training loop, the model and the optimizer are written once, generic over a
-//! [`TrainDevice`]. The operations default to dfdx's device operations
-//! ([`crate::generic_ops`]), which run on any dfdx device and are what the CUDA GPU
-//! (feature `cuda`) uses; the CPU overrides them with its faster slice versions
-//! ([`crate::ops`]), against which the generic ones are checked.
+//! The tape-based model ([`crate::model`]), the optimizer and the checkpoints are written
+//! generic over a [`TrainDevice`]; dfdx's `Cpu` is the one implemented, with the slice
+//! operations of [`crate::ops`]. A GPU trains through the device step of [`crate::resident`]
+//! instead, which is written over the kernel set (`dtl_kernels::Kernels`).
 
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -22,12 +22,11 @@ pub fn dev_err<E: std::fmt::Debug>(e: E) -> DtlError {
     DtlError::Device(format!("{e:?}"))
 }
 
-/// A device the runner can train on: dfdx's `Cpu`, or `Cuda` with the `cuda` feature.
+/// A dfdx device the tape-based model can train on (dfdx's `Cpu`).
 ///
 /// Besides dfdx's own kernels, a training device provides the side network's and the head's
 /// operations with memory-lean backward passes (nothing is kept for the backward pass but
-/// the inputs it needs, and no gradient is formed for an input that needs none). Each has a
-/// default built from dfdx's device operations; a device may override it with its own.
+/// the inputs it needs, and no gradient is formed for an input that needs none).
 ///
 /// ```
 /// use dfdx::prelude::*;
@@ -57,13 +56,9 @@ pub trait TrainDevice:
         x_tape: Option<TapeOf<Self>>,
         a: &Param<Self>,
         b: &Param<Self>,
-    ) -> Result<Act<Self>> {
-        crate::generic_ops::low_rank(x, x_tape, a, b)
-    }
+    ) -> Result<Act<Self>>;
     /// `z * sigmoid(beta * z)` (see [`crate::ops::swish`]).
-    fn swish(z: Act<Self>, beta: f32) -> Result<Act<Self>> {
-        crate::generic_ops::swish(z, beta)
-    }
+    fn swish(z: Act<Self>, beta: f32) -> Result<Act<Self>>;
     /// Depthwise "same" convolution over the patch grid (see
     /// [`crate::ops::depthwise_conv_tokens`]).
     fn depthwise_conv_tokens(
@@ -71,28 +66,20 @@ pub trait TrainDevice:
         w: &Param<Self>,
         prefix: usize,
         grid: (usize, usize),
-    ) -> Result<Act<Self>> {
-        crate::generic_ops::depthwise_conv_tokens(s, w, prefix, grid)
-    }
+    ) -> Result<Act<Self>>;
     /// `f W^T + bias` (see [`crate::ops::linear`]).
-    fn linear(f: Matrix<Self>, w: &Param<Self>, bias: &Param<Self>) -> Result<Matrix<Self>> {
-        crate::generic_ops::linear(f, w, bias)
-    }
+    fn linear(f: Matrix<Self>, w: &Param<Self>, bias: &Param<Self>) -> Result<Matrix<Self>>;
     /// Mean of the tokens from `prefix` on, or token 0 (see [`crate::ops::pool`]).
     fn pool<T: Tape<f32, Self>>(
         x: Tensor<(usize, usize, usize), f32, Self, T>,
         prefix: usize,
         cls: bool,
-    ) -> Result<Tensor<(usize, usize), f32, Self, T>> {
-        crate::generic_ops::pool(x, prefix, cls)
-    }
+    ) -> Result<Tensor<(usize, usize), f32, Self, T>>;
     /// Soft-target cross entropy (see [`crate::model::soft_cross_entropy`]).
     fn soft_cross_entropy(
         logits: Matrix<Self>,
         targets: &[f32],
-    ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>> {
-        crate::generic_ops::soft_cross_entropy(logits, targets)
-    }
+    ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>>;
 }
 
 impl TrainDevice for Cpu {
@@ -142,35 +129,5 @@ impl TrainDevice for Cpu {
         targets: &[f32],
     ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>> {
         crate::model::soft_cross_entropy(logits, targets)
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl TrainDevice for Cuda {
-    fn build_parts(
-        cfg: &PipelineConfig,
-        spec: &BackboneSpec,
-        classes: usize,
-        init: &Cpu,
-        dev: &Self,
-    ) -> Result<(Box<dyn SideNetwork<Self>>, Box<dyn Head<Self>>)> {
-        let reg = dtl_core::registry()?;
-        let no_gpu = |what: &str, name: &str| {
-            DtlError::Unavailable(format!(
-                "{what} `{name}` has no CUDA implementation; run it with run.device = \"cpu\""
-            ))
-        };
-        let side = reg.side(&cfg.side.kind)?;
-        let build_side = side
-            .build_cuda
-            .ok_or_else(|| no_gpu("side.kind", side.name))?;
-        let head = reg.head(&cfg.head.kind)?;
-        let build_head = head
-            .build_cuda
-            .ok_or_else(|| no_gpu("head.kind", head.name))?;
-        Ok((
-            build_side(&cfg.side, spec, init, dev)?,
-            build_head(&cfg.head, spec, classes, init, dev)?,
-        ))
     }
 }

@@ -2,10 +2,14 @@
 //!
 //! - [`sides`]: the built-in side networks `dtl`, `dtl+`, `linear` and the `linear` head,
 //!   registered in the component registry.
-//! - [`device`]: the devices training runs on (`Cpu`; `Cuda` with the `cuda` feature).
-//! - [`model`]: a frozen backbone, side network and head composed, with memory-lean training.
+//! - [`device`]: the dfdx device the tape-based model trains on (`Cpu`).
+//! - [`model`]: a frozen backbone, side network and head composed on dfdx's tape, with
+//!   memory-lean training (the CPU path).
+//! - [`resident`]: the training step written over the kernel set (`dtl_kernels::Kernels`),
+//!   resident in a device's memory from the uploaded batch to the AdamW update (the GPU path).
 //! - [`optim`]: AdamW with parameter groups, gradient clipping and the cosine schedule.
-//! - [`job`]: training, resuming, evaluation; [`checkpoint`] and [`report`] write the files.
+//! - [`job`]: the training loop over an [`job::Engine`] (training, resuming, evaluation);
+//!   [`checkpoint`] and [`report`] write the files.
 //! - [`bench`]: throughput and peak memory.
 //! - [`toy`]: a tiny backbone for tests and examples.
 
@@ -15,26 +19,33 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
-pub mod generic_ops;
+mod glyphs;
+pub mod inputs;
 pub mod job;
+pub mod lock;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod raster;
 pub mod report;
+pub mod resident;
+pub mod sanity;
 pub mod sides;
+pub mod summary;
+pub mod sweep;
 pub mod toy;
 
 use dfdx::prelude::Cpu;
 use dtl_core::config::DeviceSpec;
 use dtl_core::{Backbone, BuildContext, DtlError, Job, PipelineConfig, Result};
 
-pub use job::{DtlJob, MemoryProbe};
+pub use job::{DtlJob, Engine, EngineSource, MemoryProbe, Trainer};
 
 /// Instantiates the training job for one backbone variant on the CPU.
 ///
 /// A backbone plugin calls this from its registration's constructor after loading weights
-/// (and [`build_job_cuda`] when the pipeline asks for `cuda:N` and the plugin has a GPU
-/// implementation). The job opens the pipeline's data on first use.
+/// (and [`build_resident_job`] when the pipeline asks for `cuda:N` and the plugin has an
+/// implementation over the kernel set). The job opens the pipeline's data on first use.
 ///
 /// ```
 /// use dfdx::prelude::*;
@@ -57,32 +68,57 @@ where
             backbone.spec().name
         )));
     }
+    if cfg.run.precision != "f32" {
+        return Err(DtlError::config(
+            "pipeline",
+            "run.precision",
+            None,
+            format!(
+                "\"{}\" needs a GPU; the CPU trains in f32 (set run.precision = \"f32\")",
+                cfg.run.precision
+            ),
+        ));
+    }
     Ok(Box::new(DtlJob::new(cfg, cx, backbone, Cpu::default())))
 }
 
-/// Instantiates the training job for a backbone on a CUDA GPU (feature `cuda`): the side
-/// network, head, loss and optimizer run on `dev`; `memory` reports the GPU memory in use
-/// for reports and benchmarks.
-#[cfg(feature = "cuda")]
-pub fn build_job_cuda<B>(
+/// Instantiates the training job of a backbone written over the kernel set on device `k`:
+/// the device step of [`resident`], from the uploaded batch to the AdamW update in the
+/// device's memory. A backbone plugin calls this for `run.device = "cuda:N"` with the GPU
+/// (`dtl_cuda::Gpu`) and its weights uploaded there; it runs on the CPU's kernels as well.
+///
+/// The step trains in f32: `run.precision = "bf16"` is refused.
+///
+/// ```no_run
+/// # fn demo<K: dtl_kernels::Kernels + Clone, B: dtl_kernels::KernelBackbone<K>>(
+/// #     cfg: &dtl_core::PipelineConfig, cx: &dtl_core::BuildContext, backbone: B, k: K) -> dtl_core::Result<()> {
+/// let job = dtl_runner::build_resident_job(cfg, cx, backbone, k)?;
+/// # Ok(()) }
+/// ```
+pub fn build_resident_job<K, B>(
     cfg: &PipelineConfig,
     cx: &BuildContext,
     backbone: B,
-    dev: dfdx::prelude::Cuda,
-    memory: Option<MemoryProbe>,
+    k: K,
 ) -> Result<Box<dyn Job>>
 where
-    B: Backbone<dfdx::prelude::Cuda> + Send + Sync + 'static,
+    K: dtl_kernels::Kernels + Clone,
+    B: dtl_kernels::KernelBackbone<K>,
 {
     if cfg.run.precision != "f32" {
-        return Err(DtlError::Unavailable(format!(
-            "run.precision = \"{}\": the GPU path trains in f32 in this version; set run.precision = \"f32\"",
-            cfg.run.precision
-        )));
+        return Err(DtlError::config(
+            "pipeline",
+            "run.precision",
+            None,
+            format!(
+                "\"{}\" is not available yet: the device step trains in f32 (set run.precision = \"f32\")",
+                cfg.run.precision
+            ),
+        ));
     }
-    let job = DtlJob::new(cfg, cx, backbone, dev);
-    Ok(Box::new(match memory {
-        Some(m) => job.with_memory_probe(m),
-        None => job,
-    }))
+    Ok(Box::new(Trainer::with_source(
+        cfg,
+        cx,
+        resident::ResidentSource::new(k, backbone),
+    )))
 }

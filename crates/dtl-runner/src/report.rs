@@ -143,18 +143,41 @@ pub fn write_report(run_dir: &Path, report: &Value, epochs: &[Value]) -> Result<
         "| device | `{}` |\n",
         report["device"].as_str().unwrap_or("cpu")
     ));
-    md.push_str(&format!("| top-1 (last epoch) | {} |\n", pct(f("top1"))));
-    md.push_str(&format!("| top-5 (last epoch) | {} |\n", pct(f("top5"))));
-    md.push_str(&format!(
-        "| best top-1 | {} (epoch {}) |\n",
-        pct(f("best_top1")),
-        f("best_epoch")
-    ));
+    if f("best_val_top1").is_number() {
+        // Selected on a validation split: the test figures are those of the best checkpoint.
+        md.push_str(&format!(
+            "| best {} top-1 | {} (epoch {}) |\n",
+            report["eval_split"].as_str().unwrap_or("validation"),
+            pct(f("best_val_top1")),
+            f("best_epoch")
+        ));
+        md.push_str(&format!(
+            "| test top-1 (that checkpoint) | {} |\n",
+            pct(f("top1"))
+        ));
+        md.push_str(&format!(
+            "| test top-5 (that checkpoint) | {} |\n",
+            pct(f("top5"))
+        ));
+    } else {
+        md.push_str(&format!("| top-1 (last epoch) | {} |\n", pct(f("top1"))));
+        md.push_str(&format!("| top-5 (last epoch) | {} |\n", pct(f("top5"))));
+        md.push_str(&format!(
+            "| best top-1 | {} (epoch {}) |\n",
+            pct(f("best_top1")),
+            f("best_epoch")
+        ));
+    }
     md.push_str(&format!(
         "| trainable parameters | {} |\n",
         f("trainable_params")
     ));
-    md.push_str(&format!("| epochs | {} |\n", f("epochs")));
+    match (f("epochs").as_u64(), f("epochs_trained").as_u64()) {
+        (Some(asked), Some(done)) if done != asked => md.push_str(&format!(
+            "| epochs | {done} trained (schedule.epochs is {asked}: the checkpoint resumed had trained {done} already) |\n"
+        )),
+        _ => md.push_str(&format!("| epochs | {} |\n", f("epochs"))),
+    }
     md.push_str(&format!("| wall time | {} s |\n", num(f("wall_s"), 1)));
     md.push_str(&format!(
         "| training speed | {} img/s |\n",

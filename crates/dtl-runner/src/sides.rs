@@ -2,7 +2,7 @@
 
 use dfdx::prelude::*;
 use dtl_core::config::{HeadConfig, SideConfig};
-use dtl_core::registry::{HeadEntry, SideEntry};
+use dtl_core::registry::{HeadEntry, KernelHead, KernelSide, SideEntry};
 use dtl_core::{Act, BackboneSpec, DtlError, Head, Matrix, Param, Parameters, Result, SideNetwork};
 use rand::distributions::Uniform;
 
@@ -320,15 +320,25 @@ fn head_cpu(c: &HeadConfig, s: &BackboneSpec, n: usize, dev: &Cpu) -> Result<Box
     head_on(c, s, n, dev, dev)
 }
 
-/// The CUDA constructor of a built-in registration (`None` without the `cuda` feature).
-macro_rules! on_cuda {
-    ($f:ident) => {{
-        #[cfg(feature = "cuda")]
-        let f = Some($f::<Cuda> as _);
-        #[cfg(not(feature = "cuda"))]
-        let f = None;
-        f
-    }};
+/// `dtl` / `dtl+` in kernel-set terms (the device training step).
+fn dtl_kernels(cfg: &SideConfig, spec: &BackboneSpec) -> Result<KernelSide> {
+    Ok(KernelSide::LowRank {
+        rank: cfg.rank,
+        beta: cfg.beta as f32,
+        taps: cfg.tap_blocks(spec.depth),
+        injects: cfg.inject_blocks(spec.depth),
+        kernel: cfg.kernel_size(),
+    })
+}
+
+/// The linear probe in kernel-set terms.
+fn linear_kernels(_: &SideConfig, _: &BackboneSpec) -> Result<KernelSide> {
+    Ok(KernelSide::None)
+}
+
+/// The linear head in kernel-set terms.
+fn head_kernels(_: &HeadConfig, _: &BackboneSpec, _: usize) -> Result<KernelHead> {
+    Ok(KernelHead::Linear)
 }
 
 inventory::submit! {
@@ -336,7 +346,7 @@ inventory::submit! {
         name: "dtl",
         description: "DTL: low-rank maps on the tapped blocks, swish_beta, added after the inject blocks",
         build_cpu: dtl_cpu,
-        build_cuda: on_cuda!(dtl_on),
+        kernels: Some(dtl_kernels),
         origin: module_path!(),
     }
 }
@@ -346,7 +356,7 @@ inventory::submit! {
         name: "dtl+",
         description: "DTL+: DTL plus a shared depthwise k x k conv over the patch grid (side.kernel, default 3)",
         build_cpu: dtl_cpu,
-        build_cuda: on_cuda!(dtl_on),
+        kernels: Some(dtl_kernels),
         origin: module_path!(),
     }
 }
@@ -356,7 +366,7 @@ inventory::submit! {
         name: "linear",
         description: "linear probe: no side network, the backbone runs without a tape",
         build_cpu: linear_cpu,
-        build_cuda: on_cuda!(linear_on),
+        kernels: Some(linear_kernels),
         origin: module_path!(),
     }
 }
@@ -366,7 +376,7 @@ inventory::submit! {
         name: "linear",
         description: "pooled tokens -> the backbone's final norm -> linear classifier",
         build_cpu: head_cpu,
-        build_cuda: on_cuda!(head_on),
+        kernels: Some(head_kernels),
         origin: module_path!(),
     }
 }

@@ -136,7 +136,7 @@ inventory::submit! {
         name: "gated-lowrank",
         description: "example: low-rank taps, gate * tanh(z) injected with a learnt per-channel gate",
         build_cpu: build,
-        build_cuda: None,
+        kernels: None,
         origin: module_path!(),
     }
 }

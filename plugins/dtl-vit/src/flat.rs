@@ -1,11 +1,12 @@
-//! The one adapter between dfdx tensors and the ViT's flat-buffer implementations.
+//! The one adapter between dfdx tensors and the ViT's flat-buffer implementation.
 //!
-//! Both the CPU model ([`crate::Vit`]) and the GPU model ([`crate::cuda::CudaVit`]) compute
-//! on flat row-major `f32` buffers; these functions do the shape checks, hand the buffers
-//! over and wrap the result in a tensor on the caller's device.
+//! The CPU model ([`crate::Vit`]) computes on flat row-major `f32` buffers; these functions
+//! do the shape checks, hand a tensor's values over as a [`CpuBuf`] (no further copy) and
+//! wrap the result in a tensor on the caller's device.
 
 use dfdx::prelude::*;
 use dtl_core::{BackboneSpec, DtlError, Images, Result};
+use dtl_kernels::CpuBuf;
 
 /// Tokens (batch, tokens, width) on device `D`.
 pub(crate) type Tokens<T, W, D> = Tensor<(usize, T, W), f32, D>;
@@ -16,7 +17,7 @@ pub(crate) type Rows<W, D> = Tensor<(usize, W), f32, D>;
 pub(crate) fn embed<T: ConstDim, W: ConstDim, D: Device<f32>>(
     spec: &BackboneSpec,
     images: &Images<D>,
-    f: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+    f: impl FnOnce(CpuBuf, usize) -> Result<Vec<f32>>,
 ) -> Result<Tokens<T, W, D>> {
     let (b, _, h, w) = *images.shape();
     let size = spec.image_size;
@@ -26,7 +27,7 @@ pub(crate) fn embed<T: ConstDim, W: ConstDim, D: Device<f32>>(
             spec.name
         )));
     }
-    let out = f(&images.as_vec(), b)?;
+    let out = f(CpuBuf::from_vec(images.as_vec()), b)?;
     Ok(images
         .device()
         .tensor_from_vec(out, (b, T::default(), W::default())))
@@ -35,9 +36,9 @@ pub(crate) fn embed<T: ConstDim, W: ConstDim, D: Device<f32>>(
 /// A block forward: `f(x, batch)`, same shape out.
 pub(crate) fn block<T: ConstDim, W: ConstDim, D: Device<f32>>(
     x: &Tokens<T, W, D>,
-    f: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+    f: impl FnOnce(CpuBuf, usize) -> Result<Vec<f32>>,
 ) -> Result<Tokens<T, W, D>> {
-    let y = f(&x.as_vec(), x.shape().0)?;
+    let y = f(CpuBuf::from_vec(x.as_vec()), x.shape().0)?;
     Ok(x.device().tensor_from_vec(y, *x.shape()))
 }
 
@@ -47,7 +48,7 @@ pub(crate) fn block_vjp<T: ConstDim, W: ConstDim, D: Device<f32>>(
     spec: &BackboneSpec,
     x: &Tokens<T, W, D>,
     grad_out: &Tokens<T, W, D>,
-    f: impl FnOnce(&[f32], &[f32], usize) -> Result<Vec<f32>>,
+    f: impl FnOnce(CpuBuf, CpuBuf, usize) -> Result<Vec<f32>>,
 ) -> Result<Tokens<T, W, D>> {
     let b = x.shape().0;
     if grad_out.shape().0 != b {
@@ -57,16 +58,20 @@ pub(crate) fn block_vjp<T: ConstDim, W: ConstDim, D: Device<f32>>(
             grad_out.shape().0
         )));
     }
-    let g = f(&x.as_vec(), &grad_out.as_vec(), b)?;
+    let g = f(
+        CpuBuf::from_vec(x.as_vec()),
+        CpuBuf::from_vec(grad_out.as_vec()),
+        b,
+    )?;
     Ok(x.device().tensor_from_vec(g, *x.shape()))
 }
 
 /// The final norm on rows: `f(x)`.
 pub(crate) fn rows<W: ConstDim, D: Device<f32>>(
     x: &Rows<W, D>,
-    f: impl FnOnce(&[f32]) -> Result<Vec<f32>>,
+    f: impl FnOnce(CpuBuf) -> Result<Vec<f32>>,
 ) -> Result<Rows<W, D>> {
-    let y = f(&x.as_vec())?;
+    let y = f(CpuBuf::from_vec(x.as_vec()))?;
     Ok(x.device().tensor_from_vec(y, *x.shape()))
 }
 
@@ -74,8 +79,11 @@ pub(crate) fn rows<W: ConstDim, D: Device<f32>>(
 pub(crate) fn rows_vjp<W: ConstDim, D: Device<f32>>(
     x: &Rows<W, D>,
     grad_out: &Rows<W, D>,
-    f: impl FnOnce(&[f32], &[f32]) -> Result<Vec<f32>>,
+    f: impl FnOnce(CpuBuf, CpuBuf) -> Result<Vec<f32>>,
 ) -> Result<Rows<W, D>> {
-    let g = f(&x.as_vec(), &grad_out.as_vec())?;
+    let g = f(
+        CpuBuf::from_vec(x.as_vec()),
+        CpuBuf::from_vec(grad_out.as_vec()),
+    )?;
     Ok(x.device().tensor_from_vec(g, *x.shape()))
 }

@@ -1,8 +1,12 @@
-//! ViT backbones for dtl: timm's Vision Transformer as a frozen [`Backbone`], with timm
-//! safetensors and Google/Flax npz weight loading and a CPU implementation of the
-//! per-block forward and input-only VJP.
+//! ViT backbones for dtl: timm's Vision Transformer as a frozen backbone, with timm
+//! safetensors and Google/Flax npz weight loading, and its patch embedding, per-block
+//! forward and input-only VJP written once over the kernel set of `dtl-kernels`.
 //!
-//! - [`Vit`]: the model, generic over its compile-time token count and width.
+//! - [`VitOn`]: the frozen weights on a device `K: Kernels` and the blocks over its
+//!   kernels ([`KernelBackbone`](dtl_kernels::KernelBackbone)); what both the CPU and a GPU
+//!   run.
+//! - [`Vit`]: the model as a dfdx [`Backbone`](dtl_core::Backbone) on the CPU, generic over
+//!   its compile-time token count and width; it runs a [`VitOn`] on the CPU kernels.
 //! - [`Geometry`]: a variant's dims and numbers as a type; [`vit_variant!`] declares one and
 //!   registers it by name.
 //! - [`load`], [`random`], [`check_weights`], [`load_weights`]: weights.
@@ -20,7 +24,6 @@
 //! ```
 
 #![warn(missing_docs)]
-// Unsafe code lives in `strided` (the gemm calls) and the SIMD dispatch of `kernels` only.
 #![deny(unsafe_code)]
 
 use std::path::Path;
@@ -28,20 +31,24 @@ use std::path::Path;
 use dfdx::prelude::ConstDim;
 use dtl_core::{BackboneSpec, BuildContext, Job, PipelineConfig, Result};
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
 mod flat;
-pub mod kernels;
 mod load;
 mod model;
-#[allow(unsafe_code)]
-pub mod strided;
+mod on;
 pub mod variants;
 mod weights;
 
 pub use load::{load_weights, resample_pos_embed, LoadReport, WeightFormat};
 pub use model::{Vit, VitOf};
+pub use on::{VitOn, VitWorkspace};
 pub use weights::{BlockWeights, VitWeights};
+
+/// The CPU loops the CPU model runs on (`dtl_kernels::cpu::ops`), under their former path.
+///
+/// ```
+/// assert!((dtl_vit::kernels::gelu_scalar(1.0) - 0.841_344_7).abs() < 1e-6);
+/// ```
+pub use dtl_kernels::cpu::ops as kernels;
 
 #[doc(hidden)]
 pub use dfdx as __dfdx;
@@ -89,6 +96,11 @@ pub fn load<G: Geometry>(path: &Path, format: &str) -> Result<VitOf<G>> {
 }
 
 /// The variant `G` with random weights from `seed` (benchmarks only).
+///
+/// ```
+/// let vit = dtl_vit::random::<dtl_vit::variants::VitMiniPatch4_28>(0).unwrap();
+/// assert_eq!(vit.weights().blocks.len(), 4);
+/// ```
 pub fn random<G: Geometry>(seed: u64) -> Result<VitOf<G>> {
     Vit::random(G::spec(), seed)
 }
@@ -108,22 +120,49 @@ pub fn check_weights(variant: &str, path: &Path, format: &str) -> Result<LoadRep
 }
 
 /// The registered constructor of variant `G`: loads `backbone.weights` (random weights
-/// seeded by `run.seed` when absent) and hands the model to the runner, on the CPU or, for
-/// `run.device = "cuda:N"` in a build with the `cuda` feature, on that GPU.
+/// seeded by `run.seed` when absent) and hands the model to the runner: on the CPU as a
+/// [`VitOn`] on the CPU kernels to the device step when the side network and head have
+/// kernel-set descriptions (the built-in ones), else as a [`Vit`] to the dfdx-based runner;
+/// for `run.device = "cuda:N"` in a build with the
+/// `cuda` feature, as a [`VitOn`] uploaded to that GPU to the device-resident runner.
+///
+/// ```
+/// use dtl_core::{BuildContext, Job, PipelineConfig, Result};
+/// // what `vit_variant!` registers for a variant
+/// let build: fn(&PipelineConfig, &BuildContext) -> Result<Box<dyn Job>> =
+///     dtl_vit::build::<dtl_vit::variants::VitTestPatch8_32>;
+/// ```
 pub fn build<G: Geometry>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<Box<dyn Job>> {
     let spec = G::spec();
-    let vit: VitOf<G> = match &cfg.backbone.weights {
+    let weights = match &cfg.backbone.weights {
         Some(w) => {
             let path = dtl_core::registry::resolve_path(&cx.pipeline_file, w);
-            Vit::load(spec, &path, &cfg.backbone.format)?
+            load_weights(&spec, &path, &cfg.backbone.format)?.0
         }
-        None => Vit::random(spec, cfg.run.seed)?,
+        None => VitWeights::random(&spec, cfg.run.seed),
     };
     #[cfg(feature = "cuda")]
     if let dtl_core::config::DeviceSpec::Cuda(n) = cfg.device()? {
-        return cuda::build_job(cfg, cx, &vit, n);
+        let gpu = dtl_cuda::Gpu::open(n)?;
+        let on = VitOn::upload(&gpu, &spec, &weights)?;
+        return dtl_runner::build_resident_job(cfg, cx, on, gpu);
     }
+    let on_cpu = !matches!(cfg.device()?, dtl_core::config::DeviceSpec::Cuda(_));
+    if on_cpu && cfg.run.precision == "f32" && has_kernel_description(cfg)? {
+        let on = VitOn::from_weights(&spec, weights)?;
+        return dtl_runner::build_resident_job(cfg, cx, on, dtl_kernels::CpuKernels::new());
+    }
+    let vit: VitOf<G> = Vit::new(spec, weights)?;
     dtl_runner::build_job::<VitOf<G>>(cfg, cx, vit)
+}
+
+/// Whether the pipeline's side network and head both have a description over the kernel set
+/// (`SideEntry::kernels`, `HeadEntry::kernels`): then the CPU trains through the device step
+/// (`dtl_runner::resident` on `CpuKernels`: flat buffers planned once, no tape); a plugin side
+/// network without one trains on the tape-based CPU path.
+fn has_kernel_description(cfg: &PipelineConfig) -> Result<bool> {
+    let reg = dtl_core::registry()?;
+    Ok(reg.side(&cfg.side.kind)?.kernels.is_some() && reg.head(&cfg.head.kind)?.kernels.is_some())
 }
 
 /// Declares a ViT geometry type and registers it by name.

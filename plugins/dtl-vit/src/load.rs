@@ -32,6 +32,11 @@ pub enum WeightFormat {
 
 impl WeightFormat {
     /// Parses a `backbone.format` value: `Some(format)`, or `None` for `auto`.
+    ///
+    /// ```
+    /// use dtl_vit::WeightFormat;
+    /// assert_eq!(WeightFormat::parse("safetensors").unwrap(), Some(WeightFormat::Safetensors));
+    /// ```
     pub fn parse(s: &str) -> Result<Option<Self>> {
         match s {
             "auto" => Ok(None),
@@ -44,6 +49,13 @@ impl WeightFormat {
     }
 
     /// Detects the format from the file's first bytes, falling back to its extension.
+    ///
+    /// ```
+    /// use dtl_vit::WeightFormat;
+    /// let f = WeightFormat::detect("w.bin".as_ref(), b"PK\x03\x04rest").unwrap();
+    /// assert_eq!(f, WeightFormat::Npz);
+    /// assert!(WeightFormat::detect("w.bin".as_ref(), b"?").is_err());
+    /// ```
     pub fn detect(path: &Path, bytes: &[u8]) -> Result<Self> {
         if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
             return Ok(WeightFormat::Npz);
@@ -62,6 +74,10 @@ impl WeightFormat {
     }
 
     /// The name used in `backbone.format`.
+    ///
+    /// ```
+    /// assert_eq!(dtl_vit::WeightFormat::Npz.name(), "npz");
+    /// ```
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::Safetensors => "safetensors",
@@ -188,12 +204,25 @@ fn read_npz(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, RawTensor>> {
             .strip_suffix(".npy")
             .unwrap_or(&entry_name)
             .to_string();
-        let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut buf).map_err(|e| {
-            corrupt(format!(
-                "tensor `{name}`: cannot be read (truncated or corrupt archive?): {e}"
-            ))
-        })?;
+        // The sizes an archive announces are not trusted: reserve at most what the archive
+        // could plausibly hold and stop reading at the memory limit.
+        let limit = dtl_core::limits::memory_limit().0;
+        let mut buf =
+            Vec::with_capacity(entry.size().min(bytes.len() as u64 * 8).min(1 << 30) as usize);
+        (&mut entry)
+            .take(limit)
+            .read_to_end(&mut buf)
+            .map_err(|e| {
+                corrupt(format!(
+                    "tensor `{name}`: cannot be read (truncated or corrupt archive?): {e}"
+                ))
+            })?;
+        if buf.len() as u64 >= limit {
+            return Err(corrupt(format!(
+                "tensor `{name}`: decompresses to more than {}, the memory limit",
+                dtl_core::limits::human(limit)
+            )));
+        }
         let t = parse_npy(&buf).map_err(|m| corrupt(format!("tensor `{name}`: {m}")))?;
         out.insert(name, t);
     }
@@ -241,7 +270,10 @@ fn parse_npy(buf: &[u8]) -> std::result::Result<RawTensor, String> {
         .map(|s| s.parse::<usize>())
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| "malformed `shape` in the .npy header")?;
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} overflows when multiplied"))?;
     let body = &buf[start + hlen..];
     let (little, kind) = match descr.as_bytes().first() {
         Some(b'<') | Some(b'|') | Some(b'=') => (true, &descr[1..]),
@@ -271,10 +303,10 @@ fn parse_npy(buf: &[u8]) -> std::result::Result<RawTensor, String> {
             )),
         });
     }
-    if body.len() < count * width {
+    if !matches!(count.checked_mul(width), Some(need) if body.len() >= need) {
         return Err(format!(
             "truncated data: shape {shape:?} needs {} bytes, found {}",
-            count * width,
+            count.saturating_mul(width),
             body.len()
         ));
     }
@@ -375,14 +407,16 @@ impl Reader<'_> {
             Ok(d) => d.clone(),
             Err(m) => return Err(self.err(format!("tensor `{full}`: {m}"))),
         };
-        if data.len() != t.shape.iter().product::<usize>() {
+        let need = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if need != Some(data.len()) {
             return Err(self.err(format!(
                 "tensor `{full}`: shape {:?} needs {} values, the file holds {}",
                 t.shape,
-                t.shape.iter().product::<usize>(),
+                need.map_or("more than 2^64".to_string(), |n| n.to_string()),
                 data.len()
             )));
         }
+        dtl_runner::sanity::finite_tensor(self.path, "weights", &full, &data)?;
         self.dtypes.insert(t.dtype.clone());
         let shape = t.shape.clone();
         self.used.insert(full);
@@ -405,6 +439,13 @@ impl Reader<'_> {
 /// Loads a checkpoint for `spec`, returning the weights and what was done.
 ///
 /// `format` is `auto`, `safetensors` or `npz`. Errors name the file and the tensor.
+///
+/// ```no_run
+/// use dtl_vit::{Geometry, variants::VitBasePatch16_224};
+/// let (w, report) =
+///     dtl_vit::load_weights(&VitBasePatch16_224::spec(), "ViT-B_16.npz".as_ref(), "auto").unwrap();
+/// assert_eq!((report.layout, w.blocks.len()), ("flax", 12));
+/// ```
 pub fn load_weights(
     spec: &BackboneSpec,
     path: &Path,

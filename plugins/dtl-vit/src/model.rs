@@ -1,23 +1,29 @@
-//! The ViT as a [`Backbone`] on the CPU.
+//! The ViT as a [`Backbone`] on the CPU: the blocks of [`VitOn`] run with [`CpuKernels`].
 
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 
 use dfdx::prelude::*;
 use dtl_core::{Backbone, BackboneSpec, DropPath, DtlError, Images, Result};
+use dtl_kernels::{CpuBuf, CpuKernels, DropScales, KernelBackbone};
 
 use crate::flat;
-use crate::kernels::{self, recycle, scratch, AttnShape};
 use crate::load::{load_weights, LoadReport};
-use crate::weights::{BlockWeights, VitWeights};
+use crate::on::{check_spec, VitOn, VitWorkspace};
+use crate::weights::VitWeights;
+
+/// The CPU kernels the CPU model runs on.
+const K: CpuKernels = CpuKernels::new();
 
 /// A timm Vision Transformer with compile-time token count `T` and width `W`.
 ///
 /// Depth, heads, patch and image size are runtime values of its [`BackboneSpec`]; the spec
 /// must agree with `T` and `W`. Each block is timm's pre-norm block (LayerNorm eps from
 /// the spec, fused qkv with bias, scale `1/sqrt(head_dim)`, erf GELU MLP). Activations cross
-/// the [`Backbone`] interface as dfdx tensors; inside, everything is flat `f32` buffers on
-/// the heap, products run on `gemm` and row-wise work on rayon.
+/// the [`Backbone`] interface as dfdx tensors; inside, the model is a [`VitOn<CpuKernels>`]:
+/// the same block code a GPU runs, on the CPU kernels (products on `gemm`, row-wise work on
+/// rayon), with its scratch buffers planned once for the largest batch seen.
 ///
 /// Research code instantiates its own geometry without touching this crate:
 ///
@@ -33,18 +39,59 @@ use crate::weights::{BlockWeights, VitWeights};
 /// let y = vit.block_forward(0, &x, None).unwrap();
 /// assert_eq!(y.shape().1, Const::<5>);
 /// ```
-#[derive(Debug, Clone)]
 pub struct Vit<T: ConstDim, W: ConstDim> {
-    spec: BackboneSpec,
-    weights: VitWeights,
+    on: VitOn<CpuKernels>,
+    /// The weights as [`VitWeights`], copied out of `on` on first use.
+    weights: OnceLock<VitWeights>,
+    /// The scratch buffers of the last (largest) batch.
+    ws: Mutex<Option<VitWorkspace<CpuKernels>>>,
     _dims: PhantomData<fn() -> (T, W)>,
 }
 
+impl<T: ConstDim, W: ConstDim> Clone for Vit<T, W> {
+    fn clone(&self) -> Self {
+        Vit {
+            on: self.on.clone(),
+            weights: self.weights.clone(),
+            ws: Mutex::new(None),
+            _dims: PhantomData,
+        }
+    }
+}
+
+impl<T: ConstDim, W: ConstDim> std::fmt::Debug for Vit<T, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Vit<{}, {}>({}, {} blocks)",
+            T::SIZE,
+            W::SIZE,
+            self.on.spec().name,
+            self.on.spec().depth
+        )
+    }
+}
+
 /// A ViT whose dims come from a [`Geometry`](crate::Geometry).
+///
+/// ```
+/// use dtl_vit::{variants::VitTestPatch8_32, VitOf};
+/// let vit: VitOf<VitTestPatch8_32> = dtl_vit::random::<VitTestPatch8_32>(0).unwrap();
+/// ```
 pub type VitOf<G> = Vit<<G as crate::Geometry>::Tokens, <G as crate::Geometry>::Width>;
 
 impl<T: ConstDim, W: ConstDim> Vit<T, W> {
     /// Wraps weights for `spec`, checking the spec against `T`/`W` and every tensor length.
+    ///
+    /// ```
+    /// use dfdx::prelude::Const;
+    /// use dtl_core::BackboneSpec;
+    /// let spec = BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+    /// let w = dtl_vit::VitWeights::random(&spec, 0);
+    /// assert!(dtl_vit::Vit::<Const<5>, Const<8>>::new(spec.clone(), w.clone()).is_ok());
+    /// let e = dtl_vit::Vit::<Const<6>, Const<8>>::new(spec, w).unwrap_err().to_string();
+    /// assert!(e.contains("5 tokens"), "{e}");
+    /// ```
     pub fn new(spec: BackboneSpec, weights: VitWeights) -> Result<Self> {
         if spec.tokens() != T::SIZE || spec.width != W::SIZE {
             return Err(DtlError::invalid(format!(
@@ -56,38 +103,48 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
                 W::SIZE
             )));
         }
-        if spec.heads == 0 || spec.width % spec.heads != 0 {
-            return Err(DtlError::invalid(format!(
-                "{}: width {} is not divisible by {} heads",
-                spec.name, spec.width, spec.heads
-            )));
-        }
-        if spec.patch_size == 0 || spec.grid.0 * spec.patch_size != spec.image_size {
-            return Err(DtlError::invalid(format!(
-                "{}: image size {} is not a whole number of {}-pixel patches",
-                spec.name, spec.image_size, spec.patch_size
-            )));
-        }
-        weights.check(&spec)?;
+        check_spec(&spec)?;
         Ok(Vit {
-            spec,
-            weights,
+            on: VitOn::from_weights(&spec, weights)?,
+            weights: OnceLock::new(),
+            ws: Mutex::new(None),
             _dims: PhantomData,
         })
     }
 
     /// Random timm-style weights from `seed`, for benchmarks and tests.
+    ///
+    /// ```
+    /// use dfdx::prelude::Const;
+    /// let spec = dtl_core::BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+    /// let vit = dtl_vit::Vit::<Const<5>, Const<8>>::random(spec, 0).unwrap();
+    /// assert_eq!(vit.weights().blocks.len(), 1);
+    /// ```
     pub fn random(spec: BackboneSpec, seed: u64) -> Result<Self> {
         let w = VitWeights::random(&spec, seed);
         Self::new(spec, w)
     }
 
     /// Loads a checkpoint (`format`: `auto`, `safetensors` or `npz`) for `spec`.
+    ///
+    /// ```no_run
+    /// use dfdx::prelude::Const;
+    /// let spec = dtl_core::BackboneSpec::vit("vit_test_patch8_32", 32, 8, 48, 4, 3);
+    /// let vit = dtl_vit::Vit::<Const<17>, Const<48>>::load(spec, "model.safetensors".as_ref(), "auto").unwrap();
+    /// ```
     pub fn load(spec: BackboneSpec, path: &Path, format: &str) -> Result<Self> {
         Ok(Self::load_with_report(spec, path, format)?.0)
     }
 
     /// Like [`Vit::load`], also returning what the loader did.
+    ///
+    /// ```no_run
+    /// use dfdx::prelude::Const;
+    /// let spec = dtl_core::BackboneSpec::vit("vit_test_patch8_32", 32, 8, 48, 4, 3);
+    /// let (vit, report) =
+    ///     dtl_vit::Vit::<Const<17>, Const<48>>::load_with_report(spec, "ViT.npz".as_ref(), "auto").unwrap();
+    /// println!("{} tensors, {} layout", report.tensors, report.layout);
+    /// ```
     pub fn load_with_report(
         spec: BackboneSpec,
         path: &Path,
@@ -97,33 +154,64 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
         Ok((Self::new(spec, w)?, report))
     }
 
-    /// The weights.
+    /// The weights (copied out of the model's buffers on the first call).
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// assert_eq!(vit.weights().pos_embed.len(), 17 * 48);
+    /// ```
     pub fn weights(&self) -> &VitWeights {
-        &self.weights
+        self.weights.get_or_init(|| {
+            self.on
+                .download(&K)
+                .expect("the model's buffers hold the lengths of its spec")
+        })
+    }
+
+    /// The model as a [`VitOn`] on the CPU kernels: what its methods run.
+    ///
+    /// ```
+    /// use dtl_kernels::KernelBackbone;
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let k = dtl_kernels::CpuKernels::new();
+    /// assert_eq!(KernelBackbone::<dtl_kernels::CpuKernels>::spec(vit.on()).tokens(), 17);
+    /// ```
+    pub fn on(&self) -> &VitOn<CpuKernels> {
+        &self.on
+    }
+
+    fn spec_ref(&self) -> &BackboneSpec {
+        self.on.spec()
     }
 
     fn rows_ok(&self, what: &str, len: usize, batch: usize, per: usize) -> Result<()> {
         if len != batch * per {
             return Err(DtlError::invalid(format!(
                 "{}: {what} holds {len} values, expected {batch} x {per}",
-                self.spec.name
+                self.spec_ref().name
             )));
         }
         Ok(())
     }
 
-    fn block(&self, i: usize) -> Result<&BlockWeights> {
-        self.weights.blocks.get(i).ok_or_else(|| {
-            DtlError::invalid(format!(
+    fn block_ok(&self, i: usize) -> Result<()> {
+        let s = self.spec_ref();
+        if i >= s.depth {
+            return Err(DtlError::invalid(format!(
                 "{}: block {i} does not exist (the variant has {} blocks)",
-                self.spec.name, self.spec.depth
-            ))
-        })
+                s.name, s.depth
+            )));
+        }
+        Ok(())
     }
 
-    fn drop_scales<'a>(&self, drop: Option<&'a DropPath>, batch: usize) -> Result<DropScales<'a>> {
+    fn drop_scales(
+        &self,
+        drop: Option<&DropPath>,
+        batch: usize,
+    ) -> Result<Option<DropScales<CpuKernels>>> {
         match drop {
-            None => Ok((None, None)),
+            None => Ok(None),
             Some(d) => {
                 if d.attn.len() != batch || d.mlp.len() != batch {
                     return Err(DtlError::invalid(format!(
@@ -132,67 +220,119 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
                         d.mlp.len()
                     )));
                 }
-                Ok((Some(&d.attn[..]), Some(&d.mlp[..])))
+                Ok(Some(DropScales {
+                    attn: CpuBuf::from_slice(&d.attn),
+                    mlp: CpuBuf::from_slice(&d.mlp),
+                }))
             }
         }
     }
 
-    fn attn_shape(&self, batch: usize) -> AttnShape {
-        AttnShape {
-            batch,
-            tokens: T::SIZE,
-            heads: self.spec.heads,
-            head_dim: self.spec.width / self.spec.heads,
+    /// Runs `f` with a workspace for at least `batch` samples: the cached one (re-planned
+    /// when too small), or a fresh one when another thread holds it.
+    fn with_workspace<R>(
+        &self,
+        batch: usize,
+        f: impl FnOnce(&mut VitWorkspace<CpuKernels>) -> Result<R>,
+    ) -> Result<R> {
+        match self.ws.try_lock() {
+            Ok(mut cached) => {
+                if cached.as_ref().map_or(true, |w| w.batch() < batch) {
+                    // release the old buffers before planning the larger ones
+                    *cached = None;
+                    *cached = Some(self.on.workspace(&K, batch)?);
+                }
+                f(cached.as_mut().expect("planned above"))
+            }
+            Err(_) => f(&mut self.on.workspace(&K, batch)?),
         }
     }
 
-    /// The attention half of block `i` on flat `x`: returns `(qkv, x1)` where
-    /// `x1 = x + s_attn * proj(attn(LN1(x)))`.
-    fn attn_half(
+    fn block_forward_buf(
         &self,
-        blk: &BlockWeights,
-        x: &[f32],
+        i: usize,
+        x: &CpuBuf,
         batch: usize,
-        s_attn: Option<&[f32]>,
-    ) -> (Vec<f32>, Vec<f32>) {
+        drop: Option<&DropPath>,
+    ) -> Result<Vec<f32>> {
         let (n, d) = (T::SIZE, W::SIZE);
-        let eps = self.spec.norm_eps as f32;
-        let rows = batch * n;
-        let mut h = scratch(rows * d);
-        kernels::layer_norm(x, &blk.norm1_w, &blk.norm1_b, d, eps, &mut h);
-        let mut qkv = scratch(rows * 3 * d);
-        kernels::linear(&h, &blk.qkv_w, &blk.qkv_b, rows, d, 3 * d, &mut qkv);
-        // reuse `h` for the attention output
-        kernels::attention(&qkv, self.attn_shape(batch), &mut h);
-        let mut a = scratch(rows * d);
-        kernels::linear(&h, &blk.proj_w, &blk.proj_b, rows, d, d, &mut a);
-        recycle(h);
-        let mut x1 = x.to_vec();
-        kernels::add_scaled_rows(&mut x1, &a, d, n, s_attn);
-        recycle(a);
-        (qkv, x1)
+        self.rows_ok("the block input", x.len(), batch, n * d)?;
+        self.block_ok(i)?;
+        let drop = self.drop_scales(drop, batch)?;
+        let mut out = CpuBuf::zeros(batch * n * d);
+        self.with_workspace(batch, |ws| {
+            self.on
+                .block_forward(&K, ws, i, x, batch, drop.as_ref(), &mut out)
+        })?;
+        Ok(out.into_vec())
     }
 
-    /// The MLP pre-activation of block `i`: `u = fc1(LN2(x1))`.
-    fn mlp_pre(&self, blk: &BlockWeights, x1: &[f32], rows: usize) -> Vec<f32> {
+    fn block_vjp_buf(
+        &self,
+        i: usize,
+        x: &CpuBuf,
+        grad_out: &CpuBuf,
+        batch: usize,
+        drop: Option<&DropPath>,
+    ) -> Result<Vec<f32>> {
+        let (n, d) = (T::SIZE, W::SIZE);
+        self.rows_ok("the block input", x.len(), batch, n * d)?;
+        self.rows_ok("the output gradient", grad_out.len(), batch, n * d)?;
+        self.block_ok(i)?;
+        let drop = self.drop_scales(drop, batch)?;
+        let mut dx = CpuBuf::zeros(batch * n * d);
+        self.with_workspace(batch, |ws| {
+            self.on
+                .block_vjp(&K, ws, i, x, grad_out, batch, drop.as_ref(), &mut dx)
+        })?;
+        Ok(dx.into_vec())
+    }
+
+    fn embed_buf(&self, images: &CpuBuf, batch: usize) -> Result<Vec<f32>> {
+        let s = self.spec_ref();
+        let (c, img) = (s.in_chans, s.image_size);
+        self.rows_ok("the image batch", images.len(), batch, c * img * img)?;
+        let mut out = CpuBuf::zeros(batch * T::SIZE * W::SIZE);
+        self.with_workspace(batch, |ws| self.on.embed(&K, ws, images, batch, &mut out))?;
+        Ok(out.into_vec())
+    }
+
+    fn norm_forward_buf(&self, x: &CpuBuf) -> Result<Vec<f32>> {
         let d = W::SIZE;
-        let hidden = self.spec.mlp_hidden;
-        let mut h = scratch(rows * d);
-        kernels::layer_norm(
-            x1,
-            &blk.norm2_w,
-            &blk.norm2_b,
-            d,
-            self.spec.norm_eps as f32,
-            &mut h,
-        );
-        let mut u = scratch(rows * hidden);
-        kernels::linear(&h, &blk.fc1_w, &blk.fc1_b, rows, d, hidden, &mut u);
-        recycle(h);
-        u
+        if x.len() % d != 0 {
+            return Err(DtlError::invalid(format!(
+                "{}: {} values are not whole rows of width {d}",
+                self.spec_ref().name,
+                x.len()
+            )));
+        }
+        let mut out = CpuBuf::zeros(x.len());
+        self.on.norm_forward(&K, x, x.len() / d, &mut out)?;
+        Ok(out.into_vec())
+    }
+
+    fn norm_vjp_buf(&self, x: &CpuBuf, grad_out: &CpuBuf) -> Result<Vec<f32>> {
+        let d = W::SIZE;
+        if x.len() % d != 0 || x.len() != grad_out.len() {
+            return Err(DtlError::invalid(format!(
+                "{}: norm VJP got {} inputs and {} gradients, expected equal whole rows of width {d}",
+                self.spec_ref().name,
+                x.len(),
+                grad_out.len()
+            )));
+        }
+        let mut dx = CpuBuf::zeros(x.len());
+        self.on.norm_vjp(&K, x, grad_out, x.len() / d, &mut dx)?;
+        Ok(dx.into_vec())
     }
 
     /// Block `i` on flat activations (batch * tokens * width).
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let x = vit.embed_flat(&vec![0.1; 3 * 32 * 32], 1).unwrap();
+    /// assert_eq!(vit.block_forward_flat(0, &x, 1, None).unwrap().len(), 17 * 48);
+    /// ```
     pub fn block_forward_flat(
         &self,
         i: usize,
@@ -200,26 +340,17 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
         batch: usize,
         drop: Option<&DropPath>,
     ) -> Result<Vec<f32>> {
-        let (n, d) = (T::SIZE, W::SIZE);
-        self.rows_ok("the block input", x.len(), batch, n * d)?;
-        let blk = self.block(i)?;
-        let (s_attn, s_mlp) = self.drop_scales(drop, batch)?;
-        let rows = batch * n;
-        let hidden = self.spec.mlp_hidden;
-        let (qkv, mut x1) = self.attn_half(blk, x, batch, s_attn);
-        recycle(qkv);
-        let mut u = self.mlp_pre(blk, &x1, rows);
-        let mut g = scratch(rows * hidden);
-        kernels::gelu(&u, &mut g);
-        // reuse `u` for the MLP output
-        kernels::linear(&g, &blk.fc2_w, &blk.fc2_b, rows, hidden, d, &mut u);
-        kernels::add_scaled_rows(&mut x1, &u[..rows * d], d, n, s_mlp);
-        recycle(g);
-        recycle(u);
-        Ok(x1)
+        self.block_forward_buf(i, &CpuBuf::from_slice(x), batch, drop)
     }
 
     /// Input-only VJP of block `i` on flat buffers; internals are recomputed from `x`.
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let x = vit.embed_flat(&vec![0.1; 3 * 32 * 32], 1).unwrap();
+    /// let g = vit.block_vjp_flat(0, &x, &vec![1.0; x.len()], 1, None).unwrap();
+    /// assert_eq!(g.len(), x.len());
+    /// ```
     pub fn block_vjp_flat(
         &self,
         i: usize,
@@ -228,160 +359,64 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
         batch: usize,
         drop_path: Option<&DropPath>,
     ) -> Result<Vec<f32>> {
-        let (n, d) = (T::SIZE, W::SIZE);
-        self.rows_ok("the block input", x.len(), batch, n * d)?;
-        self.rows_ok("the output gradient", grad_out.len(), batch, n * d)?;
-        let blk = self.block(i)?;
-        let (s_attn, s_mlp) = self.drop_scales(drop_path, batch)?;
-        let rows = batch * n;
-        let hidden = self.spec.mlp_hidden;
-        let eps = self.spec.norm_eps as f32;
-        // recompute
-        let (qkv, x1) = self.attn_half(blk, x, batch, s_attn);
-        let u = self.mlp_pre(blk, &x1, rows);
-        // MLP branch: dm = s_mlp * dy
-        let mut dm = scratch(rows * d);
-        kernels::scaled_rows(grad_out, d, n, s_mlp, &mut dm);
-        let mut du = scratch(rows * hidden);
-        kernels::linear_vjp(&dm, &blk.fc2_w, rows, hidden, d, &mut du);
-        kernels::gelu_backward_inplace(&u, &mut du);
-        recycle(u);
-        // dh2 = du fc1 (reuse dm)
-        kernels::linear_vjp(&du, &blk.fc1_w, rows, d, hidden, &mut dm);
-        recycle(du);
-        let mut dx1 = grad_out.to_vec();
-        kernels::layer_norm_vjp(&x1, &blk.norm2_w, &dm, d, eps, &mut dx1, true);
-        drop(x1);
-        // attention branch: da = s_attn * dx1
-        let mut da = scratch(rows * d);
-        kernels::scaled_rows(&dx1, d, n, s_attn, &mut da);
-        // d(attn output) = da proj (reuse dm)
-        kernels::linear_vjp(&da, &blk.proj_w, rows, d, d, &mut dm);
-        let mut dqkv = scratch(rows * 3 * d);
-        kernels::attention_vjp(&qkv, &dm, self.attn_shape(batch), &mut dqkv);
-        recycle(qkv);
-        recycle(dm);
-        // dh1 = dqkv qkv_w (reuse da)
-        kernels::linear_vjp(&dqkv, &blk.qkv_w, rows, d, 3 * d, &mut da);
-        recycle(dqkv);
-        kernels::layer_norm_vjp(x, &blk.norm1_w, &da, d, eps, &mut dx1, true);
-        recycle(da);
-        Ok(dx1)
+        self.block_vjp_buf(
+            i,
+            &CpuBuf::from_slice(x),
+            &CpuBuf::from_slice(grad_out),
+            batch,
+            drop_path,
+        )
     }
 
     /// Patch embedding, class token and position embedding on flat NCHW images.
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// assert_eq!(vit.embed_flat(&vec![0.1; 2 * 3 * 32 * 32], 2).unwrap().len(), 2 * 17 * 48);
+    /// ```
     pub fn embed_flat(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let s = &self.spec;
-        let (c, p, img) = (s.in_chans, s.patch_size, s.image_size);
-        let (n, d) = (T::SIZE, W::SIZE);
-        self.rows_ok("the image batch", images.len(), batch, c * img * img)?;
-        let (gh, gw) = s.grid;
-        let k = c * p * p;
-        let npatch = gh * gw;
-        // im2col: one row per patch, (channel, row, column) order as the conv weight
-        let mut cols = scratch(batch * npatch * k);
-        for b in 0..batch {
-            for py in 0..gh {
-                for px in 0..gw {
-                    let row = &mut cols[((b * npatch) + py * gw + px) * k..][..k];
-                    for ci in 0..c {
-                        for y in 0..p {
-                            let src = ((b * c + ci) * img + py * p + y) * img + px * p;
-                            row[(ci * p + y) * p..][..p].copy_from_slice(&images[src..src + p]);
-                        }
-                    }
-                }
-            }
-        }
-        let mut patches = scratch(batch * npatch * d);
-        kernels::linear(
-            &cols,
-            &self.weights.patch_w,
-            &self.weights.patch_b,
-            batch * npatch,
-            k,
-            d,
-            &mut patches,
-        );
-        recycle(cols);
-        let prefix = s.prefix_tokens;
-        let pos = &self.weights.pos_embed;
-        let mut out = vec![0.0f32; batch * n * d];
-        for b in 0..batch {
-            let xb = &mut out[b * n * d..(b + 1) * n * d];
-            for t in 0..prefix {
-                for j in 0..d {
-                    xb[t * d + j] = self.weights.cls_token[t * d + j] + pos[t * d + j];
-                }
-            }
-            let pb = &patches[b * npatch * d..(b + 1) * npatch * d];
-            for (j, v) in xb[prefix * d..].iter_mut().enumerate() {
-                *v = pb[j] + pos[prefix * d + j];
-            }
-        }
-        recycle(patches);
-        Ok(out)
+        self.embed_buf(&CpuBuf::from_slice(images), batch)
     }
 
     /// The final LayerNorm on flat rows of width `W`.
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let y = vit.norm_forward_flat(&(0..96).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    /// assert!(y[..48].iter().sum::<f32>().abs() < 1e-3); // unit weight, zero bias
+    /// ```
     pub fn norm_forward_flat(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let d = W::SIZE;
-        if x.len() % d != 0 {
-            return Err(DtlError::invalid(format!(
-                "{}: {} values are not whole rows of width {d}",
-                self.spec.name,
-                x.len()
-            )));
-        }
-        let mut out = vec![0.0f32; x.len()];
-        kernels::layer_norm(
-            x,
-            &self.weights.norm_w,
-            &self.weights.norm_b,
-            d,
-            self.spec.norm_eps as f32,
-            &mut out,
-        );
-        Ok(out)
+        self.norm_forward_buf(&CpuBuf::from_slice(x))
     }
 
     /// Input-only VJP of the final LayerNorm on flat rows.
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let x: Vec<f32> = (0..48).map(|i| i as f32).collect();
+    /// let g = vit.norm_vjp_flat(&x, &vec![1.0; 48]).unwrap();
+    /// assert!(g.iter().all(|v| v.abs() < 1e-5)); // a constant gradient vanishes
+    /// ```
     pub fn norm_vjp_flat(&self, x: &[f32], grad_out: &[f32]) -> Result<Vec<f32>> {
-        let d = W::SIZE;
-        if x.len() % d != 0 || x.len() != grad_out.len() {
-            return Err(DtlError::invalid(format!(
-                "{}: norm VJP got {} inputs and {} gradients, expected equal whole rows of width {d}",
-                self.spec.name,
-                x.len(),
-                grad_out.len()
-            )));
-        }
-        let mut dx = vec![0.0f32; x.len()];
-        kernels::layer_norm_vjp(
-            x,
-            &self.weights.norm_w,
-            grad_out,
-            d,
-            self.spec.norm_eps as f32,
-            &mut dx,
-            false,
-        );
-        Ok(dx)
+        self.norm_vjp_buf(&CpuBuf::from_slice(x), &CpuBuf::from_slice(grad_out))
     }
 
     /// The whole frozen forward: embedding, every block, final norm on all tokens (timm's
     /// `forward_features`). Returns flat (batch, tokens, width).
+    ///
+    /// ```
+    /// let vit = dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(0).unwrap();
+    /// let y = vit.forward_features_flat(&vec![0.1; 3 * 32 * 32], 1).unwrap();
+    /// assert_eq!(y.len(), 17 * 48);
+    /// ```
     pub fn forward_features_flat(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let mut x = self.embed_flat(images, batch)?;
-        for i in 0..self.spec.depth {
-            x = self.block_forward_flat(i, &x, batch, None)?;
+        let mut x = CpuBuf::from_vec(self.embed_flat(images, batch)?);
+        for i in 0..self.spec_ref().depth {
+            x = CpuBuf::from_vec(self.block_forward_buf(i, &x, batch, None)?);
         }
-        self.norm_forward_flat(&x)
+        self.norm_forward_buf(&x)
     }
 }
-
-/// Per-sample stochastic-depth scales of the attention and MLP branches.
-type DropScales<'a> = (Option<&'a [f32]>, Option<&'a [f32]>);
 
 type Tok<T, W> = flat::Tokens<T, W, Cpu>;
 type Rows<W> = flat::Rows<W, Cpu>;
@@ -391,11 +426,11 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
     type Width = W;
 
     fn spec(&self) -> &BackboneSpec {
-        &self.spec
+        self.on.spec()
     }
 
     fn embed(&self, images: &Images<Cpu>) -> Result<Tok<T, W>> {
-        flat::embed(&self.spec, images, |v, b| self.embed_flat(v, b))
+        flat::embed(self.on.spec(), images, |v, b| self.embed_buf(&v, b))
     }
 
     fn block_forward(
@@ -404,7 +439,7 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
         x: &Tok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<Tok<T, W>> {
-        flat::block(x, |v, b| self.block_forward_flat(block, v, b, drop))
+        flat::block(x, |v, b| self.block_forward_buf(block, &v, b, drop))
     }
 
     fn block_vjp(
@@ -414,16 +449,16 @@ impl<T: ConstDim, W: ConstDim> Backbone<Cpu> for Vit<T, W> {
         grad_out: &Tok<T, W>,
         drop: Option<&DropPath>,
     ) -> Result<Tok<T, W>> {
-        flat::block_vjp(&self.spec, x, grad_out, |v, g, b| {
-            self.block_vjp_flat(block, v, g, b, drop)
+        flat::block_vjp(self.on.spec(), x, grad_out, |v, g, b| {
+            self.block_vjp_buf(block, &v, &g, b, drop)
         })
     }
 
     fn norm_forward(&self, x: &Rows<W>) -> Result<Rows<W>> {
-        flat::rows(x, |v| self.norm_forward_flat(v))
+        flat::rows(x, |v| self.norm_forward_buf(&v))
     }
 
     fn norm_vjp(&self, x: &Rows<W>, grad_out: &Rows<W>) -> Result<Rows<W>> {
-        flat::rows_vjp(x, grad_out, |v, g| self.norm_vjp_flat(v, g))
+        flat::rows_vjp(x, grad_out, |v, g| self.norm_vjp_buf(&v, &g))
     }
 }

@@ -7,6 +7,12 @@ use rand::{Rng, SeedableRng};
 ///
 /// Linear weights are `(out, in)` row-major; `qkv_w` is timm's fused `(3 D, D)` matrix whose
 /// output rows are `[q | k | v]`, each split into heads.
+///
+/// ```
+/// let spec = dtl_core::BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+/// let b = &dtl_vit::VitWeights::random(&spec, 0).blocks[0];
+/// assert_eq!((b.qkv_w.len(), b.fc1_w.len()), (3 * 8 * 8, 32 * 8));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockWeights {
     /// `norm1.weight` (D).
@@ -37,7 +43,7 @@ pub struct BlockWeights {
 
 /// Every frozen parameter of a ViT (no classifier head).
 ///
-/// Build one with [`VitWeights::random`], [`VitWeights::load`](crate::VitWeights::load) or by
+/// Build one with [`VitWeights::random`], [`load_weights`](crate::load_weights) or by
 /// filling the fields yourself; [`VitWeights::check`] verifies every length against a spec.
 ///
 /// ```
@@ -84,6 +90,11 @@ fn trunc_normal(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
 impl VitWeights {
     /// Random weights in timm's style (truncated normal, std 0.02; LayerNorm ones and
     /// zeros; zero biases), reproducible from `seed`. For benchmarks and tests only.
+    ///
+    /// ```
+    /// let spec = dtl_core::BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+    /// assert_eq!(dtl_vit::VitWeights::random(&spec, 3), dtl_vit::VitWeights::random(&spec, 3));
+    /// ```
     pub fn random(spec: &BackboneSpec, seed: u64) -> Self {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let d = spec.width;
@@ -121,6 +132,13 @@ impl VitWeights {
     }
 
     /// Checks every tensor's length against `spec`; the error names the tensor (timm name).
+    ///
+    /// ```
+    /// let spec = dtl_core::BackboneSpec::vit("toy", 16, 8, 8, 1, 2);
+    /// let mut w = dtl_vit::VitWeights::random(&spec, 0);
+    /// w.norm_b.pop();
+    /// assert!(w.check(&spec).unwrap_err().to_string().contains("norm.bias"));
+    /// ```
     pub fn check(&self, spec: &BackboneSpec) -> Result<()> {
         let d = spec.width;
         let hidden = spec.mlp_hidden;

@@ -1,0 +1,1850 @@
+//! The operations of the kernel set, written once over [`Exec`]: the checks of every buffer
+//! and size, then the launches of the project's kernels and the matrix products.
+//!
+//! [`crate::Gpu`] executes them on a CUDA device, [`crate::Emulator`] on the host (the same
+//! kernels compiled as C++ with an emulation of the CUDA execution model), so the emulator
+//! tests this code and `kernels.cu` on machines without a GPU.
+
+#![allow(clippy::too_many_arguments)]
+
+use cudarc::driver::LaunchConfig;
+use dtl_core::{DtlError, Result};
+use dtl_kernels::{checked_product, AdamwStep, AttnShape, ConvShape};
+
+use crate::blas::{Blas, Gemm};
+
+/// Threads per block of the elementwise kernels.
+pub(crate) const THREADS: u32 = 256;
+/// Most blocks of an elementwise launch (grid-stride loops cover the rest).
+pub(crate) const MAX_BLOCKS: usize = 1 << 16;
+/// Warps per block of the one-warp-per-row kernels.
+pub(crate) const ROW_WARPS: u32 = 4;
+/// Partial sums of `sum_squares` (f64 each) a device keeps.
+pub(crate) const PARTIALS: usize = 1024;
+
+/// The kernel entry points, in the order of [`crate::KERNEL_NAMES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum K {
+    Fill,
+    Add,
+    BiasRows,
+    SumRows,
+    Gelu,
+    GeluVjp,
+    Swish,
+    SwishVjp,
+    AddScaled,
+    Scaled,
+    LayerNorm,
+    LayerNormVjp,
+    SplitQkv,
+    SplitHeads,
+    MergeHeads,
+    MergeQkv,
+    Softmax,
+    SoftmaxVjp,
+    Patchify,
+    AssembleTokens,
+    Dwconv,
+    DwconvDx,
+    DwconvDw,
+    MeanTokens,
+    MeanTokensVjp,
+    SoftCrossEntropy,
+    EvalStats,
+    SumSquaresPartial,
+    SumSquaresFinal,
+    Adamw,
+}
+
+/// A kernel argument: a device pointer, an `int` or a `float`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Arg {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+/// What the operations need from a device.
+pub(crate) trait Exec {
+    /// The device's buffer.
+    type Buf;
+
+    /// The device pointer of `b` after checking that it belongs to this device and holds
+    /// at least `need` values.
+    fn ptr(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<u64>;
+
+    /// Launches kernel `k`, in order after all earlier work.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number and type, and every pointer must
+    /// hold at least the values the kernel touches for the sizes passed and `cfg`.
+    unsafe fn launch(&self, op: &str, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
+
+    /// Runs one column-major product on raw pointers.
+    ///
+    /// # Safety
+    /// As [`Blas::run`]: the pointers hold [`Gemm::extents`] values, `c` apart from `a`, `b`.
+    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()>;
+
+    /// Copies `n` values from `src` to `dst`.
+    ///
+    /// # Safety
+    /// Both pointers must hold `n` values and not overlap.
+    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, n: usize) -> Result<()>;
+
+    /// Runs `f` with the device pointer of its [`PARTIALS`] f64 partial sums, no other call
+    /// of `with_partials` on this device running meanwhile.
+    fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()>;
+
+    /// The pointer of a buffer an operation reads.
+    fn src(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<u64> {
+        self.ptr(op, name, b, need)
+    }
+
+    /// The pointer of a buffer an operation writes.
+    fn dst(&self, op: &str, name: &str, b: &mut Self::Buf, need: usize) -> Result<u64> {
+        self.ptr(op, name, b, need)
+    }
+
+    /// Runs a product after checking its 32-bit ranges, that its extents fit the operands,
+    /// each given as (device pointer, values it holds), and that the output overlaps neither
+    /// input.
+    ///
+    /// # Safety
+    /// Each pointer must hold the values given with it, `c` apart from `a` and `b`.
+    unsafe fn gemm(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: (u64, usize),
+        b: (u64, usize),
+        c: (u64, usize),
+    ) -> Result<()> {
+        Blas::check(op, g)?;
+        let (ea, eb, ec) = g.extents();
+        if ea > a.1 || eb > b.1 || ec > c.1 {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: a matrix product would reach past its operands ({ea}, {eb}, {ec} values of {}, {}, {})",
+                a.1, b.1, c.1
+            )));
+        }
+        let overlaps = |x: u64, nx: usize, y: u64, ny: usize| {
+            nx > 0 && ny > 0 && x < y + 4 * ny as u64 && y < x + 4 * nx as u64
+        };
+        if overlaps(c.0, ec, a.0, ea) || overlaps(c.0, ec, b.0, eb) {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: a matrix product would write over one of its operands"
+            )));
+        }
+        self.gemm_raw(op, g, a.0, b.0, c.0)
+    }
+}
+
+pub(crate) fn n32(op: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        DtlError::invalid(format!(
+            "{op}: {what} = {v} exceeds the 32-bit range of the GPU kernels"
+        ))
+    })
+}
+
+pub(crate) fn invalid(op: &str, what: impl std::fmt::Display) -> DtlError {
+    DtlError::invalid(format!("{op}: {what}"))
+}
+
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row; up to 256 threads, fewer for short rows.
+pub(crate) fn block_rows(rows: usize, width: usize) -> LaunchConfig {
+    let threads = width.div_ceil(32).clamp(1, 8) as u32 * 32;
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row.
+pub(crate) fn warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ROW_WARPS as usize) as u32, 1, 1),
+        block_dim: (32 * ROW_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn single_block(threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Scratch layout of the attention: four `(batch, heads, tokens, head_dim)` slots (q, k, v
+/// and the output, or in the VJP the output's gradient; the VJP writes dQ, dV and dK over q, v
+/// and the output's gradient once they are no longer needed), then the probabilities and
+/// their gradient `(batch, heads, tokens, tokens)`, in values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AttnPlan {
+    pub slot: usize,
+    pub probs: usize,
+}
+
+impl AttnPlan {
+    pub fn new(s: &AttnShape) -> Option<AttnPlan> {
+        let slot = s
+            .batch
+            .checked_mul(s.tokens)?
+            .checked_mul(s.heads)?
+            .checked_mul(s.head_dim)?;
+        let probs = s
+            .batch
+            .checked_mul(s.heads)?
+            .checked_mul(s.tokens)?
+            .checked_mul(s.tokens)?;
+        Some(AttnPlan { slot, probs })
+    }
+
+    pub fn total(&self) -> Option<usize> {
+        self.slot
+            .checked_mul(4)?
+            .checked_add(self.probs.checked_mul(2)?)
+    }
+
+    /// Offsets in values: q, k, v, o, P, dP.
+    pub fn offsets(&self) -> [usize; 6] {
+        let s = self.slot;
+        [0, s, 2 * s, 3 * s, 4 * s, 4 * s + self.probs]
+    }
+}
+
+/// Values of the attention scratch for `shape` (`usize::MAX` when that overflows, so that
+/// allocating it fails with a clear error).
+pub(crate) fn attention_scratch(shape: AttnShape) -> usize {
+    AttnPlan::new(&shape)
+        .and_then(|p| p.total())
+        .unwrap_or(usize::MAX)
+}
+
+fn fill_ptr<E: Exec>(e: &E, op: &str, p: u64, n: usize, value: f32) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let n = n32(op, "the values", n)?;
+    // SAFETY: callers pass a pointer holding `n` values.
+    unsafe {
+        e.launch(
+            op,
+            K::Fill,
+            elementwise(n as usize),
+            &[Arg::P(p), Arg::I(n), Arg::F(value)],
+        )
+    }
+}
+
+fn copy_ptr<E: Exec>(e: &E, op: &str, src: u64, dst: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: callers pass pointers holding `n` values each, not overlapping.
+    unsafe { e.copy_raw(op, src, dst, n) }
+}
+
+/// `y (m x n) [+]= x (m x k) w^T [+ bias]` on checked pointers.
+#[allow(clippy::too_many_arguments)]
+fn linear_ptr<E: Exec>(
+    e: &E,
+    op: &str,
+    x: u64,
+    w: u64,
+    bias: Option<u64>,
+    (m, k, n): (usize, usize, usize),
+    y: u64,
+    accumulate: bool,
+) -> Result<()> {
+    let len = m * n;
+    if len == 0 {
+        return Ok(());
+    }
+    let mut beta = if accumulate { 1.0 } else { 0.0 };
+    if let Some(b) = bias {
+        let (mi, ni) = (n32(op, "m", m)?, n32(op, "n", n)?);
+        n32(op, "the output values", len)?;
+        // SAFETY: y holds m * n values, bias n (checked by the callers).
+        unsafe {
+            e.launch(
+                op,
+                K::BiasRows,
+                elementwise(len),
+                &[
+                    Arg::P(y),
+                    Arg::P(b),
+                    Arg::I(mi),
+                    Arg::I(ni),
+                    Arg::I(accumulate as i32),
+                ],
+            )
+        }?;
+        beta = 1.0;
+    }
+    if k == 0 {
+        return if beta == 0.0 {
+            fill_ptr(e, op, y, len, 0.0)
+        } else {
+            Ok(())
+        };
+    }
+    // SAFETY: w holds n * k, x m * k, y m * n values (checked by the callers).
+    unsafe {
+        e.gemm(
+            op,
+            &Gemm::linear(m, k, n, beta),
+            (w, n * k),
+            (x, m * k),
+            (y, m * n),
+        )
+    }
+}
+
+pub(crate) fn copy<E: Exec>(e: &E, src: &E::Buf, dst: &mut E::Buf, len: usize) -> Result<()> {
+    const OP: &str = "copy";
+    let s = e.src(OP, "src", src, len)?;
+    let d = e.dst(OP, "dst", dst, len)?;
+    copy_ptr(e, OP, s, d, len)
+}
+
+pub(crate) fn fill<E: Exec>(e: &E, dst: &mut E::Buf, len: usize, value: f32) -> Result<()> {
+    const OP: &str = "fill";
+    let d = e.dst(OP, "dst", dst, len)?;
+    fill_ptr(e, OP, d, len, value)
+}
+
+pub(crate) fn add<E: Exec>(e: &E, y: &mut E::Buf, x: &E::Buf, len: usize) -> Result<()> {
+    const OP: &str = "add";
+    let xp = e.src(OP, "x", x, len)?;
+    let yp = e.dst(OP, "y", y, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // SAFETY: x and y hold `len` values (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::Add,
+            elementwise(len),
+            &[Arg::P(yp), Arg::P(xp), Arg::I(n)],
+        )
+    }
+}
+
+pub(crate) fn linear<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    w: &E::Buf,
+    bias: Option<&E::Buf>,
+    m: usize,
+    k: usize,
+    n: usize,
+    y: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "linear";
+    let xp = e.src(OP, "x", x, checked_product(OP, &[m, k])?)?;
+    let wp = e.src(OP, "w", w, checked_product(OP, &[n, k])?)?;
+    let bp = bias.map(|b| e.src(OP, "bias", b, n)).transpose()?;
+    let yp = e.dst(OP, "y", y, checked_product(OP, &[m, n])?)?;
+    linear_ptr(e, OP, xp, wp, bp, (m, k, n), yp, accumulate)
+}
+
+pub(crate) fn linear_vjp<E: Exec>(
+    e: &E,
+    dy: &E::Buf,
+    w: &E::Buf,
+    m: usize,
+    k: usize,
+    n: usize,
+    dx: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "linear_vjp";
+    let dyp = e.src(OP, "dy", dy, checked_product(OP, &[m, n])?)?;
+    let wp = e.src(OP, "w", w, checked_product(OP, &[n, k])?)?;
+    let dxp = e.dst(OP, "dx", dx, checked_product(OP, &[m, k])?)?;
+    if m * k == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        return if accumulate {
+            Ok(())
+        } else {
+            fill_ptr(e, OP, dxp, m * k, 0.0)
+        };
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: w holds n * k, dy m * n, dx m * k values (checked).
+    unsafe {
+        e.gemm(
+            OP,
+            &Gemm::linear_vjp(m, k, n, beta),
+            (wp, n * k),
+            (dyp, m * n),
+            (dxp, m * k),
+        )
+    }
+}
+
+pub(crate) fn linear_wgrad<E: Exec>(
+    e: &E,
+    dy: &E::Buf,
+    x: &E::Buf,
+    m: usize,
+    k: usize,
+    n: usize,
+    dw: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "linear_wgrad";
+    let dyp = e.src(OP, "dy", dy, checked_product(OP, &[m, n])?)?;
+    let xp = e.src(OP, "x", x, checked_product(OP, &[m, k])?)?;
+    let dwp = e.dst(OP, "dw", dw, checked_product(OP, &[n, k])?)?;
+    if n * k == 0 {
+        return Ok(());
+    }
+    if m == 0 {
+        return if accumulate {
+            Ok(())
+        } else {
+            fill_ptr(e, OP, dwp, n * k, 0.0)
+        };
+    }
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: x holds m * k, dy m * n, dw n * k values (checked).
+    unsafe {
+        e.gemm(
+            OP,
+            &Gemm::linear_wgrad(m, k, n, beta),
+            (xp, m * k),
+            (dyp, m * n),
+            (dwp, n * k),
+        )
+    }
+}
+
+pub(crate) fn sum_rows<E: Exec>(
+    e: &E,
+    dy: &E::Buf,
+    m: usize,
+    n: usize,
+    db: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "sum_rows";
+    let len = checked_product(OP, &[m, n])?;
+    let dyp = e.src(OP, "dy", dy, len)?;
+    let dbp = e.dst(OP, "db", db, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    n32(OP, "m * n", len)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 32, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dy holds m * n values and db n (checked); m * n fits i32.
+    unsafe {
+        e.launch(
+            OP,
+            K::SumRows,
+            cfg,
+            &[
+                Arg::P(dyp),
+                Arg::P(dbp),
+                Arg::I(m as i32),
+                Arg::I(n as i32),
+                Arg::I(accumulate as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn layer_norm<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    gamma: &E::Buf,
+    beta: &E::Buf,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    y: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "layer_norm";
+    let len = checked_product(OP, &[rows, d])?;
+    let xp = e.src(OP, "x", x, len)?;
+    let gp = e.src(OP, "gamma", gamma, d)?;
+    let bp = e.src(OP, "beta", beta, d)?;
+    let yp = e.dst(OP, "y", y, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    n32(OP, "rows * d", len)?;
+    // SAFETY: x and y hold rows * d values, gamma and beta d (checked); one block per row.
+    unsafe {
+        e.launch(
+            OP,
+            K::LayerNorm,
+            block_rows(rows, d),
+            &[
+                Arg::P(xp),
+                Arg::P(gp),
+                Arg::P(bp),
+                Arg::P(yp),
+                Arg::I(d as i32),
+                Arg::F(eps),
+            ],
+        )
+    }
+}
+
+pub(crate) fn layer_norm_vjp<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    gamma: &E::Buf,
+    dy: &E::Buf,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    dx: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "layer_norm_vjp";
+    let len = checked_product(OP, &[rows, d])?;
+    let xp = e.src(OP, "x", x, len)?;
+    let gp = e.src(OP, "gamma", gamma, d)?;
+    let dyp = e.src(OP, "dy", dy, len)?;
+    let dxp = e.dst(OP, "dx", dx, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    n32(OP, "rows * d", len)?;
+    // SAFETY: x, dy and dx hold rows * d values, gamma d (checked); one block per row.
+    unsafe {
+        e.launch(
+            OP,
+            K::LayerNormVjp,
+            block_rows(rows, d),
+            &[
+                Arg::P(xp),
+                Arg::P(gp),
+                Arg::P(dyp),
+                Arg::P(dxp),
+                Arg::I(d as i32),
+                Arg::F(eps),
+                Arg::I(accumulate as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn gelu<E: Exec>(e: &E, x: &E::Buf, len: usize, y: &mut E::Buf) -> Result<()> {
+    const OP: &str = "gelu";
+    let xp = e.src(OP, "x", x, len)?;
+    let yp = e.dst(OP, "y", y, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // SAFETY: x and y hold `len` values (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::Gelu,
+            elementwise(len),
+            &[Arg::P(xp), Arg::P(yp), Arg::I(n)],
+        )
+    }
+}
+
+pub(crate) fn gelu_vjp<E: Exec>(e: &E, u: &E::Buf, len: usize, g: &mut E::Buf) -> Result<()> {
+    const OP: &str = "gelu_vjp";
+    let up = e.src(OP, "u", u, len)?;
+    let gp = e.dst(OP, "g", g, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // SAFETY: u and g hold `len` values (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::GeluVjp,
+            elementwise(len),
+            &[Arg::P(up), Arg::P(gp), Arg::I(n)],
+        )
+    }
+}
+
+pub(crate) fn attention<E: Exec>(
+    e: &E,
+    qkv: &E::Buf,
+    shape: AttnShape,
+    out: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let (plan, nqkv) = attn_plan(OP, &shape)?;
+    let qp = e.src(OP, "qkv", qkv, nqkv)?;
+    let outp = e.dst(OP, "out", out, plan.slot)?;
+    let need = plan
+        .total()
+        .ok_or_else(|| invalid(OP, "the scratch size overflows"))?;
+    let sp = e.dst(OP, "scratch", scratch, need)?;
+    if plan.slot == 0 {
+        return Ok(());
+    }
+    let at = |i: usize| sp + (plan.offsets()[i] * 4) as u64;
+    let (q, k, v, o, p) = (at(0), at(1), at(2), at(3), at(4));
+    let AttnShape {
+        batch: b,
+        tokens: n,
+        heads: h,
+        head_dim: d,
+    } = shape;
+    let dims = [
+        Arg::I(b as i32),
+        Arg::I(n as i32),
+        Arg::I(h as i32),
+        Arg::I(d as i32),
+    ];
+    let bh = b * h;
+    let (sl, pl) = (plan.slot, plan.probs);
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY (all launches and products below): qkv holds rows * 3 width values, out rows *
+    // width, the scratch the four head slots and two probability blocks of `plan` (checked
+    // by attn_plan and above); every count fits i32 (attn_plan).
+    unsafe {
+        e.launch(
+            OP,
+            K::SplitQkv,
+            elementwise(plan.slot),
+            &[
+                Arg::P(qp),
+                Arg::P(q),
+                Arg::P(k),
+                Arg::P(v),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+            ],
+        )?;
+        e.gemm(
+            OP,
+            &Gemm::scores(bh, n, d, scale),
+            (k, sl),
+            (q, sl),
+            (p, pl),
+        )?;
+        e.launch(
+            OP,
+            K::Softmax,
+            warp_rows(bh * n),
+            &[Arg::P(p), Arg::I((bh * n) as i32), Arg::I(n as i32)],
+        )?;
+        e.gemm(OP, &Gemm::probs_values(bh, n, d), (v, sl), (p, pl), (o, sl))?;
+        e.launch(
+            OP,
+            K::MergeHeads,
+            elementwise(plan.slot),
+            &[
+                Arg::P(o),
+                Arg::P(outp),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+                Arg::I((h * d) as i32),
+                Arg::I(0),
+            ],
+        )
+    }
+}
+
+pub(crate) fn attention_vjp<E: Exec>(
+    e: &E,
+    qkv: &E::Buf,
+    dout: &E::Buf,
+    shape: AttnShape,
+    dqkv: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "attention_vjp";
+    let (plan, nqkv) = attn_plan(OP, &shape)?;
+    let qp = e.src(OP, "qkv", qkv, nqkv)?;
+    let dop = e.src(OP, "dout", dout, plan.slot)?;
+    let dqp = e.dst(OP, "dqkv", dqkv, nqkv)?;
+    let need = plan
+        .total()
+        .ok_or_else(|| invalid(OP, "the scratch size overflows"))?;
+    let sp = e.dst(OP, "scratch", scratch, need)?;
+    if plan.slot == 0 {
+        return Ok(());
+    }
+    let at = |i: usize| sp + (plan.offsets()[i] * 4) as u64;
+    let (q, k, v, go, p, dp) = (at(0), at(1), at(2), at(3), at(4), at(5));
+    let AttnShape {
+        batch: b,
+        tokens: n,
+        heads: h,
+        head_dim: d,
+    } = shape;
+    let dims = [
+        Arg::I(b as i32),
+        Arg::I(n as i32),
+        Arg::I(h as i32),
+        Arg::I(d as i32),
+    ];
+    let bh = b * h;
+    let (sl, pl) = (plan.slot, plan.probs);
+    let rows = (bh * n) as i32;
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY (all launches and products below): as in `attention`, plus dout holds rows *
+    // width values and dqkv rows * 3 width (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::SplitQkv,
+            elementwise(plan.slot),
+            &[
+                Arg::P(qp),
+                Arg::P(q),
+                Arg::P(k),
+                Arg::P(v),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+            ],
+        )?;
+        // the gradient of the output, in head layout, in the output slot
+        e.launch(
+            OP,
+            K::SplitHeads,
+            elementwise(plan.slot),
+            &[
+                Arg::P(dop),
+                Arg::P(go),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+                Arg::I((h * d) as i32),
+                Arg::I(0),
+            ],
+        )?;
+        // the probabilities, recomputed
+        e.gemm(
+            OP,
+            &Gemm::scores(bh, n, d, scale),
+            (k, sl),
+            (q, sl),
+            (p, pl),
+        )?;
+        e.launch(
+            OP,
+            K::Softmax,
+            warp_rows(bh * n),
+            &[Arg::P(p), Arg::I(rows), Arg::I(n as i32)],
+        )?;
+        // dP = dO V^T, then dV = P^T dO into the v slot (v is no longer needed)
+        e.gemm(
+            OP,
+            &Gemm::grad_values_t(bh, n, d),
+            (v, sl),
+            (go, sl),
+            (dp, pl),
+        )?;
+        e.gemm(
+            OP,
+            &Gemm::probs_t_grad(bh, n, d),
+            (go, sl),
+            (p, pl),
+            (v, sl),
+        )?;
+        // G = scale * P (dP - rowsum(dP P)), in place of dP
+        e.launch(
+            OP,
+            K::SoftmaxVjp,
+            warp_rows(bh * n),
+            &[
+                Arg::P(p),
+                Arg::P(dp),
+                Arg::I(rows),
+                Arg::I(n as i32),
+                Arg::F(scale),
+            ],
+        )?;
+        // dK = G^T Q into the dO slot (dO is no longer needed), then dQ = G K into the q slot
+        e.gemm(OP, &Gemm::grad_k(bh, n, d), (q, sl), (dp, pl), (go, sl))?;
+        e.gemm(OP, &Gemm::grad_q(bh, n, d), (k, sl), (dp, pl), (q, sl))?;
+        e.launch(
+            OP,
+            K::MergeQkv,
+            elementwise(plan.slot),
+            &[
+                Arg::P(q),
+                Arg::P(go),
+                Arg::P(v),
+                Arg::P(dqp),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+            ],
+        )
+    }
+}
+
+pub(crate) fn add_scaled<E: Exec>(
+    e: &E,
+    x: &mut E::Buf,
+    branch: &E::Buf,
+    batch: usize,
+    per_sample: usize,
+    scales: Option<&E::Buf>,
+) -> Result<()> {
+    const OP: &str = "add_scaled";
+    let len = checked_product(OP, &[batch, per_sample])?;
+    let bp = e.src(OP, "branch", branch, len)?;
+    let sp = scales.map(|s| e.src(OP, "scales", s, batch)).transpose()?;
+    let xp = e.dst(OP, "x", x, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "batch * per_sample", len)?;
+    match sp {
+        // SAFETY: x and branch hold `len` values (checked).
+        None => unsafe {
+            e.launch(
+                OP,
+                K::Add,
+                elementwise(len),
+                &[Arg::P(xp), Arg::P(bp), Arg::I(n)],
+            )
+        },
+        // SAFETY: x and branch hold `len` values, scales `batch` = len / per_sample (checked).
+        Some(sp) => unsafe {
+            e.launch(
+                OP,
+                K::AddScaled,
+                elementwise(len),
+                &[
+                    Arg::P(xp),
+                    Arg::P(bp),
+                    Arg::P(sp),
+                    Arg::I(n),
+                    Arg::I(per_sample as i32),
+                ],
+            )
+        },
+    }
+}
+
+pub(crate) fn scaled<E: Exec>(
+    e: &E,
+    g: &E::Buf,
+    batch: usize,
+    per_sample: usize,
+    scales: Option<&E::Buf>,
+    out: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "scaled";
+    let len = checked_product(OP, &[batch, per_sample])?;
+    let gp = e.src(OP, "g", g, len)?;
+    let sp = scales.map(|s| e.src(OP, "scales", s, batch)).transpose()?;
+    let op = e.dst(OP, "out", out, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "batch * per_sample", len)?;
+    match sp {
+        None => copy_ptr(e, OP, gp, op, len),
+        // SAFETY: g and out hold `len` values, scales `batch` = len / per_sample (checked).
+        Some(sp) => unsafe {
+            e.launch(
+                OP,
+                K::Scaled,
+                elementwise(len),
+                &[
+                    Arg::P(gp),
+                    Arg::P(sp),
+                    Arg::P(op),
+                    Arg::I(n),
+                    Arg::I(per_sample as i32),
+                ],
+            )
+        },
+    }
+}
+
+pub(crate) fn patchify<E: Exec>(
+    e: &E,
+    images: &E::Buf,
+    batch: usize,
+    channels: usize,
+    size: usize,
+    patch: usize,
+    cols: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "patchify";
+    if patch == 0 || size % patch != 0 {
+        return Err(invalid(
+            OP,
+            format!("an image of {size} pixels is not a whole number of {patch}-pixel patches"),
+        ));
+    }
+    let len = checked_product(OP, &[batch, channels, size, size])?;
+    let ip = e.src(OP, "images", images, len)?;
+    let cp = e.dst(OP, "cols", cols, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    n32(OP, "the image values", len)?;
+    // SAFETY: images and cols both hold batch * channels * size^2 values (checked; the
+    // patches tile the image exactly).
+    unsafe {
+        e.launch(
+            OP,
+            K::Patchify,
+            elementwise(len),
+            &[
+                Arg::P(ip),
+                Arg::P(cp),
+                Arg::I(batch as i32),
+                Arg::I(channels as i32),
+                Arg::I(size as i32),
+                Arg::I(patch as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn assemble_tokens<E: Exec>(
+    e: &E,
+    patches: &E::Buf,
+    prefix_tokens: &E::Buf,
+    pos: &E::Buf,
+    batch: usize,
+    prefix: usize,
+    patches_per_sample: usize,
+    d: usize,
+    out: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "assemble_tokens";
+    let tokens = prefix
+        .checked_add(patches_per_sample)
+        .ok_or_else(|| invalid(OP, "the token count overflows"))?;
+    let pp = e.src(
+        OP,
+        "patches",
+        patches,
+        checked_product(OP, &[batch, patches_per_sample, d])?,
+    )?;
+    let tp = e.src(
+        OP,
+        "prefix_tokens",
+        prefix_tokens,
+        checked_product(OP, &[prefix, d])?,
+    )?;
+    let sp = e.src(OP, "pos", pos, checked_product(OP, &[tokens, d])?)?;
+    let len = checked_product(OP, &[batch, tokens, d])?;
+    let op = e.dst(OP, "out", out, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    n32(OP, "the output values", len)?;
+    // SAFETY: every index the kernel forms is below the lengths checked above.
+    unsafe {
+        e.launch(
+            OP,
+            K::AssembleTokens,
+            elementwise(len),
+            &[
+                Arg::P(pp),
+                Arg::P(tp),
+                Arg::P(sp),
+                Arg::P(op),
+                Arg::I(batch as i32),
+                Arg::I(prefix as i32),
+                Arg::I(patches_per_sample as i32),
+                Arg::I(d as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn swish<E: Exec>(
+    e: &E,
+    z: &E::Buf,
+    len: usize,
+    beta: f32,
+    y: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "swish";
+    let zp = e.src(OP, "z", z, len)?;
+    let yp = e.dst(OP, "y", y, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // SAFETY: z and y hold `len` values (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::Swish,
+            elementwise(len),
+            &[Arg::P(zp), Arg::P(yp), Arg::I(n), Arg::F(beta)],
+        )
+    }
+}
+
+pub(crate) fn swish_vjp<E: Exec>(
+    e: &E,
+    z: &E::Buf,
+    dy: &E::Buf,
+    len: usize,
+    beta: f32,
+    dz: &mut E::Buf,
+    accumulate: bool,
+) -> Result<()> {
+    const OP: &str = "swish_vjp";
+    let zp = e.src(OP, "z", z, len)?;
+    let dyp = e.src(OP, "dy", dy, len)?;
+    let dzp = e.dst(OP, "dz", dz, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // SAFETY: z, dy and dz hold `len` values (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::SwishVjp,
+            elementwise(len),
+            &[
+                Arg::P(zp),
+                Arg::P(dyp),
+                Arg::P(dzp),
+                Arg::I(n),
+                Arg::F(beta),
+                Arg::I(accumulate as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn depthwise_conv<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    w: &E::Buf,
+    shape: ConvShape,
+    y: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "depthwise_conv";
+    let (len, nw) = conv_lens(OP, &shape)?;
+    let xp = e.src(OP, "x", x, len)?;
+    let wp = e.src(OP, "w", w, nw)?;
+    let yp = e.dst(OP, "y", y, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: x and y hold batch * tokens * width values, w width * k^2 (checked); the
+    // counts fit i32 (conv_lens).
+    unsafe {
+        e.launch(
+            OP,
+            K::Dwconv,
+            elementwise(len),
+            &conv_args(&[xp, wp, yp], &shape),
+        )
+    }
+}
+
+pub(crate) fn depthwise_conv_vjp<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    w: &E::Buf,
+    dy: &E::Buf,
+    shape: ConvShape,
+    dx: &mut E::Buf,
+    dw: &mut E::Buf,
+    accumulate_dw: bool,
+) -> Result<()> {
+    const OP: &str = "depthwise_conv_vjp";
+    let (len, nw) = conv_lens(OP, &shape)?;
+    let xp = e.src(OP, "x", x, len)?;
+    let wp = e.src(OP, "w", w, nw)?;
+    let dyp = e.src(OP, "dy", dy, len)?;
+    let dxp = e.dst(OP, "dx", dx, len)?;
+    let dwp = e.dst(OP, "dw", dw, nw)?;
+    if len > 0 {
+        // SAFETY: dy and dx hold batch * tokens * width values, w width * k^2 (checked).
+        unsafe {
+            e.launch(
+                OP,
+                K::DwconvDx,
+                elementwise(len),
+                &conv_args(&[dyp, wp, dxp], &shape),
+            )
+        }?;
+    }
+    if nw == 0 {
+        return Ok(());
+    }
+    let mut args = conv_args(&[xp, dyp, dwp], &shape);
+    args.push(Arg::I(accumulate_dw as i32));
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.width.div_ceil(32) as u32,
+            (shape.kernel * shape.kernel) as u32,
+            1,
+        ),
+        block_dim: (32, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x and dy hold batch * tokens * width values, dw width * k^2 (checked); k^2
+    // fits the grid's y dimension (conv_lens).
+    unsafe { e.launch(OP, K::DwconvDw, cfg, &args) }
+}
+
+pub(crate) fn mean_tokens<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    batch: usize,
+    tokens: usize,
+    d: usize,
+    from: usize,
+    to: usize,
+    out: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "mean_tokens";
+    token_range(OP, tokens, from, to)?;
+    let len = checked_product(OP, &[batch, tokens, d])?;
+    let xp = e.src(OP, "x", x, len)?;
+    let op = e.dst(OP, "out", out, checked_product(OP, &[batch, d])?)?;
+    if batch * d == 0 {
+        return Ok(());
+    }
+    n32(OP, "the input values", len)?;
+    // SAFETY: x holds batch * tokens * d values and out batch * d (checked); from < to <= tokens.
+    unsafe {
+        e.launch(
+            OP,
+            K::MeanTokens,
+            elementwise(batch * d),
+            &[
+                Arg::P(xp),
+                Arg::P(op),
+                Arg::I(batch as i32),
+                Arg::I(tokens as i32),
+                Arg::I(d as i32),
+                Arg::I(from as i32),
+                Arg::I(to as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn mean_tokens_vjp<E: Exec>(
+    e: &E,
+    g: &E::Buf,
+    batch: usize,
+    tokens: usize,
+    d: usize,
+    from: usize,
+    to: usize,
+    dx: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "mean_tokens_vjp";
+    token_range(OP, tokens, from, to)?;
+    let gp = e.src(OP, "g", g, checked_product(OP, &[batch, d])?)?;
+    let len = checked_product(OP, &[batch, tokens, d])?;
+    let dxp = e.dst(OP, "dx", dx, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    n32(OP, "the output values", len)?;
+    // SAFETY: g holds batch * d values and dx batch * tokens * d (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::MeanTokensVjp,
+            elementwise(len),
+            &[
+                Arg::P(gp),
+                Arg::P(dxp),
+                Arg::I(batch as i32),
+                Arg::I(tokens as i32),
+                Arg::I(d as i32),
+                Arg::I(from as i32),
+                Arg::I(to as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn soft_cross_entropy<E: Exec>(
+    e: &E,
+    logits: &E::Buf,
+    targets: &E::Buf,
+    batch: usize,
+    classes: usize,
+    loss: &mut E::Buf,
+    grad: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "soft_cross_entropy";
+    let len = checked_product(OP, &[batch, classes])?;
+    let lp = e.src(OP, "logits", logits, len)?;
+    let tp = e.src(OP, "targets", targets, len)?;
+    let lossp = e.dst(OP, "loss", loss, 1)?;
+    let gp = e.dst(OP, "grad", grad, len)?;
+    if len == 0 {
+        return fill_ptr(e, OP, lossp, 1, 0.0);
+    }
+    n32(OP, "batch * classes", len)?;
+    // SAFETY: logits, targets and grad hold batch * classes values, loss one (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::SoftCrossEntropy,
+            single_block(1024),
+            &[
+                Arg::P(lp),
+                Arg::P(tp),
+                Arg::P(lossp),
+                Arg::P(gp),
+                Arg::I(batch as i32),
+                Arg::I(classes as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn eval_stats<E: Exec>(
+    e: &E,
+    logits: &E::Buf,
+    labels: &E::Buf,
+    batch: usize,
+    classes: usize,
+    stats: &mut E::Buf,
+) -> Result<()> {
+    const OP: &str = "eval_stats";
+    let len = checked_product(OP, &[batch, classes])?;
+    let lp = e.src(OP, "logits", logits, len)?;
+    let yp = e.src(OP, "labels", labels, batch)?;
+    let sp = e.dst(OP, "stats", stats, 4)?;
+    if batch == 0 {
+        return Ok(());
+    }
+    n32(OP, "batch * classes", len)?;
+    n32(OP, "classes", classes)?;
+    // SAFETY: logits hold batch * classes values, labels batch, stats four (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::EvalStats,
+            single_block(1024),
+            &[
+                Arg::P(lp),
+                Arg::P(yp),
+                Arg::P(sp),
+                Arg::I(batch as i32),
+                Arg::I(classes as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn sum_squares<E: Exec>(e: &E, x: &E::Buf, len: usize, acc: &mut E::Buf) -> Result<()> {
+    const OP: &str = "sum_squares";
+    let xp = e.src(OP, "x", x, len)?;
+    let ap = e.dst(OP, "acc", acc, 1)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    let parts = len.div_ceil(THREADS as usize * 4).clamp(1, PARTIALS);
+    let cfg = LaunchConfig {
+        grid_dim: (parts as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // The two launches share the device's partial sums; `with_partials` keeps any other
+    // sum_squares out from between them.
+    e.with_partials(&mut |pp| {
+        // SAFETY: x holds `len` values, acc one (checked); the partials buffer holds PARTIALS
+        // f64 values and the grid has at most PARTIALS blocks.
+        unsafe {
+            e.launch(
+                OP,
+                K::SumSquaresPartial,
+                cfg,
+                &[Arg::P(xp), Arg::P(pp), Arg::I(n)],
+            )?;
+            e.launch(
+                OP,
+                K::SumSquaresFinal,
+                single_block(1024),
+                &[Arg::P(pp), Arg::P(ap), Arg::I(parts as i32)],
+            )
+        }
+    })
+}
+
+pub(crate) fn adamw<E: Exec>(
+    e: &E,
+    param: &mut E::Buf,
+    grad: &E::Buf,
+    m: &mut E::Buf,
+    v: &mut E::Buf,
+    len: usize,
+    step: &AdamwStep,
+    clip: Option<(&E::Buf, f32)>,
+) -> Result<()> {
+    const OP: &str = "adamw";
+    let gp = e.src(OP, "grad", grad, len)?;
+    let clip = clip
+        .map(|(sq, max_norm)| e.src(OP, "sq", sq, 1).map(|p| (p, max_norm)))
+        .transpose()?;
+    let pp = e.dst(OP, "param", param, len)?;
+    let mp = e.dst(OP, "m", m, len)?;
+    let vp = e.dst(OP, "v", v, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    let decay = if step.weight_decay != 0.0 {
+        (1.0 - step.lr as f64 * step.weight_decay as f64) as f32
+    } else {
+        1.0
+    };
+    // Without clipping the kernel never reads `sq`; any valid pointer stands in.
+    let (sq, max_norm, has_clip) = match clip {
+        Some((p, max_norm)) => (p, max_norm, 1),
+        None => (gp, 0.0, 0),
+    };
+    // SAFETY: param, grad, m and v hold `len` values, sq one when clipping (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::Adamw,
+            elementwise(len),
+            &[
+                Arg::P(pp),
+                Arg::P(gp),
+                Arg::P(mp),
+                Arg::P(vp),
+                Arg::I(n),
+                Arg::F(step.beta1),
+                Arg::F(step.beta2),
+                Arg::F(step.eps),
+                Arg::F(decay),
+                Arg::F(step.step_size),
+                Arg::F(step.bc2_sqrt),
+                Arg::P(sq),
+                Arg::F(max_norm),
+                Arg::I(has_clip),
+            ],
+        )
+    }
+}
+
+/// Checks an attention shape: its plan and the values of the fused `qkv`, all in 32 bits.
+fn attn_plan(op: &str, s: &AttnShape) -> Result<(AttnPlan, usize)> {
+    let plan =
+        AttnPlan::new(s).ok_or_else(|| invalid(op, format!("the sizes of {s:?} overflow")))?;
+    let nqkv = checked_product(op, &[plan.slot, 3])?;
+    if plan.slot > 0 {
+        n32(op, "the qkv values", nqkv)?;
+        n32(op, "the attention probabilities", plan.probs)?;
+        n32(op, "batch * heads", s.batch * s.heads)?;
+    }
+    Ok((plan, nqkv))
+}
+
+/// Checks a depthwise convolution's shape: `(token tensor values, weight values)`.
+fn conv_lens(op: &str, s: &ConvShape) -> Result<(usize, usize)> {
+    if s.kernel == 0 {
+        return Err(invalid(op, "the kernel side is 0"));
+    }
+    let grid = checked_product(op, &[s.grid.0, s.grid.1])?;
+    let tokens = s
+        .prefix
+        .checked_add(grid)
+        .ok_or_else(|| invalid(op, "the token count overflows"))?;
+    let len = checked_product(op, &[s.batch, tokens, s.width])?;
+    let nw = checked_product(op, &[s.width, s.kernel, s.kernel])?;
+    n32(op, "the token values", len)?;
+    n32(op, "the weight values", nw)?;
+    if s.kernel * s.kernel > 65_535 {
+        return Err(invalid(
+            op,
+            format!("a {0}x{0} kernel is too large", s.kernel),
+        ));
+    }
+    Ok((len, nw))
+}
+
+fn conv_args(ptrs: &[u64; 3], s: &ConvShape) -> Vec<Arg> {
+    vec![
+        Arg::P(ptrs[0]),
+        Arg::P(ptrs[1]),
+        Arg::P(ptrs[2]),
+        Arg::I(s.batch as i32),
+        Arg::I(s.prefix as i32),
+        Arg::I(s.grid.0 as i32),
+        Arg::I(s.grid.1 as i32),
+        Arg::I(s.width as i32),
+        Arg::I(s.kernel as i32),
+    ]
+}
+
+/// Checks the token range of a pooling.
+fn token_range(op: &str, tokens: usize, from: usize, to: usize) -> Result<()> {
+    if from >= to || to > tokens {
+        return Err(invalid(
+            op,
+            format!("the token range {from}..{to} is empty or outside the {tokens} tokens"),
+        ));
+    }
+    Ok(())
+}
+
+/// The methods of [`dtl_kernels::Kernels`] that are the same on every [`Exec`] device, for
+/// use inside its `impl Kernels`: each checks and runs the operation of this module. The
+/// device writes the rest (`describe`, `alloc`, `len`, `upload`, `download`, `synchronize`,
+/// `memory`, `reset_peak`).
+macro_rules! kernel_ops {
+    () => {
+        fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, len: usize) -> Result<()> {
+            $crate::ops::copy(self, src, dst, len)
+        }
+
+        fn fill(&self, dst: &mut Self::Buf, len: usize, value: f32) -> Result<()> {
+            $crate::ops::fill(self, dst, len, value)
+        }
+
+        fn add(&self, y: &mut Self::Buf, x: &Self::Buf, len: usize) -> Result<()> {
+            $crate::ops::add(self, y, x, len)
+        }
+
+        fn linear(
+            &self,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            bias: Option<&Self::Buf>,
+            m: usize,
+            k: usize,
+            n: usize,
+            y: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::linear(self, x, w, bias, m, k, n, y, accumulate)
+        }
+
+        fn linear_vjp(
+            &self,
+            dy: &Self::Buf,
+            w: &Self::Buf,
+            m: usize,
+            k: usize,
+            n: usize,
+            dx: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::linear_vjp(self, dy, w, m, k, n, dx, accumulate)
+        }
+
+        fn linear_wgrad(
+            &self,
+            dy: &Self::Buf,
+            x: &Self::Buf,
+            m: usize,
+            k: usize,
+            n: usize,
+            dw: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::linear_wgrad(self, dy, x, m, k, n, dw, accumulate)
+        }
+
+        fn sum_rows(
+            &self,
+            dy: &Self::Buf,
+            m: usize,
+            n: usize,
+            db: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::sum_rows(self, dy, m, n, db, accumulate)
+        }
+
+        fn layer_norm(
+            &self,
+            x: &Self::Buf,
+            gamma: &Self::Buf,
+            beta: &Self::Buf,
+            rows: usize,
+            d: usize,
+            eps: f32,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::layer_norm(self, x, gamma, beta, rows, d, eps, y)
+        }
+
+        fn layer_norm_vjp(
+            &self,
+            x: &Self::Buf,
+            gamma: &Self::Buf,
+            dy: &Self::Buf,
+            rows: usize,
+            d: usize,
+            eps: f32,
+            dx: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::layer_norm_vjp(self, x, gamma, dy, rows, d, eps, dx, accumulate)
+        }
+
+        fn gelu(&self, x: &Self::Buf, len: usize, y: &mut Self::Buf) -> Result<()> {
+            $crate::ops::gelu(self, x, len, y)
+        }
+
+        fn gelu_vjp(&self, u: &Self::Buf, len: usize, g: &mut Self::Buf) -> Result<()> {
+            $crate::ops::gelu_vjp(self, u, len, g)
+        }
+
+        fn attention(
+            &self,
+            qkv: &Self::Buf,
+            shape: dtl_kernels::AttnShape,
+            out: &mut Self::Buf,
+            scratch: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::attention(self, qkv, shape, out, scratch)
+        }
+
+        fn attention_vjp(
+            &self,
+            qkv: &Self::Buf,
+            dout: &Self::Buf,
+            shape: dtl_kernels::AttnShape,
+            dqkv: &mut Self::Buf,
+            scratch: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::attention_vjp(self, qkv, dout, shape, dqkv, scratch)
+        }
+
+        fn attention_scratch(&self, shape: dtl_kernels::AttnShape) -> usize {
+            $crate::ops::attention_scratch(shape)
+        }
+
+        fn add_scaled(
+            &self,
+            x: &mut Self::Buf,
+            branch: &Self::Buf,
+            batch: usize,
+            per_sample: usize,
+            scales: Option<&Self::Buf>,
+        ) -> Result<()> {
+            $crate::ops::add_scaled(self, x, branch, batch, per_sample, scales)
+        }
+
+        fn scaled(
+            &self,
+            g: &Self::Buf,
+            batch: usize,
+            per_sample: usize,
+            scales: Option<&Self::Buf>,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::scaled(self, g, batch, per_sample, scales, out)
+        }
+
+        fn patchify(
+            &self,
+            images: &Self::Buf,
+            batch: usize,
+            channels: usize,
+            size: usize,
+            patch: usize,
+            cols: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::patchify(self, images, batch, channels, size, patch, cols)
+        }
+
+        fn assemble_tokens(
+            &self,
+            patches: &Self::Buf,
+            prefix_tokens: &Self::Buf,
+            pos: &Self::Buf,
+            batch: usize,
+            prefix: usize,
+            patches_per_sample: usize,
+            d: usize,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::assemble_tokens(
+                self,
+                patches,
+                prefix_tokens,
+                pos,
+                batch,
+                prefix,
+                patches_per_sample,
+                d,
+                out,
+            )
+        }
+
+        fn swish(&self, z: &Self::Buf, len: usize, beta: f32, y: &mut Self::Buf) -> Result<()> {
+            $crate::ops::swish(self, z, len, beta, y)
+        }
+
+        fn swish_vjp(
+            &self,
+            z: &Self::Buf,
+            dy: &Self::Buf,
+            len: usize,
+            beta: f32,
+            dz: &mut Self::Buf,
+            accumulate: bool,
+        ) -> Result<()> {
+            $crate::ops::swish_vjp(self, z, dy, len, beta, dz, accumulate)
+        }
+
+        fn depthwise_conv(
+            &self,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            shape: dtl_kernels::ConvShape,
+            y: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::depthwise_conv(self, x, w, shape, y)
+        }
+
+        fn depthwise_conv_vjp(
+            &self,
+            x: &Self::Buf,
+            w: &Self::Buf,
+            dy: &Self::Buf,
+            shape: dtl_kernels::ConvShape,
+            dx: &mut Self::Buf,
+            dw: &mut Self::Buf,
+            accumulate_dw: bool,
+        ) -> Result<()> {
+            $crate::ops::depthwise_conv_vjp(self, x, w, dy, shape, dx, dw, accumulate_dw)
+        }
+
+        fn mean_tokens(
+            &self,
+            x: &Self::Buf,
+            batch: usize,
+            tokens: usize,
+            d: usize,
+            from: usize,
+            to: usize,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::mean_tokens(self, x, batch, tokens, d, from, to, out)
+        }
+
+        fn mean_tokens_vjp(
+            &self,
+            g: &Self::Buf,
+            batch: usize,
+            tokens: usize,
+            d: usize,
+            from: usize,
+            to: usize,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::mean_tokens_vjp(self, g, batch, tokens, d, from, to, dx)
+        }
+
+        fn soft_cross_entropy(
+            &self,
+            logits: &Self::Buf,
+            targets: &Self::Buf,
+            batch: usize,
+            classes: usize,
+            loss: &mut Self::Buf,
+            grad: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::soft_cross_entropy(self, logits, targets, batch, classes, loss, grad)
+        }
+
+        fn eval_stats(
+            &self,
+            logits: &Self::Buf,
+            labels: &Self::Buf,
+            batch: usize,
+            classes: usize,
+            stats: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::eval_stats(self, logits, labels, batch, classes, stats)
+        }
+
+        fn sum_squares(&self, x: &Self::Buf, len: usize, acc: &mut Self::Buf) -> Result<()> {
+            $crate::ops::sum_squares(self, x, len, acc)
+        }
+
+        fn adamw(
+            &self,
+            param: &mut Self::Buf,
+            grad: &Self::Buf,
+            m: &mut Self::Buf,
+            v: &mut Self::Buf,
+            len: usize,
+            step: &dtl_kernels::AdamwStep,
+            clip: Option<(&Self::Buf, f32)>,
+        ) -> Result<()> {
+            $crate::ops::adamw(self, param, grad, m, v, len, step, clip)
+        }
+    };
+}
+pub(crate) use kernel_ops;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_enum_follows_the_entry_point_list() {
+        let all = [
+            K::Fill,
+            K::Add,
+            K::BiasRows,
+            K::SumRows,
+            K::Gelu,
+            K::GeluVjp,
+            K::Swish,
+            K::SwishVjp,
+            K::AddScaled,
+            K::Scaled,
+            K::LayerNorm,
+            K::LayerNormVjp,
+            K::SplitQkv,
+            K::SplitHeads,
+            K::MergeHeads,
+            K::MergeQkv,
+            K::Softmax,
+            K::SoftmaxVjp,
+            K::Patchify,
+            K::AssembleTokens,
+            K::Dwconv,
+            K::DwconvDx,
+            K::DwconvDw,
+            K::MeanTokens,
+            K::MeanTokensVjp,
+            K::SoftCrossEntropy,
+            K::EvalStats,
+            K::SumSquaresPartial,
+            K::SumSquaresFinal,
+            K::Adamw,
+        ];
+        assert_eq!(all.len(), crate::KERNEL_NAMES.len());
+        for (i, k) in all.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+            // `SumSquaresPartial` is `dtl_sum_squares_partial`: compare without underscores.
+            let name = crate::KERNEL_NAMES[i]
+                .trim_start_matches("dtl_")
+                .replace('_', "");
+            let variant = format!("{k:?}").to_lowercase();
+            let variant = match variant.as_str() {
+                "softmax" => "softmaxrows".to_string(),
+                "softmaxvjp" => "softmaxrowsvjp".to_string(),
+                _ => variant,
+            };
+            assert_eq!(name, variant, "entry {i}");
+        }
+    }
+
+    #[test]
+    fn launch_shapes_stay_within_cuda_limits() {
+        let e = elementwise(1);
+        assert_eq!((e.grid_dim.0, e.block_dim.0), (1, THREADS));
+        assert_eq!(elementwise(usize::MAX / 2).grid_dim.0 as usize, MAX_BLOCKS);
+        assert_eq!(elementwise(0).grid_dim.0, 1);
+        assert_eq!(block_rows(10, 768).block_dim.0, 256);
+        assert_eq!(block_rows(10, 5).block_dim.0, 32);
+        assert_eq!(warp_rows(9).grid_dim.0, 3);
+    }
+
+    #[test]
+    fn attention_scratch_plan() {
+        let s = AttnShape {
+            batch: 2,
+            tokens: 5,
+            heads: 3,
+            head_dim: 4,
+        };
+        let p = AttnPlan::new(&s).unwrap();
+        assert_eq!(
+            p,
+            AttnPlan {
+                slot: 120,
+                probs: 150
+            }
+        );
+        assert_eq!(p.total(), Some(4 * 120 + 2 * 150));
+        assert_eq!(attention_scratch(s), 4 * 120 + 2 * 150);
+        assert_eq!(p.offsets()[5], 4 * 120 + 150);
+        let huge = AttnShape {
+            batch: usize::MAX,
+            tokens: 2,
+            heads: 1,
+            head_dim: 1,
+        };
+        assert_eq!(AttnPlan::new(&huge), None);
+        assert_eq!(attention_scratch(huge), usize::MAX);
+        let big = AttnShape {
+            batch: 1 << 20,
+            tokens: 197,
+            heads: 12,
+            head_dim: 64,
+        };
+        let e = attn_plan("attention", &big).unwrap_err().to_string();
+        assert!(e.contains("32-bit"), "{e}");
+    }
+
+    #[test]
+    fn conv_shape_checks() {
+        let s = ConvShape {
+            batch: 2,
+            prefix: 1,
+            grid: (3, 4),
+            width: 5,
+            kernel: 4,
+        };
+        assert_eq!(conv_lens("c", &s).unwrap(), (2 * 13 * 5, 5 * 16));
+        let e = conv_lens("c", &ConvShape { kernel: 0, ..s })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernel side is 0"), "{e}");
+        assert!(token_range("m", 5, 1, 5).is_ok());
+        assert!(token_range("m", 5, 2, 2).is_err());
+        assert!(token_range("m", 5, 1, 6).is_err());
+    }
+}

@@ -1,0 +1,1451 @@
+//! The training step written over the kernel set: from the uploaded batch to the AdamW update,
+//! everything stays in the device's memory.
+//!
+//! [`ResidentModel`] composes a frozen [`KernelBackbone`], the side network and the head
+//! described by their registry entries in kernel-set terms ([`KernelSide`], [`KernelHead`]),
+//! the loss, gradient clipping and AdamW, all over one [`Kernels`] device. Every buffer a step
+//! needs is planned once for a largest batch ([`ResidentModel::plan`]) and reused; a step
+//! allocates nothing on the device, and the host reads back only what it asks for (the loss at
+//! logging steps, the evaluation counts at the end of an evaluation).
+//!
+//! The same code runs on every device: on the CPU with `dtl_kernels::CpuKernels` (where it is
+//! tested against the PyTorch reference), on a CUDA GPU with `dtl_cuda::Gpu`.
+//!
+//! # The step
+//!
+//! With taps `T`, injects `J` and `f = min J`:
+//!
+//! ```text
+//! x_0 = embed(images); z = 0
+//! for i in 0..L:
+//!     if i in T: t_i = x_i A_i^T; z += t_i B_i^T          # t_i (rows x r) is kept
+//!     x_{i+1} = Block_i(x_i)                              # drop path from the step's masks
+//!     if i in J: x_{i+1} += g(z)                          # g = swish_beta [then depthwise conv]
+//! logits = head(norm(pool(x_L))); loss, dlogits = cross_entropy(logits, targets)
+//! ```
+//!
+//! Kept for the backward pass: the inputs of the tapped blocks and of the blocks after `f`
+//! (whose VJPs need them), and the `t_i`. The value of `z` at an inject is recomputed from the
+//! `t_i` in the order of the forward pass (so it is bit-identical), and each block's VJP
+//! recomputes its internals; with `run.activations = "store"` the blocks after `f` keep their
+//! internals from the forward pass instead ([`KernelBackbone::block_forward_saving`]) and their
+//! VJPs recompute nothing ([`KernelBackbone::block_vjp_saved`]). The backward pass runs the
+//! head, the norm's VJP and the blocks' input-only VJPs down to block `f + 1`, accumulating `dL/dz` over the injects; each tap's
+//! maps then get their gradients from it, and the taps after `f` add theirs to `dL/dx_i`.
+
+use std::sync::Arc;
+
+use dfdx::prelude::*;
+use dtl_core::config::PipelineConfig;
+use dtl_core::registry::{KernelHead, KernelSide};
+use dtl_core::{BackboneSpec, DropPath, DtlError, Param, Result};
+use dtl_kernels::{AdamwStep, ConvShape, DropScales, KernelBackbone, Kernels, MemoryStats};
+
+use dtl_core::BenchOptions;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::checkpoint::Checkpoint;
+use crate::data::{Batch, BatchIter};
+use crate::device::TrainDevice;
+use crate::job::{Engine, EngineSource, EvalResult};
+use crate::optim::AdamW;
+
+/// One trainable tensor on the device: its value, gradient and AdamW moments.
+pub struct DeviceParam<K: Kernels> {
+    /// Checkpoint name (`side.3.a`, `fusion.weight`, `head.weight`, ...).
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Whether weight decay applies (see `optim.no_decay`).
+    pub decays: bool,
+    /// Values.
+    pub value: K::Buf,
+    /// Gradient of the last step.
+    pub grad: K::Buf,
+    /// First moment.
+    pub m: K::Buf,
+    /// Second moment.
+    pub v: K::Buf,
+}
+
+impl<K: Kernels> DeviceParam<K> {
+    fn new(k: &K, p: &Param<Cpu>, decays: bool) -> Result<Self> {
+        let n = p.numel();
+        Ok(DeviceParam {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            decays,
+            value: k.upload_new(&p.value.as_vec())?,
+            grad: k.alloc(n)?,
+            m: k.alloc(n)?,
+            v: k.alloc(n)?,
+        })
+    }
+
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Where each trainable tensor sits in [`ResidentModel::params`].
+#[derive(Debug, Clone)]
+struct Layout {
+    /// `(block, index of A, index of B)` per tap, ascending blocks.
+    taps: Vec<(usize, usize, usize)>,
+    /// Inject blocks, ascending.
+    injects: Vec<usize>,
+    rank: usize,
+    beta: f32,
+    /// Index of `fusion.weight` and the kernel side (DTL+).
+    conv: Option<(usize, usize)>,
+    head_w: usize,
+    head_b: usize,
+}
+
+impl Layout {
+    fn is_probe(&self) -> bool {
+        self.taps.is_empty()
+    }
+    fn first_inject(&self) -> Option<usize> {
+        self.injects.first().copied()
+    }
+    fn tap_of(&self, block: usize) -> Option<usize> {
+        self.taps.iter().position(|t| t.0 == block)
+    }
+}
+
+/// The buffers of a step for batches of up to `cap` samples.
+struct Buffers<K: Kernels, B: KernelBackbone<K>> {
+    cap: usize,
+    ws: B::Workspace,
+    images: K::Buf,
+    targets: K::Buf,
+    labels: K::Buf,
+    cur: K::Buf,
+    next: K::Buf,
+    /// Per block: its input, for the blocks whose input the backward pass needs.
+    saved: Vec<Option<K::Buf>>,
+    /// Per tap (in tap order): `x_i A_i^T`.
+    t: Vec<K::Buf>,
+    z: K::Buf,
+    zr: K::Buf,
+    s: K::Buf,
+    inj: K::Buf,
+    gx: K::Buf,
+    gx2: K::Buf,
+    gz: K::Buf,
+    ds: K::Buf,
+    dt: K::Buf,
+    pooled: K::Buf,
+    feats: K::Buf,
+    logits: K::Buf,
+    dlogits: K::Buf,
+    dfeats: K::Buf,
+    dpooled: K::Buf,
+    loss: K::Buf,
+    sq: K::Buf,
+    stats: K::Buf,
+    drops: Vec<DropScales<K>>,
+    /// Per block: its internals from the forward pass (`run.activations = "store"`, the
+    /// blocks after the first inject), else empty.
+    internals: Vec<Vec<K::Buf>>,
+}
+
+/// Hyper-parameters of AdamW (see [`AdamwStep`]).
+#[derive(Debug, Clone, Copy)]
+struct AdamSettings {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// Counts of an evaluation pass, read from the device once at its end.
+///
+/// ```
+/// let c = dtl_runner::resident::EvalCounts { top1: 3.0, top5: 4.0, loss_sum: 2.0, non_finite: 0.0, images: 4 };
+/// assert_eq!(c.top1_rate(), 0.75);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalCounts {
+    /// Top-1 hits.
+    pub top1: f64,
+    /// Top-5 hits.
+    pub top5: f64,
+    /// Sum of the per-image cross entropy.
+    pub loss_sum: f64,
+    /// Images whose logits were not all finite.
+    pub non_finite: f64,
+    /// Images evaluated.
+    pub images: usize,
+}
+
+impl EvalCounts {
+    /// Top-1 accuracy in `[0, 1]` (0 for no image).
+    pub fn top1_rate(&self) -> f64 {
+        self.top1 / self.images.max(1) as f64
+    }
+}
+
+/// A frozen backbone, the side network and the head, with their gradients and optimizer state,
+/// all in the memory of one [`Kernels`] device.
+///
+/// Built from a pipeline with [`ResidentModel::from_config`]: the side network and head are
+/// the registered ones, described in kernel-set terms by their registry entries, and their
+/// initial values are drawn from the same seeded CPU generator as the CPU path's, so a run
+/// starts from the same parameters on every device. Parameters are in the same order and
+/// under the same names as the CPU model's, so checkpoints move between devices.
+///
+/// ```no_run
+/// # fn demo<K: dtl_kernels::Kernels + Clone, B: dtl_kernels::KernelBackbone<K>>(
+/// #     cfg: &dtl_core::PipelineConfig, k: K, backbone: B) -> dtl_core::Result<()> {
+/// use std::sync::Arc;
+/// use dtl_runner::resident::ResidentModel;
+/// let mut model = ResidentModel::from_config(cfg, k, Arc::new(backbone), 10)?;
+/// model.plan(32)?;
+/// let images = vec![0.0f32; 32 * 3 * 224 * 224];
+/// let targets = dtl_runner::model::smoothed_targets(&[0; 32], 10, 0.0);
+/// let drops = vec![None; 12];
+/// model.train_step(&images, 32, &targets, &drops, 1e-3, None)?;
+/// let loss = model.read_loss()?;
+/// # Ok(()) }
+/// ```
+pub struct ResidentModel<K: Kernels, B: KernelBackbone<K>> {
+    k: K,
+    backbone: Arc<B>,
+    spec: BackboneSpec,
+    classes: usize,
+    cls_pool: bool,
+    layout: Layout,
+    params: Vec<DeviceParam<K>>,
+    adam: AdamSettings,
+    /// Optimizer steps taken.
+    steps: u64,
+    /// `run.activations = "store"`: the blocks after the first inject keep their internals.
+    store: bool,
+    bufs: Option<Buffers<K, B>>,
+}
+
+fn unsupported(what: &str, name: &str) -> DtlError {
+    DtlError::Unavailable(format!(
+        "{what} = \"{name}\" has no implementation over the kernel set, so it cannot train on a GPU; \
+         use a built-in one (side.kind = \"dtl\", \"dtl+\" or \"linear\"; head.kind = \"linear\") \
+         or set run.device = \"cpu\""
+    ))
+}
+
+impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
+    /// The pipeline's side network and head on `k` for `classes` classes, initialised from
+    /// `run.seed` exactly as the CPU model is.
+    pub fn from_config(
+        cfg: &PipelineConfig,
+        k: K,
+        backbone: Arc<B>,
+        classes: usize,
+    ) -> Result<Self> {
+        let spec = backbone.spec().clone();
+        let reg = dtl_core::registry()?;
+        let side_entry = reg.side(&cfg.side.kind)?;
+        let side = (side_entry
+            .kernels
+            .ok_or_else(|| unsupported("side.kind", side_entry.name))?)(
+            &cfg.side, &spec
+        )?;
+        let head_entry = reg.head(&cfg.head.kind)?;
+        let head = (head_entry
+            .kernels
+            .ok_or_else(|| unsupported("head.kind", head_entry.name))?)(
+            &cfg.head, &spec, classes
+        )?;
+        let init = Cpu::seed_from_u64(cfg.run.seed);
+        let (cpu_side, cpu_head) = Cpu::build_parts(cfg, &spec, classes, &init, &init)?;
+        let mut host: Vec<&Param<Cpu>> = cpu_side.params();
+        host.extend(cpu_head.params());
+        let params = host
+            .iter()
+            .map(|p| DeviceParam::new(&k, p, cfg.optim.decays(&p.name)))
+            .collect::<Result<Vec<_>>>()?;
+        let adam = AdamSettings {
+            beta1: cfg.optim.betas[0],
+            beta2: cfg.optim.betas[1],
+            eps: cfg.optim.eps,
+            weight_decay: cfg.optim.weight_decay,
+        };
+        let mut model = Self::assemble(
+            k,
+            backbone,
+            spec,
+            side,
+            head,
+            params,
+            adam,
+            classes,
+            cfg.head.pool == "cls",
+        )?;
+        model.store = cfg.run.activations == "store";
+        Ok(model)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        k: K,
+        backbone: Arc<B>,
+        spec: BackboneSpec,
+        side: KernelSide,
+        head: KernelHead,
+        params: Vec<DeviceParam<K>>,
+        adam: AdamSettings,
+        classes: usize,
+        cls_pool: bool,
+    ) -> Result<Self> {
+        let find = |name: &str, shape: &[usize]| -> Result<usize> {
+            let i = params.iter().position(|p| p.name == name).ok_or_else(|| {
+                DtlError::invalid(format!(
+                    "the side network and head hold no tensor `{name}` (they hold {})",
+                    params
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            if params[i].shape != shape {
+                return Err(DtlError::invalid(format!(
+                    "tensor `{name}` has shape {:?}, the kernel-set step needs {shape:?}",
+                    params[i].shape
+                )));
+            }
+            Ok(i)
+        };
+        let d = spec.width;
+        let KernelHead::Linear = head;
+        let head_w = find("head.weight", &[classes, d])?;
+        let head_b = find("head.bias", &[classes])?;
+        let layout = match side {
+            KernelSide::None => Layout {
+                taps: Vec::new(),
+                injects: Vec::new(),
+                rank: 0,
+                beta: 0.0,
+                conv: None,
+                head_w,
+                head_b,
+            },
+            KernelSide::LowRank {
+                rank,
+                beta,
+                taps,
+                injects,
+                kernel,
+            } => {
+                if taps.is_empty() || injects.is_empty() || injects[0] < taps[0] {
+                    return Err(DtlError::invalid(
+                        "side network: needs at least one tap and one inject, and no inject before the first tap",
+                    ));
+                }
+                if let Some(bad) = taps.iter().chain(&injects).find(|&&i| i >= spec.depth) {
+                    return Err(DtlError::invalid(format!(
+                        "side network: block {bad} is past the depth of `{}` (blocks 0-{})",
+                        spec.name,
+                        spec.depth.saturating_sub(1)
+                    )));
+                }
+                let taps = taps
+                    .iter()
+                    .map(|&i| {
+                        Ok((
+                            i,
+                            find(&format!("side.{i}.a"), &[rank, d])?,
+                            find(&format!("side.{i}.b"), &[d, rank])?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let conv = if kernel > 0 {
+                    Some((find("fusion.weight", &[d, 1, kernel, kernel])?, kernel))
+                } else {
+                    None
+                };
+                Layout {
+                    taps,
+                    injects,
+                    rank,
+                    beta,
+                    conv,
+                    head_w,
+                    head_b,
+                }
+            }
+        };
+        Ok(ResidentModel {
+            k,
+            backbone,
+            spec,
+            classes,
+            cls_pool,
+            layout,
+            params,
+            adam,
+            steps: 0,
+            store: false,
+            bufs: None,
+        })
+    }
+
+    /// The device.
+    pub fn kernels(&self) -> &K {
+        &self.k
+    }
+
+    /// The frozen backbone.
+    pub fn backbone(&self) -> &Arc<B> {
+        &self.backbone
+    }
+
+    /// Classes of the head.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The trainable tensors, side network first, then the head (the CPU model's order).
+    pub fn params(&self) -> &[DeviceParam<K>] {
+        &self.params
+    }
+
+    /// Number of trainable scalars.
+    pub fn trainable_params(&self) -> usize {
+        self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// Optimizer steps taken.
+    pub fn optim_steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Memory of the device, when it tracks it.
+    pub fn memory(&self) -> Option<MemoryStats> {
+        self.k.memory()
+    }
+
+    /// Plans every buffer a step needs for batches of up to `batch` samples (done once; a
+    /// larger batch later plans again).
+    pub fn plan(&mut self, batch: usize) -> Result<()> {
+        if batch == 0 {
+            return Err(DtlError::invalid("the batch size must be at least 1"));
+        }
+        if self.bufs.as_ref().is_some_and(|b| b.cap >= batch) {
+            return Ok(());
+        }
+        // Free the old plan before making the new one.
+        self.bufs = None;
+        let k = &self.k;
+        let s = &self.spec;
+        let (n, d, c) = (s.tokens(), s.width, self.classes);
+        let act = dtl_kernels::checked_product("activations", &[batch, n, d])?;
+        let l = &self.layout;
+        let keep = |i: usize| match l.first_inject() {
+            Some(f) => l.tap_of(i).is_some() || i > f,
+            None => false,
+        };
+        let side_act = if l.is_probe() { 0 } else { act };
+        let saved = (0..s.depth)
+            .map(|i| {
+                if keep(i) {
+                    k.alloc(act).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t = l
+            .taps
+            .iter()
+            .map(|_| k.alloc(batch * n * l.rank))
+            .collect::<Result<Vec<_>>>()?;
+        let drops = (0..s.depth)
+            .map(|_| DropScales::alloc(k, batch))
+            .collect::<Result<Vec<_>>>()?;
+        let conv_act = if l.conv.is_some() { act } else { 0 };
+        let lens = if self.store {
+            self.backbone.saved_lens(batch)?
+        } else {
+            Vec::new()
+        };
+        let internals = (0..s.depth)
+            .map(|i| match l.first_inject() {
+                Some(f) if i > f => lens.iter().map(|&len| k.alloc(len)).collect(),
+                _ => Ok(Vec::new()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bufs = Buffers {
+            cap: batch,
+            ws: self.backbone.workspace(k, batch)?,
+            images: k.alloc(dtl_kernels::checked_product(
+                "images",
+                &[batch, s.in_chans, s.image_size, s.image_size],
+            )?)?,
+            targets: k.alloc(batch * c)?,
+            labels: k.alloc(batch)?,
+            cur: k.alloc(act)?,
+            next: k.alloc(act)?,
+            saved,
+            t,
+            z: k.alloc(side_act)?,
+            zr: k.alloc(side_act)?,
+            s: k.alloc(conv_act)?,
+            inj: k.alloc(side_act)?,
+            gx: k.alloc(side_act)?,
+            gx2: k.alloc(side_act)?,
+            gz: k.alloc(side_act)?,
+            ds: k.alloc(conv_act)?,
+            dt: k.alloc(batch * n * l.rank)?,
+            pooled: k.alloc(batch * d)?,
+            feats: k.alloc(batch * d)?,
+            logits: k.alloc(batch * c)?,
+            dlogits: k.alloc(batch * c)?,
+            dfeats: k.alloc(batch * d)?,
+            dpooled: k.alloc(batch * d)?,
+            loss: k.alloc(1)?,
+            sq: k.alloc(1)?,
+            stats: k.alloc(4)?,
+            drops,
+            internals,
+        };
+        self.bufs = Some(bufs);
+        Ok(())
+    }
+
+    fn check_batch(&self, images: usize, n: usize) -> Result<()> {
+        let s = &self.spec;
+        let want = n * s.in_chans * s.image_size * s.image_size;
+        if n == 0 || images != want {
+            return Err(DtlError::invalid(format!(
+                "a batch of {n} images needs {want} values at {0}x{0}, got {images}",
+                s.image_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The token range the head pools over.
+    fn pool_range(&self) -> (usize, usize) {
+        if self.cls_pool {
+            (0, 1)
+        } else {
+            (self.spec.prefix_tokens, self.spec.tokens())
+        }
+    }
+
+    fn conv_shape(&self, batch: usize, kernel: usize) -> ConvShape {
+        ConvShape {
+            batch,
+            prefix: self.spec.prefix_tokens,
+            grid: self.spec.grid,
+            width: self.spec.width,
+            kernel,
+        }
+    }
+
+    /// The forward pass on the uploaded images (`bufs.images`) up to the logits: with `train`,
+    /// keeps what the backward pass needs and applies the drop-path scales in `bufs.drops`.
+    fn forward(
+        &self,
+        bufs: &mut Buffers<K, B>,
+        n: usize,
+        train: bool,
+        drops: &[bool],
+    ) -> Result<()> {
+        let k = &self.k;
+        let bb = &*self.backbone;
+        let s = &self.spec;
+        let l = &self.layout;
+        let (tokens, d) = (s.tokens(), s.width);
+        let rows = n * tokens;
+        let act = rows * d;
+        bb.embed(k, &mut bufs.ws, &bufs.images, n, &mut bufs.cur)?;
+        if !l.is_probe() {
+            k.fill(&mut bufs.z, act, 0.0)?;
+        }
+        for i in 0..s.depth {
+            if train {
+                if let Some(x) = bufs.saved[i].as_mut() {
+                    k.copy(&bufs.cur, x, act)?;
+                }
+            }
+            if let Some(ti) = l.tap_of(i) {
+                let (_, a, b) = l.taps[ti];
+                let t = &mut bufs.t[ti];
+                k.linear(
+                    &bufs.cur,
+                    &self.params[a].value,
+                    None,
+                    rows,
+                    d,
+                    l.rank,
+                    t,
+                    false,
+                )?;
+                k.linear(
+                    t,
+                    &self.params[b].value,
+                    None,
+                    rows,
+                    l.rank,
+                    d,
+                    &mut bufs.z,
+                    true,
+                )?;
+            }
+            let drop = if train && drops.get(i).copied().unwrap_or(false) {
+                Some(&bufs.drops[i])
+            } else {
+                None
+            };
+            let keep = &mut bufs.internals[i];
+            if train && !keep.is_empty() {
+                bb.block_forward_saving(
+                    k,
+                    &mut bufs.ws,
+                    i,
+                    &bufs.cur,
+                    n,
+                    drop,
+                    &mut bufs.next,
+                    keep,
+                )?;
+            } else {
+                bb.block_forward(k, &mut bufs.ws, i, &bufs.cur, n, drop, &mut bufs.next)?;
+            }
+            std::mem::swap(&mut bufs.cur, &mut bufs.next);
+            if l.injects.contains(&i) {
+                self.side_out(bufs, n, false)?;
+                k.add(&mut bufs.cur, &bufs.inj, act)?;
+            }
+        }
+        let (from, to) = self.pool_range();
+        k.mean_tokens(&bufs.cur, n, tokens, d, from, to, &mut bufs.pooled)?;
+        bb.norm_forward(k, &bufs.pooled, n, &mut bufs.feats)?;
+        let (w, b) = (&self.params[l.head_w].value, &self.params[l.head_b].value);
+        k.linear(
+            &bufs.feats,
+            w,
+            Some(b),
+            n,
+            d,
+            self.classes,
+            &mut bufs.logits,
+            false,
+        )
+    }
+
+    /// `bufs.inj = g(z)` from the running `z` (`recompute = false`) or from `zr`.
+    fn side_out(&self, bufs: &mut Buffers<K, B>, n: usize, recompute: bool) -> Result<()> {
+        let k = &self.k;
+        let l = &self.layout;
+        let act = n * self.spec.tokens() * self.spec.width;
+        let z = if recompute { &bufs.zr } else { &bufs.z };
+        match l.conv {
+            None => k.swish(z, act, l.beta, &mut bufs.inj),
+            Some((w, kernel)) => {
+                k.swish(z, act, l.beta, &mut bufs.s)?;
+                k.depthwise_conv(
+                    &bufs.s,
+                    &self.params[w].value,
+                    self.conv_shape(n, kernel),
+                    &mut bufs.inj,
+                )
+            }
+        }
+    }
+
+    /// `bufs.zr = z` as it was at block `block`, summed from the kept `t_i` in the forward
+    /// pass's order.
+    fn recompute_z(&self, bufs: &mut Buffers<K, B>, n: usize, block: usize) -> Result<()> {
+        let k = &self.k;
+        let l = &self.layout;
+        let (rows, d) = (n * self.spec.tokens(), self.spec.width);
+        k.fill(&mut bufs.zr, rows * d, 0.0)?;
+        for (ti, &(i, _, b)) in l.taps.iter().enumerate() {
+            if i > block {
+                break;
+            }
+            k.linear(
+                &bufs.t[ti],
+                &self.params[b].value,
+                None,
+                rows,
+                l.rank,
+                d,
+                &mut bufs.zr,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Gradients of tap `ti`'s maps from `bufs.gz`; with `dx`, adds its path to `bufs.gx`.
+    fn tap_backward(
+        &mut self,
+        bufs: &mut Buffers<K, B>,
+        n: usize,
+        ti: usize,
+        dx: bool,
+    ) -> Result<()> {
+        let k = &self.k;
+        let l = &self.layout;
+        let (rows, d, r) = (n * self.spec.tokens(), self.spec.width, l.rank);
+        let (block, a, b) = l.taps[ti];
+        let x = bufs.saved[block].as_ref().ok_or_else(|| {
+            DtlError::invalid(format!("the input of tapped block {block} was not kept"))
+        })?;
+        k.linear_wgrad(
+            &bufs.gz,
+            &bufs.t[ti],
+            rows,
+            r,
+            d,
+            &mut self.params[b].grad,
+            false,
+        )?;
+        k.linear_vjp(
+            &bufs.gz,
+            &self.params[b].value,
+            rows,
+            r,
+            d,
+            &mut bufs.dt,
+            false,
+        )?;
+        k.linear_wgrad(&bufs.dt, x, rows, d, r, &mut self.params[a].grad, false)?;
+        if dx {
+            k.linear_vjp(
+                &bufs.dt,
+                &self.params[a].value,
+                rows,
+                d,
+                r,
+                &mut bufs.gx,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The backward pass after [`Self::forward`] and the loss: every parameter's gradient.
+    fn backward(&mut self, bufs: &mut Buffers<K, B>, n: usize, drops: &[bool]) -> Result<()> {
+        let k = self.k.clone();
+        let k = &k;
+        let (tokens, d, c) = (self.spec.tokens(), self.spec.width, self.classes);
+        let act = n * tokens * d;
+        let (head_w, head_b) = (self.layout.head_w, self.layout.head_b);
+        for p in self.params.iter_mut() {
+            let len = p.numel();
+            k.fill(&mut p.grad, len, 0.0)?;
+        }
+        k.linear_wgrad(
+            &bufs.dlogits,
+            &bufs.feats,
+            n,
+            d,
+            c,
+            &mut self.params[head_w].grad,
+            false,
+        )?;
+        k.sum_rows(&bufs.dlogits, n, c, &mut self.params[head_b].grad, false)?;
+        let Some(first) = self.layout.first_inject() else {
+            return Ok(());
+        };
+        k.linear_vjp(
+            &bufs.dlogits,
+            &self.params[head_w].value,
+            n,
+            d,
+            c,
+            &mut bufs.dfeats,
+            false,
+        )?;
+        self.backbone
+            .norm_vjp(k, &bufs.pooled, &bufs.dfeats, n, &mut bufs.dpooled)?;
+        let (from, to) = self.pool_range();
+        k.mean_tokens_vjp(&bufs.dpooled, n, tokens, d, from, to, &mut bufs.gx)?;
+        k.fill(&mut bufs.gz, act, 0.0)?;
+        let beta = self.layout.beta;
+        for i in (first..self.spec.depth).rev() {
+            if self.layout.injects.contains(&i) {
+                self.recompute_z(bufs, n, i)?;
+                match self.layout.conv {
+                    None => k.swish_vjp(&bufs.zr, &bufs.gx, act, beta, &mut bufs.gz, true)?,
+                    Some((w, kernel)) => {
+                        k.swish(&bufs.zr, act, beta, &mut bufs.s)?;
+                        let shape = self.conv_shape(n, kernel);
+                        let (wv, wg) = split_value_grad(&mut self.params[w]);
+                        k.depthwise_conv_vjp(&bufs.s, wv, &bufs.gx, shape, &mut bufs.ds, wg, true)?;
+                        k.swish_vjp(&bufs.zr, &bufs.ds, act, beta, &mut bufs.gz, true)?;
+                    }
+                }
+            }
+            if i > first {
+                let x = bufs.saved[i].as_ref().ok_or_else(|| {
+                    DtlError::invalid(format!("the input of block {i} was not kept"))
+                })?;
+                let drop = if drops.get(i).copied().unwrap_or(false) {
+                    Some(&bufs.drops[i])
+                } else {
+                    None
+                };
+                let kept = &bufs.internals[i];
+                if kept.is_empty() {
+                    self.backbone.block_vjp(
+                        k,
+                        &mut bufs.ws,
+                        i,
+                        x,
+                        &bufs.gx,
+                        n,
+                        drop,
+                        &mut bufs.gx2,
+                    )?;
+                } else {
+                    self.backbone.block_vjp_saved(
+                        k,
+                        &mut bufs.ws,
+                        i,
+                        x,
+                        &bufs.gx,
+                        n,
+                        drop,
+                        kept,
+                        &mut bufs.gx2,
+                    )?;
+                }
+                std::mem::swap(&mut bufs.gx, &mut bufs.gx2);
+            }
+            if let Some(ti) = self.layout.tap_of(i) {
+                self.tap_backward(bufs, n, ti, i > first)?;
+            }
+        }
+        for ti in (0..self.layout.taps.len()).rev() {
+            if self.layout.taps[ti].0 < first {
+                self.tap_backward(bufs, n, ti, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads a batch, its targets and its drop-path masks into the plan (planning a larger
+    /// one when needed); returns which blocks drop.
+    fn upload_batch(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        targets: Option<&[f32]>,
+        drops: &[Option<Arc<DropPath>>],
+    ) -> Result<Vec<bool>> {
+        self.check_batch(images.len(), n)?;
+        if let Some(t) = targets {
+            if t.len() != n * self.classes {
+                return Err(DtlError::invalid(format!(
+                    "targets hold {} values, expected {n} images x {} classes",
+                    t.len(),
+                    self.classes
+                )));
+            }
+        }
+        self.plan(n)?;
+        let k = &self.k;
+        let bufs = self.bufs.as_mut().expect("planned above");
+        k.upload(images, &mut bufs.images)?;
+        if let Some(t) = targets {
+            k.upload(t, &mut bufs.targets)?;
+        }
+        let mut on = vec![false; self.spec.depth];
+        for (i, d) in drops.iter().enumerate().take(self.spec.depth) {
+            if let Some(d) = d {
+                if d.attn.len() != n || d.mlp.len() != n {
+                    return Err(DtlError::invalid(format!(
+                        "drop path scales for {} / {} samples given to a batch of {n}",
+                        d.attn.len(),
+                        d.mlp.len()
+                    )));
+                }
+                bufs.drops[i].set(k, d)?;
+                on[i] = true;
+            }
+        }
+        Ok(on)
+    }
+
+    /// Forward pass, loss and every gradient for one batch, without an update. `targets` is
+    /// `(n, classes)` (soft or smoothed); `drops[i]` holds block `i`'s drop-path masks.
+    pub fn forward_backward(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        targets: &[f32],
+        drops: &[Option<Arc<DropPath>>],
+    ) -> Result<()> {
+        let on = self.upload_batch(images, n, Some(targets), drops)?;
+        let mut bufs = self.bufs.take().expect("planned by upload_batch");
+        let r = self.forward_backward_planned(&mut bufs, n, &on);
+        self.bufs = Some(bufs);
+        r
+    }
+
+    fn forward_backward_planned(
+        &mut self,
+        bufs: &mut Buffers<K, B>,
+        n: usize,
+        on: &[bool],
+    ) -> Result<()> {
+        self.forward(bufs, n, true, on)?;
+        let (b, c) = (n, self.classes);
+        self.k.soft_cross_entropy(
+            &bufs.logits,
+            &bufs.targets,
+            b,
+            c,
+            &mut bufs.loss,
+            &mut bufs.dlogits,
+        )?;
+        self.backward(bufs, n, on)
+    }
+
+    /// One optimisation step: forward, backward, optional gradient clipping to `clip` (total
+    /// L2 norm, PyTorch's `clip_grad_norm_`) and AdamW at learning rate `lr`. Nothing is read
+    /// back; [`Self::read_loss`] gives the loss of this step.
+    pub fn train_step(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        targets: &[f32],
+        drops: &[Option<Arc<DropPath>>],
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<()> {
+        self.forward_backward(images, n, targets, drops)?;
+        self.update(lr, clip)
+    }
+
+    /// AdamW on the gradients of the last [`Self::forward_backward`].
+    pub fn update(&mut self, lr: f64, clip: Option<f64>) -> Result<()> {
+        let k = self.k.clone();
+        let bufs = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| DtlError::invalid("update before any forward and backward pass"))?;
+        if clip.is_some() {
+            k.fill(&mut bufs.sq, 1, 0.0)?;
+            for p in &self.params {
+                k.sum_squares(&p.grad, p.numel(), &mut bufs.sq)?;
+            }
+        }
+        self.steps += 1;
+        let a = self.adam;
+        for p in self.params.iter_mut() {
+            let wd = if p.decays { a.weight_decay } else { 0.0 };
+            let step = AdamwStep::new(lr, a.beta1, a.beta2, a.eps, wd, self.steps);
+            let len = p.numel();
+            let clip = clip.map(|c| (&bufs.sq, c as f32));
+            k.adamw(&mut p.value, &p.grad, &mut p.m, &mut p.v, len, &step, clip)?;
+        }
+        Ok(())
+    }
+
+    /// The loss of the last forward pass (reads one value from the device).
+    pub fn read_loss(&self) -> Result<f32> {
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| DtlError::invalid("no step has run yet"))?;
+        Ok(self.k.download(&bufs.loss, 1)?[0])
+    }
+
+    /// The logits of the last forward pass, `(n, classes)` row-major.
+    pub fn read_logits(&self, n: usize) -> Result<Vec<f32>> {
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| DtlError::invalid("no step has run yet"))?;
+        self.k.download(&bufs.logits, n * self.classes)
+    }
+
+    /// Every gradient of the last step on the host, in [`Self::params`] order.
+    pub fn read_grads(&self) -> Result<Vec<Vec<f32>>> {
+        self.params
+            .iter()
+            .map(|p| self.k.download(&p.grad, p.numel()))
+            .collect()
+    }
+
+    /// Logits of `n` images without keeping anything for a backward pass (evaluation).
+    pub fn forward_eval(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.upload_batch(images, n, None, &[])?;
+        let mut bufs = self.bufs.take().expect("planned by upload_batch");
+        let r = self.forward(&mut bufs, n, false, &[]);
+        self.bufs = Some(bufs);
+        r?;
+        self.read_logits(n)
+    }
+
+    /// Starts an evaluation pass: zeroes the counts on the device.
+    pub fn eval_begin(&mut self, batch: usize) -> Result<()> {
+        self.plan(batch)?;
+        let bufs = self.bufs.as_mut().expect("planned above");
+        self.k.fill(&mut bufs.stats, 4, 0.0)
+    }
+
+    /// Adds one batch's counts on the device; `labels` must lie in `0..classes`.
+    pub fn eval_batch(&mut self, images: &[f32], n: usize, labels: &[usize]) -> Result<()> {
+        if labels.len() != n {
+            return Err(DtlError::invalid(format!(
+                "a batch of {n} images came with {} labels",
+                labels.len()
+            )));
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l >= self.classes) {
+            return Err(DtlError::invalid(format!(
+                "label {l} is out of range for {} classes",
+                self.classes
+            )));
+        }
+        self.upload_batch(images, n, None, &[])?;
+        let mut bufs = self.bufs.take().expect("planned by upload_batch");
+        let lab: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+        let r = (|| {
+            self.k.upload(&lab, &mut bufs.labels)?;
+            self.forward(&mut bufs, n, false, &[])?;
+            self.k
+                .eval_stats(&bufs.logits, &bufs.labels, n, self.classes, &mut bufs.stats)
+        })();
+        self.bufs = Some(bufs);
+        r
+    }
+
+    /// Reads the counts of the evaluation pass (`images` is the caller's count).
+    pub fn eval_end(&self, images: usize) -> Result<EvalCounts> {
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| DtlError::invalid("no evaluation has started"))?;
+        let s = self.k.download(&bufs.stats, 4)?;
+        Ok(EvalCounts {
+            top1: s[0] as f64,
+            top5: s[1] as f64,
+            loss_sum: s[2] as f64,
+            non_finite: s[3] as f64,
+            images,
+        })
+    }
+
+    /// The parameters on the host as CPU parameters (for checkpoints and the CPU model).
+    pub fn host_params(&self) -> Result<Vec<Param<Cpu>>> {
+        let dev = Cpu::default();
+        self.params
+            .iter()
+            .map(|p| {
+                Param::from_vec(
+                    &dev,
+                    &p.name,
+                    &p.shape,
+                    self.k.download(&p.value, p.numel())?,
+                )
+            })
+            .collect()
+    }
+
+    /// The optimizer state on the host, as the CPU optimizer holds it (for checkpoints).
+    pub fn host_optim(&self, cfg: &PipelineConfig) -> Result<AdamW<Cpu>> {
+        let dev = Cpu::default();
+        let host = self.host_params()?;
+        let mut opt = AdamW::from_config(&cfg.optim, &host.iter().collect::<Vec<_>>(), &dev);
+        for (i, p) in self.params.iter().enumerate() {
+            let n = p.numel();
+            opt.exp_avg[i] = dev.tensor_from_vec(self.k.download(&p.m, n)?, (n,));
+            opt.exp_avg_sq[i] = dev.tensor_from_vec(self.k.download(&p.v, n)?, (n,));
+        }
+        opt.steps = self.steps;
+        Ok(opt)
+    }
+
+    /// Loads a checkpoint's parameters and, with `optim`, its optimizer state.
+    pub fn load_checkpoint(
+        &mut self,
+        ck: &Checkpoint,
+        cfg: &PipelineConfig,
+        optim: bool,
+    ) -> Result<()> {
+        let mut host = self.host_params()?;
+        ck.apply(host.iter_mut().collect())?;
+        for (p, h) in self.params.iter_mut().zip(&host) {
+            self.k.upload(&h.value.as_vec(), &mut p.value)?;
+        }
+        if optim {
+            let names: Vec<String> = host.iter().map(|p| p.name.clone()).collect();
+            let mut opt = AdamW::from_config(
+                &cfg.optim,
+                &host.iter().collect::<Vec<_>>(),
+                &Cpu::default(),
+            );
+            ck.apply_optim(&mut opt, &names)?;
+            for (i, p) in self.params.iter_mut().enumerate() {
+                self.k.upload(&opt.exp_avg[i].as_vec(), &mut p.m)?;
+                self.k.upload(&opt.exp_avg_sq[i].as_vec(), &mut p.v)?;
+            }
+            self.steps = opt.steps;
+        }
+        Ok(())
+    }
+
+    /// Replaces the parameters' values (in [`Self::params`] order), e.g. with a reference's.
+    pub fn set_params(&mut self, values: &[Vec<f32>]) -> Result<()> {
+        if values.len() != self.params.len() {
+            return Err(DtlError::invalid(format!(
+                "{} tensors given for {} parameters",
+                values.len(),
+                self.params.len()
+            )));
+        }
+        for (p, v) in self.params.iter_mut().zip(values) {
+            if v.len() != p.numel() {
+                return Err(DtlError::invalid(format!(
+                    "`{}` holds {} values, {} given",
+                    p.name,
+                    p.numel(),
+                    v.len()
+                )));
+            }
+            self.k.upload(v, &mut p.value)?;
+        }
+        Ok(())
+    }
+}
+
+/// The value and the gradient of one parameter, borrowed together.
+fn split_value_grad<K: Kernels>(p: &mut DeviceParam<K>) -> (&K::Buf, &mut K::Buf) {
+    (&p.value, &mut p.grad)
+}
+
+/// The frozen backbone of a device job and the device it trains on.
+pub struct ResidentSource<K: Kernels + Clone, B: KernelBackbone<K>> {
+    k: K,
+    backbone: Arc<B>,
+}
+
+impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentSource<K, B> {
+    /// `backbone` on device `k`.
+    pub fn new(k: K, backbone: B) -> Self {
+        ResidentSource {
+            k,
+            backbone: Arc::new(backbone),
+        }
+    }
+}
+
+/// [`ResidentModel`] as the training loop drives it.
+pub struct ResidentEngine<K: Kernels + Clone, B: KernelBackbone<K>> {
+    model: ResidentModel<K, B>,
+    cfg: PipelineConfig,
+    loss_acc: K::Buf,
+}
+
+impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentEngine<K, B> {
+    /// The model.
+    pub fn model(&self) -> &ResidentModel<K, B> {
+        &self.model
+    }
+}
+
+impl<K: Kernels + Clone, B: KernelBackbone<K>> EngineSource for ResidentSource<K, B> {
+    type Engine = ResidentEngine<K, B>;
+    fn spec(&self) -> &BackboneSpec {
+        self.backbone.spec()
+    }
+    fn engine(&self, cfg: &PipelineConfig, classes: usize) -> Result<ResidentEngine<K, B>> {
+        let mut model =
+            ResidentModel::from_config(cfg, self.k.clone(), Arc::clone(&self.backbone), classes)?;
+        model.plan(cfg.data.batch_size.max(1))?;
+        let loss_acc = self.k.alloc(1)?;
+        Ok(ResidentEngine {
+            model,
+            cfg: cfg.clone(),
+            loss_acc,
+        })
+    }
+    fn bench(&self, cfg: &PipelineConfig, opts: &BenchOptions) -> Result<Value> {
+        bench(cfg, &self.k, &self.backbone, opts)
+    }
+}
+
+impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
+    fn trainable_params(&self) -> usize {
+        self.model.trainable_params()
+    }
+    fn optim_steps(&self) -> u64 {
+        self.model.optim_steps()
+    }
+    fn host_params(&self) -> Result<Vec<Param<Cpu>>> {
+        self.model.host_params()
+    }
+    fn host_optim(&self) -> Result<AdamW<Cpu>> {
+        self.model.host_optim(&self.cfg)
+    }
+    fn load(&mut self, ck: &Checkpoint, optim: bool) -> Result<()> {
+        self.model.load_checkpoint(ck, &self.cfg, optim)
+    }
+    fn train_step(
+        &mut self,
+        batch: &Batch,
+        targets: &[f32],
+        drops: &[Option<Arc<DropPath>>],
+        lr: f64,
+        clip: Option<f64>,
+        read_loss: bool,
+    ) -> Result<Option<f32>> {
+        self.model
+            .train_step(&batch.images, batch.n, targets, drops, lr, clip)?;
+        let bufs = self.model.bufs.as_ref().expect("a step plans its buffers");
+        self.model.k.add(&mut self.loss_acc, &bufs.loss, 1)?;
+        if read_loss {
+            Ok(Some(self.model.read_loss()?))
+        } else {
+            Ok(None)
+        }
+    }
+    fn loss_sum(&self) -> Result<f64> {
+        Ok(self.model.k.download(&self.loss_acc, 1)?[0] as f64)
+    }
+    fn set_loss_sum(&mut self, value: f64) -> Result<()> {
+        self.model.k.upload(&[value as f32], &mut self.loss_acc)
+    }
+    fn evaluate(&mut self, batches: Box<dyn BatchIter>) -> Result<EvalResult> {
+        let mut started = false;
+        let mut images = 0usize;
+        let mut non_finite = 0.0;
+        for (step, batch) in batches.enumerate() {
+            let batch = batch?;
+            if !started {
+                self.model.eval_begin(batch.n)?;
+                started = true;
+            }
+            self.model
+                .eval_batch(&batch.images, batch.n, &batch.labels)?;
+            images += batch.n;
+            // Four numbers per step, so that a NaN or an Inf is reported with its step.
+            let bad = self.model.eval_end(images)?.non_finite;
+            if bad > non_finite {
+                return Err(crate::sanity::non_finite_logits(
+                    step,
+                    (bad - non_finite) as usize,
+                    batch.n,
+                    &batch.images,
+                ));
+            }
+            non_finite = bad;
+        }
+        if !started {
+            return Ok(EvalResult {
+                top1: 0.0,
+                top5: 0.0,
+                loss: 0.0,
+                images: 0,
+            });
+        }
+        let c = self.model.eval_end(images)?;
+        if c.non_finite > 0.0 {
+            return Err(DtlError::invalid(format!(
+                "the logits of {} of {images} test images are not finite (NaN or Inf): the side network or head has diverged; lower optim.lr or set optim.clip_grad",
+                c.non_finite
+            )));
+        }
+        let n = images.max(1) as f64;
+        Ok(EvalResult {
+            top1: c.top1 / n,
+            top5: c.top5 / n,
+            loss: c.loss_sum / n,
+            images,
+        })
+    }
+    fn memory_mib(&self) -> Option<f64> {
+        self.model.memory().map(|m| m.peak_mib())
+    }
+    fn device(&self) -> String {
+        self.model.k.describe()
+    }
+}
+
+/// `dtl bench` on a device: throughput and peak device memory of full training steps of
+/// `dtl`, `dtl+` and `linear` (the pipeline's side settings), of the frozen forward and of
+/// the forward plus every block's VJP, for each batch size of `opts`.
+///
+/// `train` measures `dtl` and `dtl+` with each `run.activations` policy (the row's
+/// `activations`: `recompute` or `store`) and the linear probe once; `idle_rss_mib` is the
+/// process's resident memory just before the row's model is built (the frozen weights loaded,
+/// nothing planned), so `peak_rss_mib - idle_rss_mib` is what the step adds (exact for the
+/// first row; later rows reuse memory the allocator kept from earlier ones).
+/// Each row holds `what`, `side`, `batch`, `img_per_s`, `peak_gpu_mib` (the most the device's
+/// live buffers held during the timed steps, workspaces included), `gpu_driver_mib` (the
+/// driver's used-memory growth since the device was opened) and `peak_rss_mib`. The device
+/// is synchronised before each timing starts and ends.
+pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
+    cfg: &PipelineConfig,
+    k: &K,
+    backbone: &Arc<B>,
+    opts: &BenchOptions,
+) -> Result<Value> {
+    let spec = backbone.spec().clone();
+    let s = spec.image_size;
+    let classes = cfg.head.classes.unwrap_or(10);
+    let what = crate::bench::check_what(&opts.what)?;
+    let mut rows = Vec::new();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
+    for &batch in &opts.batches {
+        if batch == 0 {
+            return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
+        }
+        let images: Vec<f32> = {
+            use rand::Rng;
+            (0..batch * spec.in_chans * s * s)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect()
+        };
+        let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
+        let targets = crate::model::smoothed_targets(&labels, classes, 0.0);
+        for w in &what {
+            match w.as_str() {
+                "train" => {
+                    let runs = crate::bench::KINDS.iter().flat_map(|&kind| {
+                        // the linear probe has no block VJP: one policy is all it has
+                        let modes: &[&str] = if kind == "linear" {
+                            &["recompute"]
+                        } else {
+                            &["recompute", "store"]
+                        };
+                        modes.iter().map(move |&mode| (kind, mode))
+                    });
+                    for (kind, mode) in runs {
+                        let mut c = crate::bench::with_side(cfg, kind);
+                        c.run.activations = mode.to_string();
+                        k.synchronize()?;
+                        let idle = crate::report::rss_mib();
+                        let mut model = ResidentModel::from_config(
+                            &c,
+                            k.clone(),
+                            Arc::clone(backbone),
+                            classes,
+                        )?;
+                        model.plan(batch)?;
+                        let mut step = 0u64;
+                        let m = measure_device(k, opts, batch, || {
+                            let drops = crate::job::drop_masks(
+                                c.backbone.drop_path,
+                                spec.depth,
+                                batch,
+                                c.run.seed,
+                                step,
+                            );
+                            step += 1;
+                            model.train_step(&images, batch, &targets, &drops, c.optim.lr, None)
+                        })?;
+                        let mut r =
+                            device_row("train", kind, batch, &m, Some(model.trainable_params()));
+                        r["activations"] = serde_json::json!(mode);
+                        r["idle_rss_mib"] = serde_json::json!(idle);
+                        rows.push(r);
+                        drop(model);
+                    }
+                }
+                "forward" | "vjp" => {
+                    let mut ws = backbone.workspace(k, batch)?;
+                    let act = batch * spec.tokens() * spec.width;
+                    let img = k.upload_new(&images)?;
+                    let mut x = k.alloc(act)?;
+                    let mut y = k.alloc(act)?;
+                    let vjp = w == "vjp";
+                    let mut inputs = Vec::new();
+                    if vjp {
+                        for _ in 0..spec.depth {
+                            inputs.push(k.alloc(act)?);
+                        }
+                    }
+                    let m = measure_device(k, opts, batch, || {
+                        backbone.embed(k, &mut ws, &img, batch, &mut x)?;
+                        for i in 0..spec.depth {
+                            if let Some(kept) = inputs.get_mut(i) {
+                                k.copy(&x, kept, act)?;
+                            }
+                            backbone.block_forward(k, &mut ws, i, &x, batch, None, &mut y)?;
+                            std::mem::swap(&mut x, &mut y);
+                        }
+                        if vjp {
+                            for i in (0..spec.depth).rev() {
+                                backbone.block_vjp(
+                                    k, &mut ws, i, &inputs[i], &x, batch, None, &mut y,
+                                )?;
+                                std::mem::swap(&mut x, &mut y);
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    rows.push(device_row(w, "none", batch, &m, None));
+                }
+                _ => unreachable!("checked by check_what"),
+            }
+        }
+    }
+    Ok(
+        serde_json::json!({"backbone": spec.name, "image_size": s, "device": k.describe(), "rows": rows}),
+    )
+}
+
+/// Throughput and memory of `steps` calls of `f` on a device after `warmup` calls.
+struct DeviceMeasured {
+    img_per_s: f64,
+    peak_gpu_mib: Option<f64>,
+    gpu_driver_mib: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+fn measure_device<K: Kernels>(
+    k: &K,
+    opts: &BenchOptions,
+    batch: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<DeviceMeasured> {
+    for _ in 0..opts.warmup {
+        f()?;
+    }
+    k.synchronize()?;
+    k.reset_peak();
+    crate::report::reset_peak_rss();
+    let steps = opts.steps.max(1);
+    let t = std::time::Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    k.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    let mem = k.memory();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(DeviceMeasured {
+        img_per_s: (steps * batch) as f64 / secs.max(1e-12),
+        peak_gpu_mib: mem.map(|m| mib(m.peak)),
+        gpu_driver_mib: mem.and_then(|m| m.driver_used).map(mib),
+        peak_rss_mib: crate::report::peak_rss_mib(),
+    })
+}
+
+fn device_row(
+    what: &str,
+    side: &str,
+    batch: usize,
+    m: &DeviceMeasured,
+    params: Option<usize>,
+) -> Value {
+    let mut r = serde_json::json!({"what": what, "side": side, "batch": batch, "img_per_s": m.img_per_s,
+        "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": m.peak_gpu_mib, "gpu_driver_mib": m.gpu_driver_mib});
+    if let Some(p) = params {
+        r["trainable_params"] = serde_json::json!(p);
+    }
+    r
+}

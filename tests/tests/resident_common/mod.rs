@@ -1,0 +1,228 @@
+//! Parity of the device training step ([`dtl_runner::resident`]) with the PyTorch reference
+//! fixtures, for any device of the kernel set: logits, loss, every gradient and six AdamW
+//! steps of the DTL and DTL+ fixtures. Every setting is read from the fixture's json.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use dtl_core::PipelineConfig;
+use dtl_kernels::Kernels;
+use dtl_runner::model::smoothed_targets;
+use dtl_runner::resident::ResidentModel;
+use dtl_vit::VitOn;
+
+#[path = "../parity_common/mod.rs"]
+mod parity_common;
+pub use parity_common::{fixtures, read, rel_err};
+
+/// The fixture's pipeline: its side network, head and optimizer settings.
+pub fn pipeline(cfg: &serde_json::Value) -> PipelineConfig {
+    pipeline_with(cfg, "recompute")
+}
+
+/// [`pipeline`] with `run.activations = activations` (`"recompute"` or `"store"`).
+pub fn pipeline_with(cfg: &serde_json::Value, activations: &str) -> PipelineConfig {
+    let d = &cfg["dtl"];
+    let a = &cfg["adamw"];
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kernel = d["fusion_kernel"].as_u64().unwrap();
+    let betas = a["betas"].as_array().unwrap();
+    let text = format!(
+        "[run]\nactivations = \"{activations}\"\n\
+         [backbone]\nkind = \"vit_test_patch8_32\"\n\
+         [side]\nkind = \"{}\"\nrank = {}\nbeta = {}\ntaps = [{}]\ninjects = [{}]\nkernel = {kernel}\n\
+         [head]\nclasses = {}\n\
+         [data]\nkind = \"image-folder\"\nroot = \".\"\nbatch_size = {}\n\
+         [optim]\nlr = {}\nbetas = [{}, {}]\neps = {}\nweight_decay = {}\n",
+        if kernel > 0 { "dtl+" } else { "dtl" },
+        d["rank"],
+        d["beta"].as_f64().unwrap(),
+        list(&d["taps"]),
+        list(&d["injects"]),
+        d["classes"],
+        d["batch"],
+        a["lr"].as_f64().unwrap(),
+        betas[0].as_f64().unwrap(),
+        betas[1].as_f64().unwrap(),
+        a["eps"].as_f64().unwrap(),
+        a["weight_decay"].as_f64().unwrap(),
+    );
+    PipelineConfig::from_str(&text, "fixture.toml".as_ref(), &[]).unwrap()
+}
+
+/// One fixture on device `k`: the model with the fixture's initial values, its images,
+/// targets and expected values.
+pub struct Case<K: Kernels + Clone> {
+    pub model: ResidentModel<K, VitOn<K>>,
+    pub fx: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+    pub cfg: serde_json::Value,
+    pub images: Vec<f32>,
+    pub n: usize,
+    pub targets: Vec<f32>,
+}
+
+pub fn setup<K: Kernels + Clone>(name: &str, k: K) -> Case<K> {
+    setup_with(name, k, "recompute")
+}
+
+/// [`setup`] with `run.activations = activations`.
+pub fn setup_with<K: Kernels + Clone>(name: &str, k: K, activations: &str) -> Case<K> {
+    use dtl_vit::variants::VitTestPatch8_32;
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let fx = read(&format!("{name}_dtl.safetensors"));
+    let vit = dtl_vit::load::<VitTestPatch8_32>(
+        &fixtures().join(format!("{name}_vit.safetensors")),
+        "auto",
+    )
+    .unwrap();
+    let spec = dtl_core::Backbone::<dfdx::prelude::Cpu>::spec(&vit).clone();
+    let on = VitOn::upload(&k, &spec, vit.weights()).unwrap();
+    let p = pipeline_with(&cfg, activations);
+    let classes = cfg["dtl"]["classes"].as_u64().unwrap() as usize;
+    let mut model = ResidentModel::from_config(&p, k, Arc::new(on), classes).unwrap();
+    let init: Vec<Vec<f32>> = model
+        .params()
+        .iter()
+        .map(|q| {
+            let (shape, v) = &fx[&format!("init.{}", q.name)];
+            assert_eq!(shape, &q.shape, "{}", q.name);
+            v.iter().map(|&x| x as f32).collect()
+        })
+        .collect();
+    model.set_params(&init).unwrap();
+    let (shape, input) = &fx["input"];
+    let n = shape[0];
+    let images: Vec<f32> = input.iter().map(|&x| x as f32).collect();
+    let labels: Vec<usize> = fx["labels"].1.iter().map(|&l| l as usize).collect();
+    let targets = smoothed_targets(&labels, classes, 0.0);
+    Case {
+        model,
+        fx,
+        cfg,
+        images,
+        n,
+        targets,
+    }
+}
+
+/// Logits, loss and every gradient of one step agree with the fixture within `tol` relative.
+pub fn forward_and_grads<K: Kernels + Clone>(name: &str, mut case: Case<K>, tol: f64) {
+    let n = case.n;
+    case.model
+        .forward_backward(&case.images, n, &case.targets, &[])
+        .unwrap();
+    let logits = case.model.read_logits(n).unwrap();
+    let e = rel_err(&logits, &case.fx["logits"].1);
+    assert!(e < tol, "{name}: logits differ by {e:e} relative");
+    let loss = case.model.read_loss().unwrap() as f64;
+    let want = case.fx["loss"].1[0];
+    assert!(
+        ((loss - want) / want).abs() < tol,
+        "{name}: loss {loss} vs {want}"
+    );
+    let grads = case.model.read_grads().unwrap();
+    assert_eq!(
+        grads.len(),
+        case.fx.keys().filter(|k| k.starts_with("grad.")).count()
+    );
+    for (p, g) in case.model.params().iter().zip(&grads) {
+        let e = rel_err(g, &case.fx[&format!("grad.{}", p.name)].1);
+        assert!(
+            e < tol,
+            "{name}: gradient of {} differs by {e:e} relative",
+            p.name
+        );
+    }
+    let eval = case.model.forward_eval(&case.images, n).unwrap();
+    let e = rel_err(&eval, &case.fx["logits"].1);
+    assert!(
+        e < tol,
+        "{name}: evaluation logits differ by {e:e} relative"
+    );
+}
+
+/// Six AdamW steps follow the fixture's losses and end at its parameters within `tol`.
+pub fn adamw_trajectory<K: Kernels + Clone>(name: &str, mut case: Case<K>, tol: f64) {
+    let lr = case.cfg["adamw"]["lr"].as_f64().unwrap();
+    let want = case.fx["train_losses"].1.clone();
+    let n = case.n;
+    for (i, &w) in want.iter().enumerate() {
+        case.model
+            .train_step(&case.images, n, &case.targets, &[], lr, None)
+            .unwrap();
+        let loss = case.model.read_loss().unwrap() as f64;
+        assert!(
+            ((loss - w) / w).abs() < tol,
+            "{name}: loss before step {i}: {loss} vs {w}"
+        );
+    }
+    for (p, v) in case
+        .model
+        .params()
+        .iter()
+        .zip(case.model.host_params().unwrap())
+    {
+        let e = rel_err(&v.value.as_vec(), &case.fx[&format!("final.{}", p.name)].1);
+        assert!(
+            e < tol,
+            "{name}: {} after {} steps differs by {e:e} relative",
+            p.name,
+            want.len()
+        );
+    }
+}
+
+/// Trains two epochs of a small DTL+ pipeline on generated data with the device step on `k`,
+/// then evaluates its last checkpoint on `k` and on the tape-based CPU path: both give the
+/// accuracy the run reported. Returns the report.
+pub fn train_then_evaluate_on_the_cpu<K: Kernels + Clone>(k: K) -> serde_json::Value {
+    use dfdx::prelude::Cpu;
+    use dtl_core::{BuildContext, Job, RunEnv};
+    use dtl_runner::data::SyntheticData;
+    use dtl_runner::resident::ResidentSource;
+    use dtl_runner::{DtlJob, Trainer};
+    use dtl_vit::variants::VitTestPatch8_32;
+    let text = "[run]\nname = \"cross\"\nseed = 5\n[backbone]\nkind = \"vit_test_patch8_32\"\ndrop_path = 0.1\n\
+                [side]\nkind = \"dtl+\"\ntaps = \"0-3\"\ninjects = \"2-3\"\n\
+                [data]\nkind = \"synthetic\"\nroot = \".\"\nbatch_size = 4\n\
+                [optim]\nlr = 0.02\nclip_grad = 5.0\n[schedule]\nepochs = 2\nwarmup_epochs = 1\n";
+    let cfg = PipelineConfig::from_str(text, "cross.toml".as_ref(), &[]).unwrap();
+    let cx = BuildContext {
+        pipeline_file: "cross.toml".into(),
+    };
+    let data = || Box::new(SyntheticData::new(3, 32, 24, 12, 4, 7));
+    let vit = || dtl_vit::random::<VitTestPatch8_32>(9).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = RunEnv {
+        run_dir: dir.path().to_path_buf(),
+        progress: false,
+        resume: None,
+    };
+    let device_job = || {
+        let v = vit();
+        let spec = dtl_core::Backbone::<Cpu>::spec(&v).clone();
+        let on = VitOn::upload(&k, &spec, v.weights()).unwrap();
+        Trainer::with_source(&cfg, &cx, ResidentSource::new(k.clone(), on)).with_data(data())
+    };
+    let report = device_job().train(&env).unwrap();
+    let last = dir.path().join("last.safetensors");
+    let on_device = device_job().evaluate(&env, &last).unwrap();
+    let on_cpu = DtlJob::new(&cfg, &cx, vit(), Cpu::default())
+        .with_data(data())
+        .evaluate(&env, &last)
+        .unwrap();
+    assert_eq!(on_device["top1"], report["top1"], "{on_device} vs {report}");
+    assert_eq!(on_cpu["top1"], report["top1"], "{on_cpu} vs {report}");
+    report
+}
