@@ -838,7 +838,12 @@ impl<S: EngineSource> Job for Trainer<S> {
             "checkpoints": {"best": best_path.display().to_string(), "last": last_path.display().to_string()},
         });
         report::write_report(&run_dir, &report, &epochs_lines)?;
-        report::plot_curves(&run_dir.join("curves.svg"), &points)?;
+        let split = if cfg.eval.val.is_some() {
+            "val"
+        } else {
+            "test"
+        };
+        report::plot_curves_of(&run_dir.join("curves.svg"), &points, split)?;
         Ok(report)
     }
 

@@ -223,6 +223,23 @@ pub fn write_report(run_dir: &Path, report: &Value, epochs: &[Value]) -> Result<
 /// assert!(std::fs::read_to_string(&p).unwrap().contains("<svg"));
 /// ```
 pub fn plot_curves(path: &Path, points: &[(usize, f64, Option<f64>)]) -> Result<()> {
+    plot_curves_of(path, points, "test")
+}
+
+/// Like [`plot_curves`], the accuracy panel titled after the split it was measured on
+/// (`"val"` when training evaluates on a validation split).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("curves.svg");
+/// dtl_runner::report::plot_curves_of(&p, &[(1, 2.0, Some(0.3))], "val").unwrap();
+/// assert!(std::fs::read_to_string(&p).unwrap().contains("val top-1"));
+/// ```
+pub fn plot_curves_of(
+    path: &Path,
+    points: &[(usize, f64, Option<f64>)],
+    split: &str,
+) -> Result<()> {
     let err = |e: String| DtlError::file(path, format!("cannot draw the plot: {e}"));
     let root = SVGBackend::new(path, (900, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
@@ -247,7 +264,7 @@ pub fn plot_curves(path: &Path, points: &[(usize, f64, Option<f64>)]) -> Result<
     c.draw_series(loss.iter().map(|&p| Circle::new(p, 3, RED.filled())))
         .map_err(|e| err(e.to_string()))?;
     let mut c = ChartBuilder::on(&right)
-        .caption("test top-1 (%)", ("sans-serif", 18))
+        .caption(format!("{split} top-1 (%)"), ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(50)
