@@ -1055,10 +1055,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     }
 
     /// The optimizer state on the host, as the CPU optimizer holds it (for checkpoints).
-    pub fn host_optim(&self, cfg: &PipelineConfig) -> Result<AdamW<Cpu>> {
+    pub fn host_optim(&self) -> Result<AdamW<Cpu>> {
         let dev = Cpu::default();
-        let host = self.host_params()?;
-        let mut opt = AdamW::from_config(&cfg.optim, &host.iter().collect::<Vec<_>>(), &dev);
+        let mut opt = self.host_optim_zeroed();
         for (i, p) in self.params.iter().enumerate() {
             let n = p.numel();
             opt.exp_avg[i] = dev.tensor_from_vec(self.k.download(&p.m, n)?, (n,));
@@ -1068,13 +1067,23 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         Ok(opt)
     }
 
+    /// A CPU optimizer with this model's hyper-parameters and decay groups, its moments zero;
+    /// built from the parameters' sizes, so no value is read from the device.
+    fn host_optim_zeroed(&self) -> AdamW<Cpu> {
+        let a = self.adam;
+        let layout = self.params.iter().map(|p| (p.numel(), p.decays)).collect();
+        AdamW::new(
+            a.beta1,
+            a.beta2,
+            a.eps,
+            a.weight_decay,
+            layout,
+            &Cpu::default(),
+        )
+    }
+
     /// Loads a checkpoint's parameters and, with `optim`, its optimizer state.
-    pub fn load_checkpoint(
-        &mut self,
-        ck: &Checkpoint,
-        cfg: &PipelineConfig,
-        optim: bool,
-    ) -> Result<()> {
+    pub fn load_checkpoint(&mut self, ck: &Checkpoint, optim: bool) -> Result<()> {
         let mut host = self.host_params()?;
         ck.apply(host.iter_mut().collect())?;
         for (p, h) in self.params.iter_mut().zip(&host) {
@@ -1082,11 +1091,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         }
         if optim {
             let names: Vec<String> = host.iter().map(|p| p.name.clone()).collect();
-            let mut opt = AdamW::from_config(
-                &cfg.optim,
-                &host.iter().collect::<Vec<_>>(),
-                &Cpu::default(),
-            );
+            let mut opt = self.host_optim_zeroed();
             ck.apply_optim(&mut opt, &names)?;
             for (i, p) in self.params.iter_mut().enumerate() {
                 self.k.upload(&opt.exp_avg[i].as_vec(), &mut p.m)?;
@@ -1145,7 +1150,6 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentSource<K, B> {
 /// [`ResidentModel`] as the training loop drives it.
 pub struct ResidentEngine<K: Kernels + Clone, B: KernelBackbone<K>> {
     model: ResidentModel<K, B>,
-    cfg: PipelineConfig,
     loss_acc: K::Buf,
 }
 
@@ -1166,11 +1170,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> EngineSource for ResidentSource<K
             ResidentModel::from_config(cfg, self.k.clone(), Arc::clone(&self.backbone), classes)?;
         model.plan(cfg.data.batch_size.max(1))?;
         let loss_acc = self.k.alloc(1)?;
-        Ok(ResidentEngine {
-            model,
-            cfg: cfg.clone(),
-            loss_acc,
-        })
+        Ok(ResidentEngine { model, loss_acc })
     }
     fn bench(&self, cfg: &PipelineConfig, opts: &BenchOptions) -> Result<Value> {
         bench(cfg, &self.k, &self.backbone, opts)
@@ -1188,10 +1188,10 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
         self.model.host_params()
     }
     fn host_optim(&self) -> Result<AdamW<Cpu>> {
-        self.model.host_optim(&self.cfg)
+        self.model.host_optim()
     }
     fn load(&mut self, ck: &Checkpoint, optim: bool) -> Result<()> {
-        self.model.load_checkpoint(ck, &self.cfg, optim)
+        self.model.load_checkpoint(ck, optim)
     }
     fn train_step(
         &mut self,
