@@ -10,6 +10,13 @@ tokens) -> linear. The backbone is frozen (requires_grad False); stochastic dept
 A step is forward, cross entropy, backward and AdamW (weight decay 0.05, none on `.bias`).
 Settings: r = 2, beta = 100, taps = every block, injects = the second half, DTL+ kernel 3.
 
+A Swin model (`--model swin_tiny_patch4_window7_224`, `swin_small_...`, `swin_base_patch4_window7_224`,
+`swin_base_patch4_window12_384`, `swin_large_patch4_window7_224`) runs the official DTL Swin method
+of swin_reference.py instead: blocks numbered over the stages, z reset at every stage, one
+depthwise conv per stage for DTL+, final norm then the mean over all tokens; with the official
+Swin-B settings r = 4, beta = 100, taps 4-23, injects 14-23 (scaled to the depth: 2-11 and 7-11 on
+the 12 blocks of Swin-T), DTL+ kernel 5. The output format is the same.
+
   python3 bench/reference/bench_dtl_train.py --model vit_tiny_patch16_224 --batch 8 --steps 10
   python3 bench/reference/bench_dtl_train.py --model vit_base_patch16_224 --device cuda \
       --batch 32 128 --precision fp32 bf16 --steps 10 --warmup 3 --json ref.jsonl
@@ -44,7 +51,9 @@ float32 matmul precision; "highest" means no TF32), torch and timm versions, and
 import argparse
 import gc
 import json
+import os
 import resource
+import sys
 import time
 
 import timm
@@ -107,8 +116,18 @@ class Probe(torch.nn.Module):
 METHODS = ["dtl", "dtlplus", "linear"]
 
 
-def build(method, vit, classes):
-    """The trainable model of one method around the shared frozen `vit`."""
+def is_swin(model):
+    """Whether `--model` names a Swin Transformer (the official Swin method applies)."""
+    return model.startswith("swin")
+
+
+def build(method, vit, classes, model=""):
+    """The trainable model of one method around the shared frozen `vit` (a ViT or a Swin)."""
+    if is_swin(model):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import swin_reference
+
+        return swin_reference.build_method(method, vit, classes)
     if method == "linear":
         return Probe(vit, classes)
     depth = len(vit.blocks)
@@ -124,7 +143,7 @@ def measure(args, method, vit, batch, precision, device):
     size = vit.patch_embed.img_size[0]
     x = torch.randn(batch, 3, size, size).to(device)
     y = (torch.arange(batch) % args.classes).to(device)
-    model = build(method, vit, args.classes).to(device)
+    model = build(method, vit, args.classes, args.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]

@@ -1,6 +1,8 @@
 //! Every operation of the kernel set on the CUDA device against its twin on
 //! `dtl_kernels::CpuKernels`, on random inputs of realistic shapes: a ViT-B attention at batch
-//! 1, odd sizes, prefix tokens, an even convolution kernel (k = 4), `accumulate` both ways.
+//! 1, a Swin window attention with its shifted-window mask, odd sizes, prefix tokens, an even
+//! convolution kernel (k = 4), `accumulate` both ways. The Swin operations are also checked
+//! against plain host loops written here (the window and merge permutations value for value).
 //!
 //! Each check runs on every device present:
 //! - `dtl_cuda::Gpu` at `cuda:0`, when one can be opened (otherwise the test says why and
@@ -15,7 +17,7 @@
 //! so that `cargo test -p dtl-cuda --features cuda` runs it on the emulator.
 #![cfg(feature = "cuda")]
 
-use dtl_kernels::{AdamwStep, AttnShape, ConvShape, CpuKernels, Kernels};
+use dtl_kernels::{AdamwStep, AttnShape, ConvShape, CpuKernels, Kernels, MergeShape, WindowShape};
 
 /// Largest difference allowed, relative to the largest reference value.
 const TOL: f64 = 1e-5;
@@ -60,6 +62,10 @@ on_devices!(
     sum_squares,
     adamw,
     errors_name_the_operation_and_buffer,
+    attention_bias_swin,
+    window_partition_merge,
+    patch_merge,
+    swin_errors_name_the_operation,
 );
 
 #[test]
@@ -145,6 +151,181 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
         worst.0,
         scale
     );
+}
+
+/// Host reference of a shifted-window partition, the way PyTorch writes it: roll the grid by
+/// `(-shift.0, -shift.1)`, then cut it into windows.
+fn window_partition_ref(x: &[f32], s: WindowShape) -> Vec<f32> {
+    let ((gh, gw), (wh, ww), c) = (s.grid, s.window, s.width);
+    let mut rolled = vec![0f32; x.len()];
+    for b in 0..s.batch {
+        for r in 0..gh {
+            for q in 0..gw {
+                let from = ((b * gh + (r + s.shift.0) % gh) * gw + (q + s.shift.1) % gw) * c;
+                let to = ((b * gh + r) * gw + q) * c;
+                rolled[to..to + c].copy_from_slice(&x[from..from + c]);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(x.len());
+    for b in 0..s.batch {
+        for wr in 0..gh / wh {
+            for wc in 0..gw / ww {
+                for tr in 0..wh {
+                    for tc in 0..ww {
+                        let at = ((b * gh + wr * wh + tr) * gw + wc * ww + tc) * c;
+                        out.extend_from_slice(&rolled[at..at + c]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Host reference of the patch merging: the four 2 x 2 neighbours of each output token in
+/// the order (0, 0), (1, 0), (0, 1), (1, 1).
+fn patch_merge_ref(x: &[f32], s: MergeShape) -> Vec<f32> {
+    let ((gh, gw), c) = (s.grid, s.width);
+    let mut out = Vec::with_capacity(x.len());
+    for b in 0..s.batch {
+        for r in 0..gh / 2 {
+            for q in 0..gw / 2 {
+                for (dr, dc) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                    let at = ((b * gh + 2 * r + dr) * gw + 2 * q + dc) * c;
+                    out.extend_from_slice(&x[at..at + c]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of a permutation given as `forward(x)`: `inverse(forward(x)) = x`, found by
+/// applying `forward` to the indices.
+fn inverse_ref(y: &[f32], forward: impl Fn(&[f32]) -> Vec<f32>) -> Vec<f32> {
+    let idx: Vec<f32> = (0..y.len()).map(|i| i as f32).collect();
+    let perm = forward(&idx);
+    let mut x = vec![f32::NAN; y.len()];
+    for (j, &i) in perm.iter().enumerate() {
+        x[i as usize] = y[j];
+    }
+    x
+}
+
+/// Host reference (f64) of the attention with a score bias and of its input-only VJP:
+/// `(out, dqkv)`. Sample `b` uses bias group `b % groups`.
+fn attention_bias_ref(
+    qkv: &[f32],
+    s: AttnShape,
+    bias: &[f32],
+    groups: usize,
+    dout: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, h, d) = (s.tokens, s.heads, s.head_dim);
+    let w = h * d;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; s.batch * n * w];
+    let mut dqkv = vec![0f32; s.batch * n * 3 * w];
+    let at = |b: usize, t: usize, part: usize, head: usize, e: usize| {
+        (b * n + t) * 3 * w + part * w + head * d + e
+    };
+    for b in 0..s.batch {
+        for head in 0..h {
+            let qv = |t: usize, e: usize| qkv[at(b, t, 0, head, e)] as f64;
+            let kv = |t: usize, e: usize| qkv[at(b, t, 1, head, e)] as f64;
+            let vv = |t: usize, e: usize| qkv[at(b, t, 2, head, e)] as f64;
+            let go = |t: usize, e: usize| dout[(b * n + t) * w + head * d + e] as f64;
+            let bias_at = |i: usize, j: usize| bias[(((b % groups) * h + head) * n + i) * n + j];
+            // probabilities
+            let mut p = vec![0f64; n * n];
+            for i in 0..n {
+                let row = &mut p[i * n..(i + 1) * n];
+                for (j, v) in row.iter_mut().enumerate() {
+                    let dot: f64 = (0..d).map(|e| qv(i, e) * kv(j, e)).sum();
+                    *v = dot * scale + bias_at(i, j) as f64;
+                }
+                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp() / z;
+                }
+            }
+            for i in 0..n {
+                for e in 0..d {
+                    let o: f64 = (0..n).map(|j| p[i * n + j] * vv(j, e)).sum();
+                    out[(b * n + i) * w + head * d + e] = o as f32;
+                }
+            }
+            // dS = P (dP - rowsum(dP P)), dP = dO V^T
+            let mut ds = vec![0f64; n * n];
+            for i in 0..n {
+                let dp: Vec<f64> = (0..n)
+                    .map(|j| (0..d).map(|e| go(i, e) * vv(j, e)).sum())
+                    .collect();
+                let dot: f64 = (0..n).map(|j| dp[j] * p[i * n + j]).sum();
+                for j in 0..n {
+                    ds[i * n + j] = p[i * n + j] * (dp[j] - dot);
+                }
+            }
+            for t in 0..n {
+                for e in 0..d {
+                    let dq: f64 = (0..n).map(|j| ds[t * n + j] * kv(j, e)).sum::<f64>() * scale;
+                    let dk: f64 = (0..n).map(|i| ds[i * n + t] * qv(i, e)).sum::<f64>() * scale;
+                    let dv: f64 = (0..n).map(|i| p[i * n + t] * go(i, e)).sum();
+                    dqkv[at(b, t, 0, head, e)] = dq as f32;
+                    dqkv[at(b, t, 1, head, e)] = dk as f32;
+                    dqkv[at(b, t, 2, head, e)] = dv as f32;
+                }
+            }
+        }
+    }
+    (out, dqkv)
+}
+
+/// A Swin score bias for `windows` groups: a relative-position-like term per head plus the
+/// shifted-window mask (-100 between tokens from different regions of the rolled grid).
+fn swin_bias(s: WindowShape, heads: usize, seed: u64) -> Vec<f32> {
+    let ((gh, gw), (wh, ww)) = (s.grid, s.window);
+    let region = |i: usize, g: usize, w: usize, sh: usize| {
+        if sh == 0 || i < g - w {
+            0
+        } else if i < g - sh {
+            1
+        } else {
+            2
+        }
+    };
+    let mut ids = Vec::with_capacity(gh * gw);
+    for r in 0..gh {
+        for q in 0..gw {
+            ids.push((3 * region(r, gh, wh, s.shift.0) + region(q, gw, ww, s.shift.1)) as f32);
+        }
+    }
+    // the region of each window token: the ids partitioned like the tokens (no roll: the
+    // regions are of the rolled grid already)
+    let unrolled = WindowShape {
+        batch: 1,
+        width: 1,
+        shift: (0, 0),
+        ..s
+    };
+    let ids = window_partition_ref(&ids, unrolled);
+    let n = s.window_tokens();
+    let rpb = scaled_vec(heads * n * n, seed, 2.0);
+    let mut bias = Vec::with_capacity(s.windows() * heads * n * n);
+    for win in 0..s.windows() {
+        let id = &ids[win * n..(win + 1) * n];
+        for head in 0..heads {
+            for i in 0..n {
+                for j in 0..n {
+                    let mask = if id[i] == id[j] { 0.0 } else { -100.0 };
+                    bias.push(rpb[(head * n + i) * n + j] + mask);
+                }
+            }
+        }
+    }
+    bias
 }
 
 mod checks {
@@ -836,6 +1017,344 @@ mod checks {
             .unwrap_err()
             .to_string();
         assert!(e.contains("kernel side is 0"), "{e}");
+        // nothing failed on the device itself
+        k.synchronize().unwrap();
+    }
+
+    /// `got` equal to `want` value for value (permutations move values, they compute nothing).
+    fn assert_same(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!("{what}: value {i} is {}, expected {}", got[i], want[i]);
+        }
+    }
+
+    fn attention_bias_case<K: Kernels>(k: &K, s: AttnShape, bias: &[f32], groups: usize) {
+        let p = Pair::new(k);
+        let rows = s.batch * s.tokens;
+        let w = s.width();
+        let qkv_h = scaled_vec(rows * 3 * w, 200, 2.0);
+        let dout_h = rand_vec(rows * w, 201);
+        let (want_out, want_dqkv) = attention_bias_ref(&qkv_h, s, bias, groups, &dout_h);
+        let what = format!("{s:?} groups {groups} on {}", k.describe());
+        let qkv = p.up(&qkv_h);
+        let b = p.up(bias);
+        let dout = p.up(&dout_h);
+        let mut sd = k.alloc(k.attention_scratch(s)).unwrap();
+        let mut out = k.upload_new(&rand_vec(rows * w, 202)).unwrap();
+        k.attention_bias(&qkv.0, s, &b.0, groups, &mut out, &mut sd)
+            .unwrap();
+        let got = k.download(&out, rows * w).unwrap();
+        assert_close(&format!("attention_bias {what}"), &got, &want_out, TOL);
+        let mut dqkv = k.upload_new(&rand_vec(rows * 3 * w, 203)).unwrap();
+        k.attention_bias_vjp(&qkv.0, &dout.0, s, &b.0, groups, &mut dqkv, &mut sd)
+            .unwrap();
+        let got_d = k.download(&dqkv, rows * 3 * w).unwrap();
+        assert_close(
+            &format!("attention_bias_vjp {what}"),
+            &got_d,
+            &want_dqkv,
+            TOL,
+        );
+        // and dtl_kernels::CpuKernels agrees
+        let mut sc = p.cpu.alloc(p.cpu.attention_scratch(s)).unwrap();
+        let mut cpu_out = p.cpu.alloc(rows * w).unwrap();
+        p.cpu
+            .attention_bias(&qkv.1, s, &b.1, groups, &mut cpu_out, &mut sc)
+            .unwrap();
+        let want = p.cpu.download(&cpu_out, rows * w).unwrap();
+        assert_close(
+            &format!("attention_bias {what} vs CpuKernels"),
+            &got,
+            &want,
+            TOL,
+        );
+        let mut cpu_d = p.cpu.alloc(rows * 3 * w).unwrap();
+        p.cpu
+            .attention_bias_vjp(&qkv.1, &dout.1, s, &b.1, groups, &mut cpu_d, &mut sc)
+            .unwrap();
+        let want = p.cpu.download(&cpu_d, rows * 3 * w).unwrap();
+        assert_close(
+            &format!("attention_bias_vjp {what} vs CpuKernels"),
+            &got_d,
+            &want,
+            TOL,
+        );
+    }
+
+    pub fn attention_bias_swin<K: Kernels>(k: &K) {
+        // two samples of a 14 x 7 grid in 7 x 7 windows shifted by (3, 3): 2 windows each,
+        // one bias group per window (the shifted-window mask), 3 heads
+        let ws = WindowShape {
+            batch: 2,
+            grid: (14, 7),
+            width: 3 * 8,
+            window: (7, 7),
+            shift: (3, 3),
+        };
+        let s = AttnShape {
+            batch: ws.batch * ws.windows(),
+            tokens: ws.window_tokens(),
+            heads: 3,
+            head_dim: 8,
+        };
+        attention_bias_case(k, s, &swin_bias(ws, 3, 210), ws.windows());
+        // more groups than divide the batch, odd sizes; and a single group
+        let s = AttnShape {
+            batch: 5,
+            tokens: 6,
+            heads: 3,
+            head_dim: 5,
+        };
+        attention_bias_case(k, s, &scaled_vec(2 * 3 * 36, 211, 3.0), 2);
+        let s = AttnShape {
+            batch: 3,
+            tokens: 33,
+            heads: 1,
+            head_dim: 4,
+        };
+        attention_bias_case(k, s, &scaled_vec(33 * 33, 212, 1.0), 1);
+        // a zero bias is the plain attention
+        let s = AttnShape {
+            batch: 2,
+            tokens: 9,
+            heads: 3,
+            head_dim: 4,
+        };
+        let rows = s.batch * s.tokens;
+        let qkv = k
+            .upload_new(&scaled_vec(rows * 3 * s.width(), 213, 2.0))
+            .unwrap();
+        let zero = k.alloc(2 * 3 * 81).unwrap();
+        let mut sd = k.alloc(k.attention_scratch(s)).unwrap();
+        let (mut a, mut b) = (
+            k.alloc(rows * s.width()).unwrap(),
+            k.alloc(rows * s.width()).unwrap(),
+        );
+        k.attention(&qkv, s, &mut a, &mut sd).unwrap();
+        k.attention_bias(&qkv, s, &zero, 2, &mut b, &mut sd)
+            .unwrap();
+        let (a, b) = (
+            k.download(&a, rows * s.width()).unwrap(),
+            k.download(&b, rows * s.width()).unwrap(),
+        );
+        assert_same("attention_bias with a zero bias", &b, &a);
+    }
+
+    pub fn window_partition_merge<K: Kernels>(k: &K) {
+        let p = Pair::new(k);
+        for s in [
+            WindowShape {
+                batch: 2,
+                grid: (8, 12),
+                width: 5,
+                window: (4, 3),
+                shift: (2, 1),
+            },
+            WindowShape {
+                batch: 1,
+                grid: (14, 14),
+                width: 3,
+                window: (7, 7),
+                shift: (3, 3),
+            },
+            WindowShape {
+                batch: 3,
+                grid: (6, 4),
+                width: 2,
+                window: (3, 4),
+                shift: (0, 0),
+            },
+            WindowShape {
+                batch: 2,
+                grid: (7, 7),
+                width: 4,
+                window: (7, 7),
+                shift: (0, 0),
+            },
+        ] {
+            let len = s.len();
+            let x_h = rand_vec(len, 220);
+            let want = window_partition_ref(&x_h, s);
+            let x = p.up(&x_h);
+            let mut win = k.upload_new(&rand_vec(len, 221)).unwrap();
+            k.window_partition(&x.0, s, &mut win).unwrap();
+            let got = k.download(&win, len).unwrap();
+            assert_same(
+                &format!("window_partition {s:?} on {}", k.describe()),
+                &got,
+                &want,
+            );
+            // the merge undoes it, and is the inverse permutation on any input
+            let mut back = k.upload_new(&rand_vec(len, 222)).unwrap();
+            k.window_merge(&win, s, &mut back).unwrap();
+            let back = k.download(&back, len).unwrap();
+            assert_same(
+                &format!("window_merge(window_partition) {s:?}"),
+                &back,
+                &x_h,
+            );
+            let y_h = rand_vec(len, 223);
+            let want = inverse_ref(&y_h, |v| window_partition_ref(v, s));
+            let y = p.up(&y_h);
+            let mut m = k.upload_new(&rand_vec(len, 224)).unwrap();
+            k.window_merge(&y.0, s, &mut m).unwrap();
+            let got_m = k.download(&m, len).unwrap();
+            assert_same(
+                &format!("window_merge {s:?} on {}", k.describe()),
+                &got_m,
+                &want,
+            );
+            let mut c = p.cpu.alloc(len).unwrap();
+            p.cpu.window_partition(&x.1, s, &mut c).unwrap();
+            let cpu = p.cpu.download(&c, len).unwrap();
+            assert_same(&format!("window_partition {s:?} vs CpuKernels"), &got, &cpu);
+            p.cpu.window_merge(&y.1, s, &mut c).unwrap();
+            let cpu = p.cpu.download(&c, len).unwrap();
+            assert_same(&format!("window_merge {s:?} vs CpuKernels"), &got_m, &cpu);
+        }
+    }
+
+    pub fn patch_merge<K: Kernels>(k: &K) {
+        let p = Pair::new(k);
+        for s in [
+            MergeShape {
+                batch: 2,
+                grid: (4, 6),
+                width: 3,
+            },
+            MergeShape {
+                batch: 1,
+                grid: (14, 14),
+                width: 8,
+            },
+            MergeShape {
+                batch: 3,
+                grid: (2, 2),
+                width: 1,
+            },
+        ] {
+            let len = s.len();
+            let x_h = rand_vec(len, 230);
+            let want = patch_merge_ref(&x_h, s);
+            let x = p.up(&x_h);
+            let mut y = k.upload_new(&rand_vec(len, 231)).unwrap();
+            k.patch_merge(&x.0, s, &mut y).unwrap();
+            let got = k.download(&y, len).unwrap();
+            assert_same(
+                &format!("patch_merge {s:?} on {}", k.describe()),
+                &got,
+                &want,
+            );
+            let dy_h = rand_vec(len, 232);
+            let want = inverse_ref(&dy_h, |v| patch_merge_ref(v, s));
+            let dy = p.up(&dy_h);
+            let mut dx = k.upload_new(&rand_vec(len, 233)).unwrap();
+            k.patch_merge_vjp(&dy.0, s, &mut dx).unwrap();
+            let got_d = k.download(&dx, len).unwrap();
+            assert_same(
+                &format!("patch_merge_vjp {s:?} on {}", k.describe()),
+                &got_d,
+                &want,
+            );
+            let mut c = p.cpu.alloc(len).unwrap();
+            p.cpu.patch_merge(&x.1, s, &mut c).unwrap();
+            let cpu = p.cpu.download(&c, len).unwrap();
+            assert_same(&format!("patch_merge {s:?} vs CpuKernels"), &got, &cpu);
+            p.cpu.patch_merge_vjp(&dy.1, s, &mut c).unwrap();
+            let cpu = p.cpu.download(&c, len).unwrap();
+            assert_same(
+                &format!("patch_merge_vjp {s:?} vs CpuKernels"),
+                &got_d,
+                &cpu,
+            );
+        }
+    }
+
+    pub fn swin_errors_name_the_operation<K: Kernels>(k: &K) {
+        let x = k.alloc(64).unwrap();
+        let mut out = k.alloc(64).unwrap();
+        let ws = WindowShape {
+            batch: 1,
+            grid: (4, 4),
+            width: 4,
+            window: (2, 2),
+            shift: (1, 1),
+        };
+        let bad = [
+            (WindowShape { grid: (4, 5), ..ws }, "whole number"),
+            (
+                WindowShape {
+                    shift: (2, 0),
+                    ..ws
+                },
+                "shift",
+            ),
+            (
+                WindowShape {
+                    window: (0, 2),
+                    ..ws
+                },
+                "side of 0",
+            ),
+            (WindowShape { batch: 2, ..ws }, "`x`"),
+        ];
+        for (s, part) in bad {
+            let e = k.window_partition(&x, s, &mut out).unwrap_err().to_string();
+            assert!(e.contains("window_partition") && e.contains(part), "{e}");
+            let e = k.window_merge(&x, s, &mut out).unwrap_err().to_string();
+            assert!(e.contains("window_merge") && e.contains(part), "{e}");
+        }
+        let e = k
+            .window_partition(&x, ws, &mut k.alloc(63).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`out`") && e.contains("64"), "{e}");
+        let ms = MergeShape {
+            batch: 1,
+            grid: (4, 3),
+            width: 4,
+        };
+        let e = k.patch_merge(&x, ms, &mut out).unwrap_err().to_string();
+        assert!(e.contains("patch_merge") && e.contains("odd"), "{e}");
+        let ms = MergeShape { grid: (4, 4), ..ms };
+        let e = k
+            .patch_merge_vjp(&k.alloc(63).unwrap(), ms, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patch_merge_vjp") && e.contains("`dy`"), "{e}");
+        let s = AttnShape {
+            batch: 2,
+            tokens: 3,
+            heads: 2,
+            head_dim: 2,
+        };
+        let qkv = k.alloc(2 * 3 * 3 * 4).unwrap();
+        let mut scratch = k.alloc(k.attention_scratch(s)).unwrap();
+        let mut o = k.alloc(2 * 3 * 4).unwrap();
+        let short_bias = k.alloc(2 * 9 - 1).unwrap();
+        let e = k
+            .attention_bias(&qkv, s, &short_bias, 1, &mut o, &mut scratch)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attention_bias") && e.contains("`bias`"), "{e}");
+        let bias = k.alloc(2 * 9).unwrap();
+        let e = k
+            .attention_bias_vjp(
+                &qkv,
+                &o,
+                s,
+                &bias,
+                0,
+                &mut k.alloc(36).unwrap(),
+                &mut scratch,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attention_bias_vjp") && e.contains("0 groups"),
+            "{e}"
+        );
         // nothing failed on the device itself
         k.synchronize().unwrap();
     }

@@ -7,6 +7,8 @@ use dtl_core::config::{validate, DeviceSpec, ValidationContext};
 use dtl_core::{registry, DtlError, PipelineConfig};
 
 use dtl_data as _;
+// The Swin recipes (pipelines/vtab-1k-swin/) name Swin variants.
+use dtl_swin as _;
 use dtl_vit as _;
 
 fn pipelines(dir: &Path) -> Vec<PathBuf> {
@@ -44,10 +46,15 @@ fn shipped_pipelines_are_valid_but_for_user_files() {
             match &e {
                 // Datasets are installed (scripts/setup-data.sh) or brought by the user.
                 DtlError::Config { key, .. } if key == "data.root" => {}
-                // ViT-B/16 weights are brought by the user.
+                // Pretrained weights (ViT-B/16, Swin-B) are brought by the user.
                 DtlError::Config { key, .. } if key == "backbone.weights" => {
                     let f = f.to_string_lossy();
-                    assert!(f.contains("vtab-1k") || f.contains("few-shot"), "{e}")
+                    assert!(
+                        f.contains("vtab-1k")
+                            || f.contains("few-shot")
+                            || f.contains("domain-generalization"),
+                        "{e}"
+                    )
                 }
                 _ => panic!("{e}"),
             }

@@ -53,6 +53,7 @@ fn negate_spec() -> BackboneSpec {
         grid: (1, 1),
         ..BackboneSpec::vit("zz_negate_test", 8, 8, 4, 3, 1)
     }
+    .single_stage()
 }
 
 fn negate_build(_: &PipelineConfig, _: &BuildContext) -> Result<Box<dyn Job>> {

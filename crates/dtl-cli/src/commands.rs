@@ -4,10 +4,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+
 use dtl_core::config::{validate as validate_config, DeviceSpec, ValidationContext};
 use dtl_core::{
     registry, BenchOptions, BuildContext, DtlError, Job, PipelineConfig, Registry, Result, RunEnv,
 };
+use dtl_runner::report::{BenchReport, EvalReport, TestSetReport, TrainReport};
 
 fn device_check(d: DeviceSpec) -> std::result::Result<(), String> {
     match d {
@@ -80,12 +83,8 @@ fn report_errors(errs: &[DtlError]) {
     }
 }
 
-/// Writes `contents` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(|e| DtlError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DtlError::io(path, e))
-}
+/// Writes `contents` to `path` through a temporary file, an fsync and a rename.
+pub use dtl_core::fsio::write_atomic;
 
 fn build_job(reg: &Registry, cfg: &PipelineConfig, file: &Path) -> Result<Box<dyn Job>> {
     let entry = reg.backbone(&cfg.backbone.kind)?;
@@ -97,15 +96,34 @@ fn build_job(reg: &Registry, cfg: &PipelineConfig, file: &Path) -> Result<Box<dy
     )
 }
 
-fn fmt_pct(v: &serde_json::Value) -> String {
-    v.as_f64()
-        .map(|x| format!("{:.2}%", 100.0 * x))
+fn fmt_pct(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.2}%", 100.0 * x))
         .unwrap_or_else(|| "-".into())
 }
 
-fn fmt_num(v: &serde_json::Value, digits: usize) -> String {
-    v.as_f64()
-        .map(|x| format!("{x:.digits$}"))
+/// A report value as JSON prints it: the value, or `null` when the report has none.
+fn show<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "null".into())
+}
+
+/// One line per extra test set of a report (`"tests"`): name, top-1, top-5, images and the
+/// classes it was scored over; empty when there is none.
+fn test_lines(tests: Option<&BTreeMap<String, TestSetReport>>) -> String {
+    let mut s = String::new();
+    for (name, t) in tests.into_iter().flatten() {
+        s.push_str(&format!(
+            "  {name}: top-1 {}  top-5 {}  ({} images, {} classes)\n",
+            fmt_pct(t.top1),
+            fmt_pct(t.top5),
+            show(t.images),
+            show(t.classes)
+        ));
+    }
+    s
+}
+
+fn fmt_num(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
         .unwrap_or_else(|| "-".into())
 }
 
@@ -187,7 +205,7 @@ pub fn run(
                         .ok()
                         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                     {
-                        results.push((cfg.clone(), r));
+                        results.push((cfg.clone(), TrainReport::from_json(&r)));
                     }
                     continue;
                 }
@@ -246,7 +264,7 @@ pub fn run(
             resume: resume.clone(),
         };
         let report = match build_job(reg, cfg, f).and_then(|mut job| job.train(&env)) {
-            Ok(r) => r,
+            Ok(r) => TrainReport::from_json(&r),
             Err(e) => {
                 if fresh {
                     crate::preflight::tidy_failed(&run_dir);
@@ -257,12 +275,13 @@ pub fn run(
         println!(
             "{}: top-1 {}  top-5 {}  trainable params {}  wall {} s  -> {}",
             cfg.run.name,
-            fmt_pct(&report["top1"]),
-            fmt_pct(&report["top5"]),
-            report["trainable_params"],
-            fmt_num(&report["wall_s"], 1),
+            fmt_pct(report.top1),
+            fmt_pct(report.top5),
+            show(report.trainable_params),
+            fmt_num(report.wall_s, 1),
             run_dir.display()
         );
+        print!("{}", test_lines(report.tests.as_ref()));
         sweep.trained(started.elapsed());
         results.push((cfg.clone(), report));
     }
@@ -277,11 +296,11 @@ pub fn run(
                 "{:<28} {:<8} {:>9} {:>9} {:>12} {:>9} {:>8}",
                 cfg.run.name,
                 cfg.side.kind,
-                fmt_pct(&r["top1"]),
-                fmt_pct(&r["top5"]),
-                r["trainable_params"].to_string(),
-                fmt_num(&r["train_img_per_s"], 1),
-                fmt_num(&r["wall_s"], 1)
+                fmt_pct(r.top1),
+                fmt_pct(r.top5),
+                show(r.trainable_params),
+                fmt_num(r.train_img_per_s, 1),
+                fmt_num(r.wall_s, 1)
             );
         }
     }
@@ -314,16 +333,50 @@ pub fn validate(files: &[PathBuf], overrides: &[String]) -> Result<ExitCode> {
     }
 }
 
-/// `dtl list`.
-pub fn list(what: Option<&str>) -> Result<ExitCode> {
+/// What `dtl list` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListKind {
+    /// Backbone variants with their shapes.
+    Backbones,
+    /// Side networks.
+    Sides,
+    /// Heads.
+    Heads,
+    /// Dataset layouts.
+    Datasets,
+    /// Augmentation ops.
+    Augment,
+}
+
+/// `dtl list`: one kind of component, or every kind for `None`.
+pub fn list(what: Option<ListKind>) -> Result<ExitCode> {
     let reg = registry()?;
-    let all = what.is_none();
-    let want = |k: &str| all || what == Some(k);
-    if want("backbones") {
+    let want = |k: ListKind| what.map_or(true, |w| w == k);
+    if want(ListKind::Backbones) {
         println!("backbones:");
         for b in reg.backbones.iter() {
             let s = b.spec();
             println!("  {:<26} {}", b.name, b.description);
+            if s.is_hierarchical() {
+                let join = |f: &dyn Fn(&dtl_core::StageSpec) -> usize| {
+                    s.stages
+                        .iter()
+                        .map(|st| f(st).to_string())
+                        .collect::<Vec<_>>()
+                        .join("-")
+                };
+                println!(
+                    "  {:<26} image {} patch {} stages {}, widths {}, heads {}, grids {}",
+                    "",
+                    s.image_size,
+                    s.patch_size,
+                    join(&|st| st.blocks.1 - st.blocks.0),
+                    join(&|st| st.width),
+                    join(&|st| st.heads),
+                    join(&|st| st.grid.0)
+                );
+                continue;
+            }
             println!(
                 "  {:<26} image {} patch {} width {} depth {} heads {} tokens {} params {:.1}M",
                 "",
@@ -343,16 +396,16 @@ pub fn list(what: Option<&str>) -> Result<ExitCode> {
             println!("  {:<26} {}", e.name(), e.description());
         }
     }
-    if want("sides") {
+    if want(ListKind::Sides) {
         section("side networks", &reg.sides);
     }
-    if want("heads") {
+    if want(ListKind::Heads) {
         section("heads", &reg.heads);
     }
-    if want("datasets") {
+    if want(ListKind::Datasets) {
         section("datasets", &reg.datasets);
     }
-    if want("augment") {
+    if want(ListKind::Augment) {
         section("augmentation ops", &reg.augments);
     }
     Ok(ExitCode::SUCCESS)
@@ -400,15 +453,16 @@ pub fn eval(target: &Path, overrides: &[String]) -> Result<ExitCode> {
         progress: std::io::stderr().is_terminal(),
         resume: None,
     };
-    let report = job.evaluate(&env, &checkpoint)?;
+    let report = EvalReport::from_json(&job.evaluate(&env, &checkpoint)?);
     println!(
         "{}: top-1 {}  top-5 {}  ({} images, {})",
         checkpoint.display(),
-        fmt_pct(&report["top1"]),
-        fmt_pct(&report["top5"]),
-        report["images"],
+        fmt_pct(report.top1),
+        fmt_pct(report.top5),
+        show(report.images),
         cfg.data.test
     );
+    print!("{}", test_lines(report.tests.as_ref()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -430,7 +484,10 @@ pub fn bench(
     if batches.contains(&0) || steps == 0 {
         return Err(DtlError::invalid("--batch and --steps must be at least 1"));
     }
-    let what = dtl_runner::bench::check_what(&what)?;
+    let what: Vec<String> = dtl_runner::bench::parse_what(&what)?
+        .into_iter()
+        .map(|m| m.as_str().to_string())
+        .collect();
     let reg = registry()?;
     let cfg = match load_schema_checked(reg, file, &overrides) {
         Ok(c) => c,
@@ -456,17 +513,21 @@ pub fn bench(
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let report = BenchReport::from_json(&report);
     println!(
         "{} at {}x{} on {}, {} timed steps per row",
         cfg.backbone.kind,
-        report["image_size"],
-        report["image_size"],
-        report["device"].as_str().unwrap_or(&cfg.run.device),
+        show(report.image_size),
+        show(report.image_size),
+        report
+            .device
+            .clone()
+            .unwrap_or_else(|| cfg.run.device.to_string()),
         steps
     );
-    let rows: Vec<&serde_json::Value> = report["rows"].as_array().into_iter().flatten().collect();
+    let rows = &report.rows;
     // On a GPU the memory that matters is the GPU's; the process's resident memory follows.
-    let gpu = rows.iter().any(|r| r["peak_gpu_mib"].is_number());
+    let gpu = rows.iter().any(|r| r.peak_gpu_mib.is_some());
     let mem_head = if gpu { "GPU MiB" } else { "peak MiB" };
     println!(
         "{:<8} {:<15} {:<11} {:>6} {:>10} {:>10} {:>10}{}",
@@ -480,27 +541,23 @@ pub fn bench(
         if gpu { "  driver MiB     RSS MiB" } else { "" }
     );
     for r in rows {
-        let mem = if gpu {
-            &r["peak_gpu_mib"]
-        } else {
-            &r["peak_rss_mib"]
-        };
+        let mem = if gpu { r.peak_gpu_mib } else { r.peak_rss_mib };
         println!(
             "{:<8} {:<15} {:<11} {:>6} {:>10} {:>10} {:>10}{}",
-            r["what"].as_str().unwrap_or("-"),
-            r["side"].as_str().unwrap_or("-"),
-            r["activations"].as_str().unwrap_or("-"),
-            r["batch"].to_string(),
-            fmt_num(&r["img_per_s"], 1),
+            r.what.as_deref().unwrap_or("-"),
+            r.side.as_deref().unwrap_or("-"),
+            r.activations.as_deref().unwrap_or("-"),
+            show(r.batch),
+            fmt_num(r.img_per_s, 1),
             fmt_num(mem, 0),
-            r.get("trainable_params")
+            r.trainable_params
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "-".into()),
             if gpu {
                 format!(
                     " {:>11} {:>11}",
-                    fmt_num(&r["gpu_driver_mib"], 0),
-                    fmt_num(&r["peak_rss_mib"], 0)
+                    fmt_num(r.gpu_driver_mib, 0),
+                    fmt_num(r.peak_rss_mib, 0)
                 )
             } else {
                 String::new()

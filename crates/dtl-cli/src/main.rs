@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 // Link the plugins: without these lines the linker drops their registrations.
 use dtl_data as _;
+use dtl_swin as _;
 use dtl_vit as _;
 
 mod commands;
@@ -93,7 +94,7 @@ dtl summarize 'runs/vtab-*' --reference paper-dtl.json"
     /// List registered components (sorted), with descriptions.
     List {
         /// Which kind of component (all when omitted).
-        what: Option<ListKind>,
+        what: Option<commands::ListKind>,
     },
     /// Evaluate a trained run directory or checkpoint on its pipeline's test split.
     Eval {
@@ -125,16 +126,6 @@ dtl summarize 'runs/vtab-*' --reference paper-dtl.json"
     },
 }
 
-/// Component kinds for `dtl list`.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ListKind {
-    Backbones,
-    Sides,
-    Heads,
-    Datasets,
-    Augment,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -155,13 +146,7 @@ fn main() -> ExitCode {
             let (files, overrides) = split_args(&args);
             commands::validate(&files, &overrides)
         }
-        Command::List { what } => commands::list(what.map(|w| match w {
-            ListKind::Backbones => "backbones",
-            ListKind::Sides => "sides",
-            ListKind::Heads => "heads",
-            ListKind::Datasets => "datasets",
-            ListKind::Augment => "augment",
-        })),
+        Command::List { what } => commands::list(what),
         Command::Eval { target, overrides } => commands::eval(&target, &overrides),
         Command::Bench {
             args,

@@ -53,6 +53,10 @@ pub fn check(cfg: &PipelineConfig, spec: &BackboneSpec, file: &Path) -> Result<C
             dtl_core::limits::check_memory(cfg, spec, classes, file)?
         }
     }
+    if cfg.eval.test_classes.is_some() || !cfg.eval.tests.is_empty() {
+        dtl_runner::job::check_test_sets(cfg, spec.image_size, classes)
+            .map_err(|e| DtlError::file(file, e.to_string()))?;
+    }
     Ok(Checked {
         sources: data.sources(),
     })
@@ -90,7 +94,9 @@ pub fn warnings(cfg: &PipelineConfig, spec: &BackboneSpec, file: &Path) -> Vec<S
             ),
         );
     }
-    if cfg.side.kind != "linear" {
+    if let Some(m) = dtl_core::config::stage_tap_warning(cfg, spec) {
+        warn("side.taps", m);
+    } else if cfg.side.taps_blocks() && !spec.is_hierarchical() {
         let taps = cfg.side.tap_blocks(spec.depth);
         let injects = cfg.side.inject_blocks(spec.depth);
         if let Some(&last) = injects.iter().max() {

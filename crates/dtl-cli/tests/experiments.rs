@@ -483,3 +483,449 @@ test = [{{ op = \"resize\", size = 36, interpolation = \"bicubic\" }}, {{ op = \
         "{md}"
     );
 }
+
+/// A 32x32 image of one of four colours (the class), with a pattern that varies with `i`.
+fn image4(path: &Path, label: usize, i: usize) {
+    const COLOURS: [[u8; 3]; 4] = [[200, 40, 20], [20, 200, 40], [20, 40, 200], [200, 200, 20]];
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let c = COLOURS[label];
+    let img = dtl_data::image::RgbImage::from_fn(32, 32, |x, y| {
+        let v = ((x * 5 + y * 3) as usize + i * 11) as u8 / 4;
+        dtl_data::image::Rgb([c[0].saturating_add(v), c[1], c[2].saturating_sub(v)])
+    });
+    img.save(path).unwrap();
+}
+
+const WNIDS: [&str; 4] = ["n01", "n02", "n03", "n04"];
+
+/// A domain-generalisation folder: ImageNet-style training lists (2 shots, seeds 0 and 1) and
+/// validation list over four WordNet-id classes, an ImageNet-R-style target list holding two of
+/// the classes (labels 1 and 3, file names with spaces), and a sketch folder of one image per
+/// class (`<root>/sketch/<wnid>/<image>`, no list).
+fn dg_folder(root: &Path) {
+    let inet = root.join("imagenet");
+    let ann = inet.join("annotations");
+    std::fs::create_dir_all(&ann).unwrap();
+    for seed in 0..2 {
+        let mut list = String::new();
+        for (c, w) in WNIDS.iter().enumerate() {
+            for k in 0..2 {
+                let rel = format!("{w}/{w}_{seed}{k}.png");
+                image4(&inet.join("images/train").join(&rel), c, k + 3 * seed);
+                list.push_str(&format!("{rel} {c}\n"));
+            }
+        }
+        std::fs::write(
+            ann.join(format!("train_meta.list.num_shot_2.seed_{seed}")),
+            list,
+        )
+        .unwrap();
+    }
+    let mut val = String::new();
+    for (c, w) in WNIDS.iter().enumerate() {
+        for k in 0..2 {
+            let rel = format!("{w}/val_{k}.png");
+            image4(&inet.join("images/val").join(&rel), c, 7 + k);
+            val.push_str(&format!("{rel} {c}\n"));
+        }
+    }
+    std::fs::write(ann.join("val_meta.list"), val).unwrap();
+    let r = root.join("imagenet-rendition");
+    std::fs::create_dir_all(r.join("annotations")).unwrap();
+    let mut list = String::new();
+    for c in [1usize, 3] {
+        for k in 0..3 {
+            let rel = format!("imagenet-r/{}/art {k}.png", WNIDS[c]);
+            // Drawn in another class's colour, so that the subset decides the prediction.
+            image4(&r.join(&rel), (c + 1) % 4, 20 + k);
+            list.push_str(&format!("{rel} {c}\n"));
+        }
+    }
+    std::fs::write(r.join("annotations/val_meta.list"), list).unwrap();
+    for (c, w) in WNIDS.iter().enumerate() {
+        image4(&root.join("sketch").join(w).join("s.png"), c, 30 + c);
+    }
+}
+
+fn dg_pipeline(
+    dir: &Path,
+    name: &str,
+    out: &Path,
+    root: &Path,
+    seed: usize,
+    side: &str,
+    tests: &str,
+) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"[run]
+name = "{name}"
+output_dir = "{out}"
+log_every = 1
+
+[backbone]
+kind = "vit_test_patch8_32"
+
+[side]
+kind = "{side}"
+taps = "0-3"
+injects = "2-3"
+
+[head]
+classes = 4
+
+[optim]
+lr = 0.01
+
+[schedule]
+kind = "constant"
+epochs = 2
+
+[data]
+kind = "domain-generalization"
+root = "{root}"
+task = "imagenet"
+test = "test"
+batch_size = 4
+workers = 1
+
+[data.options]
+shots = 2
+seed = {seed}
+classes = 4
+{tests}"#,
+            out = out.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+const DG_TESTS: &str = r#"
+[[eval.tests]]
+name = "imagenet-r"
+split = "imagenet-r"
+classes = "present"
+during_training = true
+
+[[eval.tests]]
+name = "sketch"
+kind = "class-folder"
+root = "dg/sketch"
+options = { class_index = "../imagenet/annotations/train_meta.list.num_shot_2.seed_0" }
+"#;
+
+/// Top-1 and mean cross-entropy of `logits` (rows of `classes`) over the classes `keep`.
+fn subset_scores(logits: &[f32], labels: &[usize], classes: usize, keep: &[usize]) -> (f64, f64) {
+    let (mut hits, mut loss) = (0usize, 0f64);
+    for (row, &l) in logits.chunks_exact(classes).zip(labels) {
+        let best = keep
+            .iter()
+            .copied()
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        hits += (best == l) as usize;
+        let m = keep.iter().map(|&k| row[k] as f64).fold(f64::MIN, f64::max);
+        let lse = m + keep
+            .iter()
+            .map(|&k| (row[k] as f64 - m).exp())
+            .sum::<f64>()
+            .ln();
+        loss += lse - row[l] as f64;
+    }
+    (
+        hits as f64 / labels.len() as f64,
+        loss / labels.len() as f64,
+    )
+}
+
+/// Two test sets in one run, one of them a class subset: both reported by name (report,
+/// metrics, terminal) with their counts; the subset's top-1 and loss are those computed here
+/// from the trained model's logits over its two classes; a label outside an explicit subset
+/// and duplicate names are refused before training; `dtl summarize` gives the means over the
+/// seeds per method and test set.
+#[test]
+fn domain_generalization_test_sets_and_summary() {
+    use dtl_vit::__dfdx::prelude::*;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("dg");
+    dg_folder(&root);
+    let runs = tmp.path().join("runs");
+    let mut files = Vec::new();
+    for (seed, side) in [(0, "dtl"), (1, "dtl"), (0, "dtl+")] {
+        let name = format!("dg-seed{seed}-{side}");
+        files.push(dg_pipeline(
+            tmp.path(),
+            &name,
+            &runs,
+            &root,
+            seed,
+            side,
+            DG_TESTS,
+        ));
+    }
+    let args: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let mut run_args: Vec<&str> = vec!["run", "--no-progress"];
+    run_args.extend(args.iter().map(String::as_str));
+    let out = dtl(&run_args);
+    ok(&out);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("  imagenet-r: top-1 ") && stdout.contains("(6 images, 2 classes)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  sketch: top-1 ") && stdout.contains("(4 images, 4 classes)"),
+        "{stdout}"
+    );
+
+    let dir = runs.join("dg-seed0-dtl");
+    let report = read_json(&dir.join("report.json"));
+    assert_eq!(report["test_images"], 8);
+    assert_eq!(report["test_classes"], 4);
+    let r = &report["tests"]["imagenet-r"];
+    assert_eq!(
+        (r["images"].as_u64(), r["classes"].as_u64()),
+        (Some(6), Some(2)),
+        "{report}"
+    );
+    let s = &report["tests"]["sketch"];
+    assert_eq!(
+        (s["images"].as_u64(), s["classes"].as_u64()),
+        (Some(4), Some(4)),
+        "{report}"
+    );
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("| test (data.test) |")
+            && md.contains("| imagenet-r | ")
+            && md.contains(" | 6 | 2 |"),
+        "{md}"
+    );
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tests: Vec<&Value> = metrics.iter().filter(|v| v["kind"] == "test").collect();
+    assert_eq!(tests.len(), 2);
+    assert_eq!(
+        (tests[0]["name"].as_str(), tests[1]["name"].as_str()),
+        (Some("imagenet-r"), Some("sketch"))
+    );
+    assert!(close(
+        tests[0]["top1"].as_f64().unwrap(),
+        r["top1"].as_f64().unwrap()
+    ));
+    let epochs: Vec<&Value> = metrics.iter().filter(|v| v["kind"] == "epoch").collect();
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e["tests"]["imagenet-r"]["top1"].is_number()
+                && e["tests"].get("sketch").is_none()),
+        "only the test set with during_training is evaluated during training: {epochs:?}"
+    );
+
+    // The subset's scores by hand: the trained model's logits (the tape-based CPU model of the
+    // same backbone, loaded from the run's checkpoint), the best of classes 1 and 3.
+    let cfg = dtl_core::PipelineConfig::load(&dir.join("pipeline.toml"), &[]).unwrap();
+    let mut tcfg = cfg.clone();
+    tcfg.data = cfg.eval.tests[0].data_config(&cfg.data);
+    let data = dtl_data::DataPipeline::test_only(&tcfg, 32, 4).unwrap();
+    let vit = std::sync::Arc::new(
+        dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(cfg.run.seed).unwrap(),
+    );
+    let dev = Cpu::default();
+    let mut model = dtl_runner::job::build_model(&cfg, &vit, 4, &dev).unwrap();
+    dtl_runner::checkpoint::load(&dir.join("last.safetensors"))
+        .unwrap()
+        .apply(model.params_mut())
+        .unwrap();
+    let (mut logits, mut labels) = (Vec::new(), Vec::new());
+    for b in data.test_loader().unwrap() {
+        let b = b.unwrap();
+        let x = dev.tensor_from_vec(b.images.clone(), (b.n, Const::<3>, 32, 32));
+        logits.extend(model.forward_eval(&x).unwrap().as_vec());
+        labels.extend(b.labels);
+    }
+    assert_eq!(labels.len(), 6);
+    let (top1_sub, loss_sub) = subset_scores(&logits, &labels, 4, &[1, 3]);
+    let (top1_all, loss_all) = subset_scores(&logits, &labels, 4, &[0, 1, 2, 3]);
+    assert!(
+        close(r["top1"].as_f64().unwrap(), top1_sub),
+        "{r} vs {top1_sub}"
+    );
+    let loss = r["loss"].as_f64().unwrap();
+    assert!(
+        (loss - loss_sub).abs() < 1e-3 * loss_sub.max(1.0),
+        "{loss} vs {loss_sub}"
+    );
+    assert!(
+        loss_all > loss_sub + 1e-6,
+        "the subset's loss leaves the other classes out"
+    );
+
+    // Drawn in the colours of classes 0 and 2, the images are predicted right only among 1 and 3.
+    assert!(top1_all < top1_sub, "{top1_all} vs {top1_sub}");
+    // A label outside an explicit subset is refused before training, naming the item.
+    let bad = dg_pipeline(
+        tmp.path(),
+        "dg-bad",
+        &runs,
+        &root,
+        0,
+        "dtl",
+        "[[eval.tests]]\nname = \"imagenet-r\"\nsplit = \"imagenet-r\"\nclasses = [1]\n",
+    );
+    let res = dtl(&["run", "--no-progress", bad.to_str().unwrap()]);
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("eval.tests[0] (`imagenet-r`).classes")
+            && err.contains("n04/art 0.png")
+            && err.contains("label 3"),
+        "{err}"
+    );
+    assert!(!runs.join("dg-bad").join("metrics.jsonl").exists());
+    // Duplicate names, an unknown layout and a missing target are errors naming the key.
+    let dup = dg_pipeline(
+        tmp.path(),
+        "dg-dup",
+        &runs,
+        &root,
+        0,
+        "dtl",
+        "[[eval.tests]]\nname = \"a\"\nsplit = \"imagenet-r\"\n[[eval.tests]]\nname = \"a\"\nkind = \"folders\"\n",
+    );
+    let err = text(&dtl(&["validate", dup.to_str().unwrap()]).stderr);
+    assert!(
+        err.contains("eval.tests[1].name") && err.contains("used twice"),
+        "{err}"
+    );
+    assert!(
+        err.contains("eval.tests[1].kind") && err.contains("class-folder"),
+        "{err}"
+    );
+    let missing = dg_pipeline(
+        tmp.path(),
+        "dg-missing",
+        &runs,
+        &root,
+        0,
+        "dtl",
+        "[[eval.tests]]\nname = \"a\"\nsplit = \"imagenet-a\"\n",
+    );
+    let res = dtl(&["run", "--no-progress", missing.to_str().unwrap()]);
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("eval.tests[0] (`a`)") && err.contains("imagenet-adversarial"),
+        "{err}"
+    );
+
+    // The summary: per method, per test set, the mean and standard deviation over the runs.
+    let sum = tmp.path().join("summary");
+    let dirs: Vec<String> = ["dg-seed0-dtl", "dg-seed1-dtl", "dg-seed0-dtl+"]
+        .iter()
+        .map(|n| runs.join(n).display().to_string())
+        .collect();
+    let mut sum_args: Vec<&str> = vec!["summarize", "--out", sum.to_str().unwrap()];
+    sum_args.extend(dirs.iter().map(String::as_str));
+    let res = dtl(&sum_args);
+    ok(&res);
+    let s = read_json(&sum.join("summary.json"));
+    let dg = &s["domain_generalization"];
+    assert_eq!(
+        dg["sets"],
+        serde_json::json!(["imagenet", "imagenet-sketch", "imagenet-rendition"])
+    );
+    let reports: Vec<Value> = ["dg-seed0-dtl", "dg-seed1-dtl"]
+        .iter()
+        .map(|n| read_json(&runs.join(n).join("report.json")))
+        .collect();
+    for (set, pick) in [
+        (
+            "imagenet",
+            &(|r: &Value| r["top1"].as_f64().unwrap()) as &dyn Fn(&Value) -> f64,
+        ),
+        ("imagenet-rendition", &|r: &Value| {
+            r["tests"]["imagenet-r"]["top1"].as_f64().unwrap()
+        }),
+        ("imagenet-sketch", &|r: &Value| {
+            r["tests"]["sketch"]["top1"].as_f64().unwrap()
+        }),
+    ] {
+        let (a, b) = (100.0 * pick(&reports[0]), 100.0 * pick(&reports[1]));
+        let cell = &dg["methods"]["DTL"][set];
+        assert_eq!(cell["runs"], 2, "{cell}");
+        assert!(
+            close(cell["mean"].as_f64().unwrap(), (a + b) / 2.0),
+            "{set}: {cell}"
+        );
+        assert!(
+            close(cell["std"].as_f64().unwrap(), (a - b).abs() / 2f64.sqrt()),
+            "{set}: {cell}"
+        );
+    }
+    assert_eq!(dg["methods"]["DTL+ (k=3)"]["imagenet"]["runs"], 1);
+    let md = std::fs::read_to_string(sum.join("summary.md")).unwrap();
+    assert!(
+        md.contains("## Domain generalisation")
+            && md.contains("| method | ImageNet | -Sketch | -R |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| DTL+ (k=3) |") && md.contains("(2 runs)"),
+        "{md}"
+    );
+    assert_eq!(text(&res.stdout), md);
+    assert!(std::fs::metadata(sum.join("summary.png")).unwrap().len() > 1000);
+}
+
+/// The shipped domain-generalisation recipes: 24, every one valid but for the data and the
+/// weights a user brings.
+#[test]
+fn domain_generalization_recipes_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/domain-generalization");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 24);
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(String::as_str));
+    let res = dtl(&args);
+    let err = text(&res.stderr);
+    let problems: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert!(
+        !problems.is_empty(),
+        "the data and weights are absent here: {err}"
+    );
+    for l in problems {
+        assert!(
+            l.contains("data.root") || l.contains("backbone.weights") || !l.contains(": "),
+            "{l}"
+        );
+    }
+    let cfg =
+        dtl_core::PipelineConfig::load(&dir.join("dg-adversarial-seed2-dtl+.toml"), &[]).unwrap();
+    assert_eq!(
+        (cfg.optim.lr, cfg.side.kernel_size(), cfg.data.test.as_str()),
+        (8e-5, 3, "imagenet-adversarial")
+    );
+    assert_eq!(
+        cfg.eval.test_classes,
+        Some(dtl_core::config::ClassSubset::Present)
+    );
+    assert_eq!(cfg.data.options["seed"].as_integer(), Some(2));
+    let cfg = dtl_core::PipelineConfig::load(&dir.join("dg-imagenet-seed0-dtl.toml"), &[]).unwrap();
+    assert_eq!((cfg.optim.lr, cfg.eval.tests.len()), (1e-4, 1));
+    assert_eq!(cfg.eval.tests[0].split.as_deref(), Some("imagenetv2"));
+}

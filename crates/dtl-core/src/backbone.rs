@@ -40,6 +40,51 @@ pub struct BackboneSpec {
     pub grid: (usize, usize),
     /// Epsilon of every LayerNorm.
     pub norm_eps: f64,
+    /// The stages, in order, covering blocks `0..depth`: one for a plain ViT; one per
+    /// resolution for a hierarchical backbone such as Swin, whose width and token grid change
+    /// between stages. The top-level `width`, `grid` and `prefix_tokens` are those of the last
+    /// stage (what the final norm, the pooling and the head see).
+    pub stages: Vec<StageSpec>,
+    /// Parameters of the frozen backbone, for a layout other than the ViT's (set by the
+    /// plugin; [`BackboneSpec::parameter_count`] returns it). `None`: the ViT layout's count.
+    pub parameters: Option<usize>,
+    /// Tokens one attention call sees when that is fewer than a sample's (a Swin window:
+    /// 49 for a 7 x 7 window), for memory estimates. `None`: all tokens of a sample.
+    pub attention_tokens: Option<usize>,
+}
+
+/// One stage of a backbone: a run of consecutive blocks that share a width and a token grid.
+///
+/// ```
+/// use dtl_core::StageSpec;
+/// let s = StageSpec { blocks: (2, 4), width: 32, heads: 2, grid: (8, 8), prefix_tokens: 0 };
+/// assert_eq!(s.tokens(), 64);
+/// assert!(s.contains(3) && !s.contains(4));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StageSpec {
+    /// Global indices of the stage's blocks: `start..end`.
+    pub blocks: (usize, usize),
+    /// Token width of the stage.
+    pub width: usize,
+    /// Attention heads of the stage's blocks.
+    pub heads: usize,
+    /// Token grid of the stage (rows, columns).
+    pub grid: (usize, usize),
+    /// Tokens before the grid tokens (1 for a ViT's class token, 0 for Swin).
+    pub prefix_tokens: usize,
+}
+
+impl StageSpec {
+    /// All tokens of one sample: prefix plus grid.
+    pub fn tokens(&self) -> usize {
+        self.prefix_tokens + self.grid.0 * self.grid.1
+    }
+
+    /// Whether global block `block` belongs to this stage.
+    pub fn contains(&self, block: usize) -> bool {
+        (self.blocks.0..self.blocks.1).contains(&block)
+    }
 }
 
 impl BackboneSpec {
@@ -65,7 +110,61 @@ impl BackboneSpec {
             prefix_tokens: 1,
             grid: (g, g),
             norm_eps: 1e-6,
+            stages: vec![StageSpec {
+                blocks: (0, depth),
+                width,
+                heads,
+                grid: (g, g),
+                prefix_tokens: 1,
+            }],
+            parameters: None,
+            attention_tokens: None,
         }
+    }
+
+    /// The spec with its single stage made to agree with the top-level fields again, after a
+    /// struct update of a [`BackboneSpec::vit`] spec changed `grid`, `width`, `depth`, `heads` or
+    /// `prefix_tokens` (a no-op for a hierarchical spec).
+    ///
+    /// ```
+    /// use dtl_core::BackboneSpec;
+    /// let s = BackboneSpec { grid: (1, 1), ..BackboneSpec::vit("toy", 8, 8, 4, 1, 1) }.single_stage();
+    /// assert_eq!(s.stages[0].grid, (1, 1));
+    /// ```
+    pub fn single_stage(mut self) -> Self {
+        if self.stages.len() <= 1 {
+            self.stages = vec![StageSpec {
+                blocks: (0, self.depth),
+                width: self.width,
+                heads: self.heads,
+                grid: self.grid,
+                prefix_tokens: self.prefix_tokens,
+            }];
+        }
+        self
+    }
+
+    /// Whether the backbone has more than one stage (its width or tokens change with depth).
+    pub fn is_hierarchical(&self) -> bool {
+        self.stages.len() > 1
+    }
+
+    /// Index of the stage holding global block `block` (the last stage when past the depth).
+    ///
+    /// ```
+    /// let spec = dtl_core::BackboneSpec::vit("vit_tiny_patch16_224", 224, 16, 192, 12, 3);
+    /// assert_eq!(spec.stage_of(11), 0);
+    /// ```
+    pub fn stage_of(&self, block: usize) -> usize {
+        self.stages
+            .iter()
+            .position(|s| s.contains(block))
+            .unwrap_or(self.stages.len().saturating_sub(1))
+    }
+
+    /// The stage holding global block `block`.
+    pub fn stage(&self, block: usize) -> &StageSpec {
+        &self.stages[self.stage_of(block)]
     }
 
     /// All tokens: prefix plus patches.
@@ -78,8 +177,17 @@ impl BackboneSpec {
         self.grid.0 * self.grid.1
     }
 
-    /// Parameters of the frozen backbone (ViT layout), for reports.
+    /// Parameters of the frozen backbone, for reports: [`BackboneSpec::parameters`] when the
+    /// plugin set it, else the ViT layout's count.
+    ///
+    /// ```
+    /// let spec = dtl_core::BackboneSpec::vit("vit_base_patch16_224", 224, 16, 768, 12, 12);
+    /// assert_eq!(spec.parameter_count(), 85_798_656);
+    /// ```
     pub fn parameter_count(&self) -> usize {
+        if let Some(n) = self.parameters {
+            return n;
+        }
         let d = self.width;
         let h = self.mlp_hidden;
         let embed = self.in_chans * self.patch_size * self.patch_size * d + d;
@@ -189,7 +297,7 @@ pub type Images<D> = Tensor<(usize, Const<3>, usize, usize), f32, D>;
 ///     fn norm_vjp(&self, _x: &Tensor<(usize, Const<4>), f32, Cpu>, g: &Tensor<(usize, Const<4>), f32, Cpu>)
 ///         -> Result<Tensor<(usize, Const<4>), f32, Cpu>> { Ok(g.clone()) }
 /// }
-/// let spec = BackboneSpec { grid: (1, 1), ..BackboneSpec::vit("doubler", 8, 8, 4, 1, 1) };
+/// let spec = BackboneSpec { grid: (1, 1), ..BackboneSpec::vit("doubler", 8, 8, 4, 1, 1) }.single_stage();
 /// let dev = Cpu::default();
 /// let b = Doubler(spec);
 /// let x = b.embed(&dev.zeros_like(&(1, Const::<3>, 8, 8))).unwrap();

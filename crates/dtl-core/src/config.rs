@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::choice::{Pool, Precision, ScheduleKind, ScheduleUnit, WeightsFormat};
 use crate::registry::{resolve_path, Registry};
 use crate::{DtlError, Result};
 
@@ -67,11 +68,11 @@ pub struct RunConfig {
     /// Seed of every random choice (init, shuffling, augmentation, drop path).
     pub seed: u64,
     /// `cpu`, `cuda:N`, or `auto` (the first usable GPU, else the CPU).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Parent folder of run directories, relative to the working directory.
     pub output_dir: PathBuf,
     /// `f32` or `bf16` (bf16 needs a CUDA device).
-    pub precision: String,
+    pub precision: Precision,
     /// What the frozen blocks after the first inject keep for the backward pass:
     /// `recompute` (only their inputs; each block's VJP recomputes its internals) or `store`
     /// (their internals too, so the VJP recomputes nothing: faster, more memory). The
@@ -88,9 +89,9 @@ impl Default for RunConfig {
         RunConfig {
             name: String::new(),
             seed: 0,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             output_dir: "runs".into(),
-            precision: "f32".into(),
+            precision: Precision::F32,
             activations: "recompute".into(),
             threads: 0,
             log_every: 10,
@@ -108,16 +109,16 @@ pub struct BackboneConfig {
     /// Without it the backbone is randomly initialised (for benchmarks only).
     #[serde(default)]
     pub weights: Option<PathBuf>,
-    /// `auto` (from the file), `safetensors` or `npz`.
+    /// `auto` (from the file), `safetensors`, `npz` or `pth`.
     #[serde(default = "auto")]
-    pub format: String,
+    pub format: WeightsFormat,
     /// Stochastic-depth rate of the last block (timm's `drop_path_rate`).
     #[serde(default)]
     pub drop_path: f64,
 }
 
-fn auto() -> String {
-    "auto".into()
+fn auto() -> WeightsFormat {
+    WeightsFormat::Auto
 }
 
 /// `[side]`.
@@ -171,10 +172,17 @@ impl SideConfig {
         }
     }
 
-    /// The conv kernel: the configured one, else 3 for `dtl+` and 0 otherwise.
+    /// The conv kernel: the configured one, else the side network's registered default
+    /// ([`crate::registry::SideTraits::default_kernel`]: 3 for `dtl+`, 0 otherwise).
     pub fn kernel_size(&self) -> usize {
         self.kernel
-            .unwrap_or(if self.kind == "dtl+" { 3 } else { 0 })
+            .unwrap_or_else(|| crate::registry::side_traits(&self.kind).default_kernel)
+    }
+
+    /// Whether the side network taps blocks (false for the linear probe); see
+    /// [`crate::registry::SideTraits::taps`].
+    pub fn taps_blocks(&self) -> bool {
+        crate::registry::side_traits(&self.kind).taps
     }
 }
 
@@ -185,7 +193,7 @@ pub struct HeadConfig {
     /// `linear` (or a registered plugin).
     pub kind: String,
     /// `mean` (mean of patch tokens, the DTL head) or `cls` (class token).
-    pub pool: String,
+    pub pool: Pool,
     /// Number of classes; defaults to the dataset's.
     pub classes: Option<usize>,
 }
@@ -194,7 +202,7 @@ impl Default for HeadConfig {
     fn default() -> Self {
         HeadConfig {
             kind: "linear".into(),
-            pool: "mean".into(),
+            pool: Pool::Mean,
             classes: None,
         }
     }
@@ -349,7 +357,7 @@ impl OptimConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
     /// `cosine` or `constant`.
-    pub kind: String,
+    pub kind: ScheduleKind,
     /// Training epochs.
     pub epochs: usize,
     /// Length of the first cosine cycle in epochs (timm `t_initial`); defaults to `epochs`.
@@ -363,20 +371,20 @@ pub struct ScheduleConfig {
     /// Peak decay factor per cycle.
     pub cycle_decay: f64,
     /// `epoch` (update once per epoch, timm's default) or `step` (every optimizer step).
-    pub per: String,
+    pub per: ScheduleUnit,
 }
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
         ScheduleConfig {
-            kind: "cosine".into(),
+            kind: ScheduleKind::Cosine,
             epochs: 10,
             t_initial: None,
             warmup_epochs: 0,
             warmup_lr: 1e-7,
             min_lr: 1e-8,
             cycle_decay: 0.5,
-            per: "epoch".into(),
+            per: ScheduleUnit::Epoch,
         }
     }
 }
@@ -395,6 +403,14 @@ pub struct EvalConfig {
     /// with that checkpoint. Unset: the evaluations run on the test split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val: Option<String>,
+    /// The classes the test split `data.test` is scored over (see [`ClassSubset`]); unset:
+    /// every class of the head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_classes: Option<ClassSubset>,
+    /// More test sets (`[[eval.tests]]`), each evaluated after training with the checkpoint
+    /// the test split uses and reported by its name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestSetConfig>,
 }
 
 impl Default for EvalConfig {
@@ -403,6 +419,143 @@ impl Default for EvalConfig {
             every: 1,
             at_start: false,
             val: None,
+            test_classes: None,
+            tests: Vec::new(),
+        }
+    }
+}
+
+/// One extra test set of `[[eval.tests]]`: a name, where its items come from (any key left
+/// out is taken from `[data]`) and the classes it is scored over.
+///
+/// ```
+/// let text = r#"
+/// [backbone]
+/// kind = "vit_tiny_patch16_224"
+/// [data]
+/// kind = "domain-generalization"
+/// root = "DG"
+/// [[eval.tests]]
+/// name = "imagenet-a"
+/// split = "imagenet-adversarial"
+/// classes = "present"
+/// "#;
+/// let cfg = dtl_core::PipelineConfig::from_str(text, "dg.toml".as_ref(), &[]).unwrap();
+/// let t = &cfg.eval.tests[0];
+/// assert_eq!(t.data_config(&cfg.data).test, "imagenet-adversarial");
+/// assert_eq!(t.data_config(&cfg.data).kind, "domain-generalization");
+/// assert_eq!(t.classes, Some(dtl_core::config::ClassSubset::Present));
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestSetConfig {
+    /// The name it is reported under (unique, and not `data.test`'s).
+    pub name: String,
+    /// Dataset layout; defaults to `data.kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Dataset root; defaults to `data.root`. Relative to the pipeline file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Task or dataset inside the root; defaults to `data.task`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The split read as this test set; defaults to `data.test`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+    /// Use only N items (a fixed subset drawn with `run.seed`); defaults to `data.limit_test`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The classes it is scored over; unset: every class of the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<ClassSubset>,
+    /// Also evaluate it at every evaluation during training (the metrics' epoch lines).
+    #[serde(default)]
+    pub during_training: bool,
+    /// Layout options; default to `data.options` when the layout is `data.kind`'s, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<toml::Table>,
+}
+
+impl TestSetConfig {
+    /// The `[data]` section this test set is read with: `data` with the keys it sets
+    /// replaced (its split becomes `data.test`).
+    pub fn data_config(&self, data: &DataConfig) -> DataConfig {
+        let mut d = data.clone();
+        let same_layout = self.kind.as_deref().map_or(true, |k| k == data.kind);
+        if let Some(k) = &self.kind {
+            d.kind = k.clone();
+        }
+        if let Some(r) = &self.root {
+            d.root = r.clone();
+        }
+        if self.task.is_some() {
+            d.task = self.task.clone();
+        }
+        if let Some(s) = &self.split {
+            d.test = s.clone();
+        }
+        d.options = match &self.options {
+            Some(o) => o.clone(),
+            None if same_layout => data.options.clone(),
+            None => toml::Table::new(),
+        };
+        if self.limit.is_some() {
+            d.limit_test = self.limit;
+        }
+        d
+    }
+}
+
+/// The classes a test set is scored over: its labels live in the training label space and
+/// the logits of every other class are left out before top-1, top-5 and the loss (the
+/// convention of ImageNet-A and ImageNet-R, 200 of ImageNet's 1000 classes).
+///
+/// Written `"all"` (every class), `"present"` (the classes that occur in the test set) or a
+/// list of training labels (`[1, 5, 9]`).
+///
+/// ```
+/// use dtl_core::config::ClassSubset;
+/// let c: ClassSubset = toml::Value::from("present").try_into().unwrap();
+/// assert_eq!(c, ClassSubset::Present);
+/// let c: ClassSubset = toml::Value::from(vec![3i64, 1]).try_into().unwrap();
+/// assert_eq!(c, ClassSubset::List(vec![3, 1]));
+/// assert!(toml::Value::from("some").try_into::<ClassSubset>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassSubset {
+    /// Every class of the head.
+    All,
+    /// The classes that occur among the test set's labels.
+    Present,
+    /// These training labels.
+    List(Vec<usize>),
+}
+
+impl Serialize for ClassSubset {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            ClassSubset::All => s.serialize_str("all"),
+            ClassSubset::Present => s.serialize_str("present"),
+            ClassSubset::List(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassSubset {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            List(Vec<usize>),
+        }
+        let bad = "expected \"all\", \"present\" or a list of training labels such as [1, 5, 9]";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(bad))? {
+            Raw::Name(n) if n == "all" => Ok(ClassSubset::All),
+            Raw::Name(n) if n == "present" => Ok(ClassSubset::Present),
+            Raw::Name(n) => Err(serde::de::Error::custom(format!("`{n}`: {bad}"))),
+            Raw::List(v) => Ok(ClassSubset::List(v)),
         }
     }
 }
@@ -596,6 +749,35 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl PartialEq<&str> for DeviceSpec {
+    fn eq(&self, other: &&str) -> bool {
+        other.parse::<DeviceSpec>().is_ok_and(|d| d == *self)
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// `path` made absolute against the working directory, `.`/`..` folded where possible.
 fn absolute(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -765,6 +947,11 @@ impl PipelineConfig {
             cfg.backbone.weights = Some(resolve("backbone.weights", w));
         }
         cfg.data.root = resolve("data.root", &cfg.data.root);
+        for t in &mut cfg.eval.tests {
+            if let Some(r) = &t.root {
+                t.root = Some(absolute(&resolve_path(path, r)));
+            }
+        }
         cfg.run.output_dir = absolute(&cfg.run.output_dir);
         Ok(cfg)
     }
@@ -796,7 +983,7 @@ impl PipelineConfig {
     /// assert_eq!(cfg.run.device, "cpu");
     /// assert!(notice.unwrap().contains("no CUDA driver"));
     /// let mut cfg2 = cfg.clone();
-    /// cfg2.run.device = "auto".into();
+    /// cfg2.run.device = dtl_core::config::DeviceSpec::Auto;
     /// assert!(cfg2.resolve_device(|| Ok(0)).is_none());
     /// assert_eq!(cfg2.run.device, "cuda:0");
     /// ```
@@ -804,16 +991,16 @@ impl PipelineConfig {
         &mut self,
         first_gpu: impl FnOnce() -> std::result::Result<usize, String>,
     ) -> Option<String> {
-        if self.run.device != "auto" {
+        if self.run.device != DeviceSpec::Auto {
             return None;
         }
         match first_gpu() {
             Ok(n) => {
-                self.run.device = format!("cuda:{n}");
+                self.run.device = DeviceSpec::Cuda(n);
                 None
             }
             Err(why) => {
-                self.run.device = "cpu".into();
+                self.run.device = DeviceSpec::Cpu;
                 Some(format!(
                     "run.device = \"auto\": no usable GPU ({why}); training on the CPU"
                 ))
@@ -821,12 +1008,9 @@ impl PipelineConfig {
         }
     }
 
-    /// The parsed device.
+    /// The device (`run.device`, parsed with the pipeline).
     pub fn device(&self) -> Result<DeviceSpec> {
-        self.run
-            .device
-            .parse()
-            .map_err(|m| DtlError::config("pipeline", "run.device", None, m))
+        Ok(self.run.device)
     }
 }
 
@@ -845,6 +1029,99 @@ pub struct ValidationContext<'a> {
     pub device_check: &'a dyn Fn(DeviceSpec) -> std::result::Result<(), String>,
 }
 
+/// The tapped blocks of `spec` that no gradient can reach: those with no inject block at or
+/// after them in their own stage. The side state starts again from zero at every stage, so
+/// what a tap adds is read only by the injects of its stage; the maps of such a tap never
+/// train (on a single-stage backbone: the taps after the last inject).
+///
+/// ```
+/// use dtl_core::{BackboneSpec, StageSpec};
+/// let st = |blocks, width| StageSpec { blocks, width, heads: 1, grid: (2, 2), prefix_tokens: 0 };
+/// let spec = BackboneSpec {
+///     stages: vec![st((0, 2), 8), st((2, 4), 16)],
+///     ..BackboneSpec::vit("two_stages", 8, 4, 16, 4, 1)
+/// };
+/// assert_eq!(dtl_core::config::unreached_taps(&spec, &[0, 1, 2, 3], &[0, 2]), vec![1, 3]);
+/// ```
+pub fn unreached_taps(spec: &crate::BackboneSpec, taps: &[usize], injects: &[usize]) -> Vec<usize> {
+    taps.iter()
+        .copied()
+        .filter(|&t| {
+            let st = spec.stage(t);
+            !injects.iter().any(|&j| j >= t && st.contains(j))
+        })
+        .collect()
+}
+
+/// The warning for the `side.taps` of a pipeline that no gradient can reach (see
+/// [`unreached_taps`]: on a single-stage backbone the taps after the last inject), or `None`
+/// (always `None` for the linear probe).
+///
+/// ```
+/// use dtl_core::{BackboneSpec, PipelineConfig, StageSpec};
+/// let st = |blocks, width| StageSpec { blocks, width, heads: 1, grid: (2, 2), prefix_tokens: 0 };
+/// let spec = BackboneSpec {
+///     stages: vec![st((0, 2), 8), st((2, 4), 16)],
+///     ..BackboneSpec::vit("two_stages", 8, 4, 16, 4, 1)
+/// };
+/// let cfg = PipelineConfig::from_str(
+///     "[backbone]\nkind = \"two_stages\"\n[side]\ntaps = [0, 1, 2, 3]\ninjects = [2, 3]\n\
+///      [data]\nkind = \"image-folder\"\nroot = \".\"\n",
+///     "p.toml".as_ref(), &[]).unwrap();
+/// let w = dtl_core::config::stage_tap_warning(&cfg, &spec).unwrap();
+/// assert!(w.contains("block(s) 0, 1"), "{w}");
+/// // a ViT: the taps after the last inject are reported
+/// let vit = BackboneSpec::vit("vit_test", 8, 4, 16, 4, 1);
+/// assert!(dtl_core::config::stage_tap_warning(&cfg, &vit).is_none());
+/// let late = PipelineConfig::from_str(
+///     "[backbone]\nkind = \"vit_test\"\n[side]\ntaps = [0, 1, 2, 3]\ninjects = [1]\n\
+///      [data]\nkind = \"image-folder\"\nroot = \".\"\n",
+///     "p.toml".as_ref(), &[]).unwrap();
+/// let w = dtl_core::config::stage_tap_warning(&late, &vit).unwrap();
+/// assert!(w.contains("block(s) 2, 3") && w.contains("last inject block 1"), "{w}");
+/// ```
+pub fn stage_tap_warning(cfg: &PipelineConfig, spec: &crate::BackboneSpec) -> Option<String> {
+    if !cfg.side.taps_blocks() {
+        return None;
+    }
+    let taps = cfg.side.tap_blocks(spec.depth);
+    let injects = cfg.side.inject_blocks(spec.depth);
+    let lost = unreached_taps(spec, &taps, &injects);
+    if lost.is_empty() || injects.is_empty() {
+        return None;
+    }
+    if !spec.is_hierarchical() {
+        return Some(format!(
+            "block(s) {} of `{}` are tapped after the last inject block {}: no gradient reaches \
+             their maps and they never train; leave them out of side.taps",
+            lost.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            spec.name,
+            injects.iter().max().copied().unwrap_or(0)
+        ));
+    }
+    let stages: Vec<String> = spec
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(s, st)| format!("{s}: blocks {}-{}", st.blocks.0, st.blocks.1 - 1))
+        .collect();
+    Some(format!(
+        "block(s) {} of `{}` are tapped with no inject block at or after them in their stage \
+         (stages {}): the side state starts again from zero at every stage, so no gradient \
+         reaches their maps and they never train; tap those stages' blocks only together \
+         with a later inject in the same stage, or leave them out of side.taps",
+        lost.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        spec.name,
+        stages.join("; ")
+    ))
+}
+
 /// Checks a parsed pipeline's meaning and returns every problem found (empty when valid).
 pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlError> {
     let mut errs = Vec::new();
@@ -853,23 +1130,10 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     let reg = cx.registry;
 
     // [run]
-    match cfg.run.device.parse::<DeviceSpec>() {
-        Ok(d) => {
-            if let Err(m) = (cx.device_check)(d) {
-                err("run.device", m);
-            }
-        }
-        Err(m) => err("run.device", m),
+    if let Err(m) = (cx.device_check)(cfg.run.device) {
+        err("run.device", m);
     }
-    if !["f32", "bf16"].contains(&cfg.run.precision.as_str()) {
-        err(
-            "run.precision",
-            format!(
-                "`{}` is not a precision; use \"f32\" or \"bf16\"",
-                cfg.run.precision
-            ),
-        );
-    } else if cfg.run.precision == "bf16" && cfg.run.device == "cpu" {
+    if cfg.run.precision == Precision::Bf16 && cfg.run.device == DeviceSpec::Cpu {
         err(
             "run.precision",
             "bf16 needs a CUDA device; use \"f32\" on the CPU".into(),
@@ -901,15 +1165,6 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
             err("backbone.weights", format!("file `{}` {why}; give the path of a timm .safetensors or Google .npz checkpoint (relative to the pipeline file), or remove the key for random weights", w.display()));
         }
     }
-    if !["auto", "safetensors", "npz"].contains(&cfg.backbone.format.as_str()) {
-        err(
-            "backbone.format",
-            format!(
-                "`{}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\"",
-                cfg.backbone.format
-            ),
-        );
-    }
     if !(0.0..1.0).contains(&cfg.backbone.drop_path) {
         err(
             "backbone.drop_path",
@@ -920,7 +1175,7 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     // [side]
     match reg.side(&cfg.side.kind) {
         Err(e) => err("side.kind", e.to_string()),
-        Ok(_) if cfg.side.kind != "linear" => {
+        Ok(_) if cfg.side.taps_blocks() => {
             if cfg.side.rank == 0 {
                 err("side.rank", "must be at least 1, got 0".into());
             }
@@ -969,7 +1224,7 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
         }
         Ok(_) => {}
     }
-    if BUILT_IN_SIDES.contains(&cfg.side.kind.as_str()) {
+    if reg.sides.contains(&cfg.side.kind) && !reg.side_traits(&cfg.side.kind).reads_options {
         if let Some(k) = cfg.side.options.keys().next() {
             err(
                 &format!("side.options.{k}"),
@@ -985,8 +1240,18 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     if let Err(e) = reg.head(&cfg.head.kind) {
         err("head.kind", e.to_string());
     }
-    if !["mean", "cls"].contains(&cfg.head.pool.as_str()) {
-        err("head.pool", format!("`{}` is not a pooling; use \"mean\" (patch tokens, the DTL head) or \"cls\" (class token)", cfg.head.pool));
+    if cfg.head.pool == Pool::Cls {
+        if let Ok(b) = reg.backbone(&cfg.backbone.kind) {
+            if b.spec().prefix_tokens == 0 {
+                err(
+                    "head.pool",
+                    format!(
+                        "\"cls\" needs a class token and backbone `{}` has none; use \"mean\"",
+                        cfg.backbone.kind
+                    ),
+                );
+            }
+        }
     }
     if let Some(c) = cfg.head.classes {
         if c < 2 {
@@ -1088,26 +1353,11 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
 
     // [schedule]
     let s = &cfg.schedule;
-    if !["cosine", "constant"].contains(&s.kind.as_str()) {
-        err(
-            "schedule.kind",
-            format!(
-                "`{}` is not a schedule; use \"cosine\" or \"constant\"",
-                s.kind
-            ),
-        );
-    }
     if s.epochs == 0 {
         err("schedule.epochs", "must be at least 1, got 0".into());
     }
     if s.t_initial == Some(0) {
         err("schedule.t_initial", "must be at least 1, got 0".into());
-    }
-    if !["epoch", "step"].contains(&s.per.as_str()) {
-        err(
-            "schedule.per",
-            format!("`{}` is not valid; use \"epoch\" or \"step\"", s.per),
-        );
     }
     if s.min_lr < 0.0 || s.warmup_lr < 0.0 {
         err(
@@ -1126,6 +1376,68 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
             "is empty; name a validation split (e.g. \"val\") or leave the key out".into(),
         );
     }
+    if let Some(ClassSubset::List(v)) = &cfg.eval.test_classes {
+        if let Some(m) = subset_problem(v, cfg.head.classes) {
+            err("eval.test_classes", m);
+        }
+    }
+    let mut names: Vec<&str> = vec![cfg.data.test.as_str()];
+    for (i, t) in cfg.eval.tests.iter().enumerate() {
+        let key = |k: &str| format!("eval.tests[{i}].{k}");
+        let name = t.name.trim();
+        if name.is_empty() {
+            err(
+                &key("name"),
+                "is empty; name the test set (e.g. \"imagenet-a\")".into(),
+            );
+        } else if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        {
+            err(
+                &key("name"),
+                format!("`{name}` may hold only letters, digits and - _ . +"),
+            );
+        } else if names.contains(&name) {
+            err(
+                &key("name"),
+                format!(
+                    "`{name}` is used twice{}; give every test set its own name",
+                    if name == cfg.data.test {
+                        " (it is data.test's split name)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        } else {
+            names.push(name);
+        }
+        if let Some(k) = &t.kind {
+            if let Err(e) = reg.dataset(k) {
+                err(&key("kind"), e.to_string());
+            }
+        }
+        if let Some(r) = &t.root {
+            if !r.exists() {
+                err(&key("root"), format!("`{}` does not exist; point it at the test set's folder (relative to the pipeline file) or leave the key out for data.root", r.display()));
+            }
+        }
+        if t.split.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            err(
+                &key("split"),
+                "is empty; name a split or leave the key out for data.test".into(),
+            );
+        }
+        if t.limit == Some(0) {
+            err(&key("limit"), "must be at least 1, got 0".into());
+        }
+        if let Some(ClassSubset::List(v)) = &t.classes {
+            if let Some(m) = subset_problem(v, cfg.head.classes) {
+                err(&key("classes"), m);
+            }
+        }
+    }
 
     // Sizes: the caps, then (where the class count is already known) the memory of a step.
     if let Ok(b) = reg.backbone(&cfg.backbone.kind) {
@@ -1143,5 +1455,25 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     errs
 }
 
-/// The side networks built into dtl; they read no `side.options`.
-pub const BUILT_IN_SIDES: [&str; 3] = ["dtl", "dtl+", "linear"];
+/// What is wrong with an explicit class subset, if anything: empty, repeated labels, or a
+/// label past `classes` (when known).
+fn subset_problem(v: &[usize], classes: Option<usize>) -> Option<String> {
+    if v.is_empty() {
+        return Some("is an empty list; list the training labels to score over, or use \"all\" or \"present\"".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(d) = v.iter().find(|&&l| !seen.insert(l)) {
+        return Some(format!(
+            "label {d} is listed twice; list each training label once"
+        ));
+    }
+    if let Some(c) = classes {
+        if let Some(l) = v.iter().find(|&&l| l >= c) {
+            return Some(format!(
+                "label {l} is out of range: head.classes = {c} allows labels 0-{}",
+                c - 1
+            ));
+        }
+    }
+    None
+}

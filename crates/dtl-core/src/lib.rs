@@ -11,9 +11,11 @@
 #![warn(missing_docs)]
 
 pub mod backbone;
+pub mod choice;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fsio;
 pub mod job;
 pub mod limits;
 pub mod paths;
@@ -21,7 +23,7 @@ pub mod registry;
 pub mod side;
 pub mod tape;
 
-pub use backbone::{Backbone, BackboneSpec, DropPath, FeaturesOf, Images, TokensOf};
+pub use backbone::{Backbone, BackboneSpec, DropPath, FeaturesOf, Images, StageSpec, TokensOf};
 pub use config::PipelineConfig;
 pub use data::{Augment, Dataset, Example, FloatImage, RgbImage, Sample};
 pub use error::{DtlError, Result};
@@ -31,7 +33,7 @@ pub use registry::{
     SideEntry, Split,
 };
 pub use side::{Act, Head, Matrix, Param, Parameters, SideNetwork};
-pub use tape::{frozen_block, frozen_norm, AccumulateGrad};
+pub use tape::{check_backward, frozen_block, frozen_norm, AccumulateGrad};
 
 #[doc(hidden)]
 pub use inventory;

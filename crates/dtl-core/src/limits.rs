@@ -88,10 +88,8 @@ fn add(xs: &[u64]) -> Option<u64> {
 pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
     const F: u64 = 4;
     let b = s.batch as u64;
-    let t = spec.tokens() as u64;
+    // The last stage's width (the head's input); the activations take the largest stage.
     let d = spec.width as u64;
-    let heads = spec.heads.max(1) as u64;
-    let hidden = spec.mlp_hidden as u64;
     let px = mul(&[
         spec.in_chans as u64,
         spec.image_size as u64,
@@ -99,29 +97,53 @@ pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
     ])?;
     let weights = mul(&[spec.parameter_count() as u64, F])?;
     let images = mul(&[b, px, F])?;
-    let tokens = mul(&[b, t, d, F])?;
-    // One block's internals: qkv, the attention matrix and the MLP's hidden activations.
-    let block = add(&[
-        mul(&[b, t, d, 3, F])?,
-        mul(&[b, heads, t, t, F])?,
-        mul(&[b, t, hidden, 2, F])?,
-    ])?;
+    // Per stage (one for a ViT): a token tensor and one block's internals: qkv, the
+    // attention matrices and the MLP's hidden activations.
+    let ratio = spec.mlp_hidden as f64 / spec.width.max(1) as f64;
+    let (mut tokens, mut block, mut kept_blocks, mut t_max, mut d_max) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    for st in &spec.stages {
+        let t = st.tokens() as u64;
+        let ds = st.width as u64;
+        let heads = st.heads.max(1) as u64;
+        let hidden = (ratio * st.width as f64).ceil() as u64;
+        let span = spec
+            .attention_tokens
+            .map_or(t, |a| (a as u64).min(t))
+            .max(1);
+        let calls = mul(&[b, t.div_ceil(span)])?;
+        let x = mul(&[b, t, ds, F])?;
+        tokens = tokens.max(x);
+        block = block.max(add(&[
+            mul(&[x, 3])?,
+            mul(&[calls, heads, span, span, F])?,
+            mul(&[b, t, hidden, 2, F])?,
+        ])?);
+        kept_blocks = add(&[kept_blocks, mul(&[x, (st.blocks.1 - st.blocks.0) as u64])?])?;
+        t_max = t_max.max(t);
+        d_max = d_max.max(ds);
+    }
     let classes = s.classes as u64;
     // Parameter, gradient and two AdamW moments.
     let head = mul(&[add(&[mul(&[classes, d])?, classes])?, 4, F])?;
     let logits = mul(&[b, classes, 3, F])?;
     let side_params = add(&[
-        mul(&[s.taps as u64, s.rank as u64, d, 2])?,
-        mul(&[d, s.kernel as u64, s.kernel as u64])?,
+        mul(&[s.taps as u64, s.rank as u64, d_max, 2])?,
+        mul(&[
+            d_max,
+            s.kernel as u64,
+            s.kernel as u64,
+            spec.stages.len().max(1) as u64,
+        ])?,
     ])?;
     let side = add(&[
         mul(&[side_params, 4, F])?,
         // The taps' outputs t_i (rows x r) and the side state z.
-        mul(&[s.taps as u64, b, t, s.rank as u64, F])?,
-        mul(&[b, t, d, 2, F])?,
+        mul(&[s.taps as u64, b, t_max, s.rank as u64, F])?,
+        mul(&[tokens, 2])?,
     ])?;
     // Kept for the backward pass: every block's input at most, plus the running tokens.
-    let kept = mul(&[tokens, spec.depth as u64 + 2])?;
+    let kept = add(&[kept_blocks, mul(&[tokens, 2])?])?;
     let train = add(&[weights, images, kept, mul(&[block, 2])?, head, logits, side])?;
     let eval = add(&[weights, images, mul(&[tokens, 2])?, block, head, logits])?;
     Some(StepMemory { train, eval })
@@ -226,7 +248,7 @@ pub fn human(bytes: u64) -> String {
 
 /// The [`StepSizes`] of a pipeline's training step on `spec` with `classes` classes.
 pub fn sizes_of(cfg: &PipelineConfig, spec: &BackboneSpec, classes: usize) -> StepSizes {
-    let linear = cfg.side.kind == "linear";
+    let linear = !crate::registry::side_traits(&cfg.side.kind).taps;
     StepSizes {
         batch: cfg.data.batch_size,
         rank: if linear { 0 } else { cfg.side.rank },
@@ -255,7 +277,7 @@ pub fn sizes_of(cfg: &PipelineConfig, spec: &BackboneSpec, classes: usize) -> St
 /// ```
 pub fn caps(cfg: &PipelineConfig, spec: &BackboneSpec, file: &Path) -> Vec<DtlError> {
     let mut errs = Vec::new();
-    if cfg.side.kind != "linear" && cfg.side.rank > spec.width {
+    if crate::registry::side_traits(&cfg.side.kind).taps && cfg.side.rank > spec.width {
         errs.push(DtlError::config(
             file,
             "side.rank",

@@ -275,11 +275,18 @@ extern "C" __global__ void dtl_merge_qkv(const float* dq, const float* dk, const
 }
 
 // In place, one warp per row of n values: s = softmax(s). Grid: ceil(rows / warps per block).
-extern "C" __global__ void dtl_softmax_rows(float* s, int rows, int n) {
+// With a `bias` (null for none), its row `row % bias_rows` (n values) is first added to the
+// row: the attention's scores (b, h, n, n) get the bias (groups, h, n, n) of group b % groups
+// when bias_rows = groups * h * n.
+extern "C" __global__ void dtl_softmax_rows(float* s, const float* bias, int rows, int n, int bias_rows) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // the whole warp leaves together
     float* r = s + row * n;
+    if (bias != nullptr) {
+        const float* br = bias + (row % bias_rows) * n;
+        for (int j = lane; j < n; j += 32) r[j] += br[j];
+    }
     float m = -DTL_INF;
     for (int j = lane; j < n; j += 32) m = fmaxf(m, r[j]);
     m = dtl_warp_max(m);
@@ -340,6 +347,64 @@ extern "C" __global__ void dtl_assemble_tokens(const float* patches, const float
         const float v = t < prefix ? prefix_tok[(i64)t * d + col]
                                    : patches[(s * patches_per_sample + (t - prefix)) * d + col];
         out[i] = v + pos[(i64)t * d + col];
+    }
+}
+
+// ---- shifted windows and patch merging (Swin) ---------------------------------------------
+// Token grids are (b, gh, gw, c), rows row-major. Both kernels are permutations of the values,
+// run over the index j of the rearranged tensor: with `inverse` = 0 they gather
+// (dst[j] = src[g(j)]), with `inverse` = 1 they scatter back (dst[g(j)] = src[j]). Each
+// direction is the VJP of the other, and every output value is written.
+
+// Windows (b * windows, wh * ww, c) of the grid rolled by (-sh, -sw), windows row-major, tokens
+// row-major inside a window: window token (tr, tc) of window (wr, wc) is grid token
+// ((wr * wh + tr + sh) % gh, (wc * ww + tc + sw) % gw).
+extern "C" __global__ void dtl_window_partition(const float* src, float* dst, int b, int gh, int gw, int c, int wh,
+                                                int ww, int sh, int sw, int inverse) {
+    const int across = gw / ww;
+    const int per_window = wh * ww;
+    const int windows = (gh / wh) * across;
+    const i64 total = (i64)b * gh * gw * c;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int ch = j % c;
+        const int t = (j / c) % per_window;
+        const int w = (j / (c * per_window)) % windows;
+        const int s = j / (c * per_window * windows);
+        const int r = ((w / across) * wh + t / ww + sh) % gh;
+        const int q = ((w % across) * ww + t % ww + sw) % gw;
+        const int g = ((s * gh + r) * gw + q) * c + ch;
+        if (inverse) {
+            dst[g] = src[j];
+        } else {
+            dst[j] = src[g];
+        }
+    }
+}
+
+// Patch merging: the (b, gh / 2, gw / 2, 4 c) grid whose token (r, q) is the concatenation of
+// grid tokens (2r, 2q), (2r + 1, 2q), (2r, 2q + 1), (2r + 1, 2q + 1) of (b, gh, gw, c).
+extern "C" __global__ void dtl_patch_merge(const float* src, float* dst, int b, int gh, int gw, int c,
+                                           int inverse) {
+    const int oh = gh / 2;
+    const int ow = gw / 2;
+    const int oc = 4 * c;
+    const i64 total = (i64)b * gh * gw * c;
+    GRID_STRIDE(i, total) {
+        const int j = (int)i;
+        const int k = j % oc;
+        const int q = (j / oc) % ow;
+        const int r = (j / (oc * ow)) % oh;
+        const int s = j / (oc * ow * oh);
+        const int part = k / c;
+        const int row = 2 * r + (part & 1);
+        const int col = 2 * q + (part >> 1);
+        const int g = ((s * gh + row) * gw + col) * c + k % c;
+        if (inverse) {
+            dst[g] = src[j];
+        } else {
+            dst[j] = src[g];
+        }
     }
 }
 

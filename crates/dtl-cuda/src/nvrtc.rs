@@ -41,6 +41,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dtl_softmax_rows_vjp",
     "dtl_patchify",
     "dtl_assemble_tokens",
+    "dtl_window_partition",
+    "dtl_patch_merge",
     "dtl_dwconv",
     "dtl_dwconv_dx",
     "dtl_dwconv_dw",

@@ -9,7 +9,7 @@
 
 use cudarc::driver::LaunchConfig;
 use dtl_core::{DtlError, Result};
-use dtl_kernels::{checked_product, AdamwStep, AttnShape, ConvShape};
+use dtl_kernels::{checked_product, AdamwStep, AttnShape, ConvShape, MergeShape, WindowShape};
 
 use crate::blas::{Blas, Gemm};
 
@@ -46,6 +46,8 @@ pub(crate) enum K {
     SoftmaxVjp,
     Patchify,
     AssembleTokens,
+    WindowPartition,
+    PatchMerge,
     Dwconv,
     DwconvDx,
     DwconvDw,
@@ -602,14 +604,73 @@ pub(crate) fn attention<E: Exec>(
     out: &mut E::Buf,
     scratch: &mut E::Buf,
 ) -> Result<()> {
-    const OP: &str = "attention";
-    let (plan, nqkv) = attn_plan(OP, &shape)?;
-    let qp = e.src(OP, "qkv", qkv, nqkv)?;
-    let outp = e.dst(OP, "out", out, plan.slot)?;
+    attention_with("attention", e, qkv, shape, None, out, scratch)
+}
+
+pub(crate) fn attention_bias<E: Exec>(
+    e: &E,
+    qkv: &E::Buf,
+    shape: AttnShape,
+    bias: &E::Buf,
+    groups: usize,
+    out: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    attention_with(
+        "attention_bias",
+        e,
+        qkv,
+        shape,
+        Some((bias, groups)),
+        out,
+        scratch,
+    )
+}
+
+/// The score bias of an attention as the softmax kernel's `(pointer, bias_rows)` (`(0, 1)`
+/// without one), after checking `groups` and that the bias holds `groups x heads x tokens x
+/// tokens` values.
+fn score_bias<E: Exec>(
+    e: &E,
+    op: &str,
+    s: &AttnShape,
+    bias: Option<(&E::Buf, usize)>,
+) -> Result<(u64, i32)> {
+    let Some((b, groups)) = bias else {
+        return Ok((0, 1));
+    };
+    if groups == 0 {
+        return Err(invalid(op, "the bias has 0 groups; it needs at least 1"));
+    }
+    let rows = checked_product(op, &[groups, s.heads, s.tokens])?;
+    let len = checked_product(op, &[rows, s.tokens])?;
+    let p = e.src(op, "bias", b, len)?;
+    if len == 0 {
+        return Ok((p, 1));
+    }
+    n32(op, "the bias values", len)?;
+    // rows <= len: it fits too
+    Ok((p, rows as i32))
+}
+
+/// Attention, with an additive bias on the scores when `bias` is given.
+fn attention_with<E: Exec>(
+    op: &str,
+    e: &E,
+    qkv: &E::Buf,
+    shape: AttnShape,
+    bias: Option<(&E::Buf, usize)>,
+    out: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    let (plan, nqkv) = attn_plan(op, &shape)?;
+    let qp = e.src(op, "qkv", qkv, nqkv)?;
+    let (bp, bias_rows) = score_bias(e, op, &shape, bias)?;
+    let outp = e.dst(op, "out", out, plan.slot)?;
     let need = plan
         .total()
-        .ok_or_else(|| invalid(OP, "the scratch size overflows"))?;
-    let sp = e.dst(OP, "scratch", scratch, need)?;
+        .ok_or_else(|| invalid(op, "the scratch size overflows"))?;
+    let sp = e.dst(op, "scratch", scratch, need)?;
     if plan.slot == 0 {
         return Ok(());
     }
@@ -632,10 +693,11 @@ pub(crate) fn attention<E: Exec>(
     let scale = 1.0 / (d as f32).sqrt();
     // SAFETY (all launches and products below): qkv holds rows * 3 width values, out rows *
     // width, the scratch the four head slots and two probability blocks of `plan` (checked
-    // by attn_plan and above); every count fits i32 (attn_plan).
+    // by attn_plan and above), a bias `bias_rows` rows of n values (score_bias; the softmax
+    // reads it only when not null); every count fits i32 (attn_plan, score_bias).
     unsafe {
         e.launch(
-            OP,
+            op,
             K::SplitQkv,
             elementwise(plan.slot),
             &[
@@ -650,21 +712,27 @@ pub(crate) fn attention<E: Exec>(
             ],
         )?;
         e.gemm(
-            OP,
+            op,
             &Gemm::scores(bh, n, d, scale),
             (k, sl),
             (q, sl),
             (p, pl),
         )?;
         e.launch(
-            OP,
+            op,
             K::Softmax,
             warp_rows(bh * n),
-            &[Arg::P(p), Arg::I((bh * n) as i32), Arg::I(n as i32)],
+            &[
+                Arg::P(p),
+                Arg::P(bp),
+                Arg::I((bh * n) as i32),
+                Arg::I(n as i32),
+                Arg::I(bias_rows),
+            ],
         )?;
-        e.gemm(OP, &Gemm::probs_values(bh, n, d), (v, sl), (p, pl), (o, sl))?;
+        e.gemm(op, &Gemm::probs_values(bh, n, d), (v, sl), (p, pl), (o, sl))?;
         e.launch(
-            OP,
+            op,
             K::MergeHeads,
             elementwise(plan.slot),
             &[
@@ -689,15 +757,52 @@ pub(crate) fn attention_vjp<E: Exec>(
     dqkv: &mut E::Buf,
     scratch: &mut E::Buf,
 ) -> Result<()> {
-    const OP: &str = "attention_vjp";
-    let (plan, nqkv) = attn_plan(OP, &shape)?;
-    let qp = e.src(OP, "qkv", qkv, nqkv)?;
-    let dop = e.src(OP, "dout", dout, plan.slot)?;
-    let dqp = e.dst(OP, "dqkv", dqkv, nqkv)?;
+    attention_vjp_with("attention_vjp", e, qkv, dout, shape, None, dqkv, scratch)
+}
+
+pub(crate) fn attention_bias_vjp<E: Exec>(
+    e: &E,
+    qkv: &E::Buf,
+    dout: &E::Buf,
+    shape: AttnShape,
+    bias: &E::Buf,
+    groups: usize,
+    dqkv: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    attention_vjp_with(
+        "attention_bias_vjp",
+        e,
+        qkv,
+        dout,
+        shape,
+        Some((bias, groups)),
+        dqkv,
+        scratch,
+    )
+}
+
+/// Input-only VJP of [`attention_with`]: the probabilities are recomputed with the same bias,
+/// which gets no gradient.
+fn attention_vjp_with<E: Exec>(
+    op: &str,
+    e: &E,
+    qkv: &E::Buf,
+    dout: &E::Buf,
+    shape: AttnShape,
+    bias: Option<(&E::Buf, usize)>,
+    dqkv: &mut E::Buf,
+    scratch: &mut E::Buf,
+) -> Result<()> {
+    let (plan, nqkv) = attn_plan(op, &shape)?;
+    let qp = e.src(op, "qkv", qkv, nqkv)?;
+    let dop = e.src(op, "dout", dout, plan.slot)?;
+    let (bp, bias_rows) = score_bias(e, op, &shape, bias)?;
+    let dqp = e.dst(op, "dqkv", dqkv, nqkv)?;
     let need = plan
         .total()
-        .ok_or_else(|| invalid(OP, "the scratch size overflows"))?;
-    let sp = e.dst(OP, "scratch", scratch, need)?;
+        .ok_or_else(|| invalid(op, "the scratch size overflows"))?;
+    let sp = e.dst(op, "scratch", scratch, need)?;
     if plan.slot == 0 {
         return Ok(());
     }
@@ -719,11 +824,11 @@ pub(crate) fn attention_vjp<E: Exec>(
     let (sl, pl) = (plan.slot, plan.probs);
     let rows = (bh * n) as i32;
     let scale = 1.0 / (d as f32).sqrt();
-    // SAFETY (all launches and products below): as in `attention`, plus dout holds rows *
+    // SAFETY (all launches and products below): as in `attention_with`, plus dout holds rows *
     // width values and dqkv rows * 3 width (checked).
     unsafe {
         e.launch(
-            OP,
+            op,
             K::SplitQkv,
             elementwise(plan.slot),
             &[
@@ -739,7 +844,7 @@ pub(crate) fn attention_vjp<E: Exec>(
         )?;
         // the gradient of the output, in head layout, in the output slot
         e.launch(
-            OP,
+            op,
             K::SplitHeads,
             elementwise(plan.slot),
             &[
@@ -755,28 +860,34 @@ pub(crate) fn attention_vjp<E: Exec>(
         )?;
         // the probabilities, recomputed
         e.gemm(
-            OP,
+            op,
             &Gemm::scores(bh, n, d, scale),
             (k, sl),
             (q, sl),
             (p, pl),
         )?;
         e.launch(
-            OP,
+            op,
             K::Softmax,
             warp_rows(bh * n),
-            &[Arg::P(p), Arg::I(rows), Arg::I(n as i32)],
+            &[
+                Arg::P(p),
+                Arg::P(bp),
+                Arg::I(rows),
+                Arg::I(n as i32),
+                Arg::I(bias_rows),
+            ],
         )?;
         // dP = dO V^T, then dV = P^T dO into the v slot (v is no longer needed)
         e.gemm(
-            OP,
+            op,
             &Gemm::grad_values_t(bh, n, d),
             (v, sl),
             (go, sl),
             (dp, pl),
         )?;
         e.gemm(
-            OP,
+            op,
             &Gemm::probs_t_grad(bh, n, d),
             (go, sl),
             (p, pl),
@@ -784,7 +895,7 @@ pub(crate) fn attention_vjp<E: Exec>(
         )?;
         // G = scale * P (dP - rowsum(dP P)), in place of dP
         e.launch(
-            OP,
+            op,
             K::SoftmaxVjp,
             warp_rows(bh * n),
             &[
@@ -796,10 +907,10 @@ pub(crate) fn attention_vjp<E: Exec>(
             ],
         )?;
         // dK = G^T Q into the dO slot (dO is no longer needed), then dQ = G K into the q slot
-        e.gemm(OP, &Gemm::grad_k(bh, n, d), (q, sl), (dp, pl), (go, sl))?;
-        e.gemm(OP, &Gemm::grad_q(bh, n, d), (k, sl), (dp, pl), (q, sl))?;
+        e.gemm(op, &Gemm::grad_k(bh, n, d), (q, sl), (dp, pl), (go, sl))?;
+        e.gemm(op, &Gemm::grad_q(bh, n, d), (k, sl), (dp, pl), (q, sl))?;
         e.launch(
-            OP,
+            op,
             K::MergeQkv,
             elementwise(plan.slot),
             &[
@@ -992,6 +1103,165 @@ pub(crate) fn assemble_tokens<E: Exec>(
             ],
         )
     }
+}
+
+/// Checks a shifted-window partition's shape: the values of the tensor, in 32 bits.
+fn window_len(op: &str, s: &WindowShape) -> Result<usize> {
+    let (g, w, sh) = (s.grid, s.window, s.shift);
+    if w.0 == 0 || w.1 == 0 {
+        return Err(invalid(
+            op,
+            format!("the window {}x{} has a side of 0", w.0, w.1),
+        ));
+    }
+    if g.0 % w.0 != 0 || g.1 % w.1 != 0 {
+        return Err(invalid(
+            op,
+            format!(
+                "the {}x{} grid is not a whole number of {}x{} windows",
+                g.0, g.1, w.0, w.1
+            ),
+        ));
+    }
+    if sh.0 >= w.0 || sh.1 >= w.1 {
+        return Err(invalid(
+            op,
+            format!(
+                "the shift ({}, {}) must be smaller than the {}x{} window in each direction",
+                sh.0, sh.1, w.0, w.1
+            ),
+        ));
+    }
+    let len = checked_product(op, &[s.batch, g.0, g.1, s.width])?;
+    n32(op, "the token values", len)?;
+    Ok(len)
+}
+
+/// One launch of `dtl_window_partition`: the partition, or with `inverse` the merge.
+fn window_shuffle<E: Exec>(
+    e: &E,
+    op: &str,
+    x: &E::Buf,
+    s: WindowShape,
+    out: &mut E::Buf,
+    inverse: bool,
+) -> Result<()> {
+    let len = window_len(op, &s)?;
+    let xp = e.src(op, "x", x, len)?;
+    let outp = e.dst(op, "out", out, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: x and out hold the len values of the grid (checked); the windows tile the grid
+    // exactly and the shift is below the window (window_len), so every index is below len,
+    // and every size fits i32 (each is at most len).
+    unsafe {
+        e.launch(
+            op,
+            K::WindowPartition,
+            elementwise(len),
+            &[
+                Arg::P(xp),
+                Arg::P(outp),
+                Arg::I(s.batch as i32),
+                Arg::I(s.grid.0 as i32),
+                Arg::I(s.grid.1 as i32),
+                Arg::I(s.width as i32),
+                Arg::I(s.window.0 as i32),
+                Arg::I(s.window.1 as i32),
+                Arg::I(s.shift.0 as i32),
+                Arg::I(s.shift.1 as i32),
+                Arg::I(inverse as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn window_partition<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    shape: WindowShape,
+    out: &mut E::Buf,
+) -> Result<()> {
+    window_shuffle(e, "window_partition", x, shape, out, false)
+}
+
+pub(crate) fn window_merge<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    shape: WindowShape,
+    out: &mut E::Buf,
+) -> Result<()> {
+    window_shuffle(e, "window_merge", x, shape, out, true)
+}
+
+/// Checks a patch merging's shape: the values of its input (and output), in 32 bits.
+fn merge_len(op: &str, s: &MergeShape) -> Result<usize> {
+    if s.grid.0 % 2 != 0 || s.grid.1 % 2 != 0 {
+        return Err(invalid(
+            op,
+            format!(
+                "the {}x{} grid has an odd side; patch merging needs both sides even",
+                s.grid.0, s.grid.1
+            ),
+        ));
+    }
+    let len = checked_product(op, &[s.batch, s.grid.0, s.grid.1, s.width])?;
+    n32(op, "the token values", len)?;
+    Ok(len)
+}
+
+/// One launch of `dtl_patch_merge`: the merging, or with `inverse` its VJP.
+fn merge_shuffle<E: Exec>(
+    e: &E,
+    op: &str,
+    (src, src_name): (&E::Buf, &str),
+    s: MergeShape,
+    (dst, dst_name): (&mut E::Buf, &str),
+    inverse: bool,
+) -> Result<()> {
+    let len = merge_len(op, &s)?;
+    let sp = e.src(op, src_name, src, len)?;
+    let dp = e.dst(op, dst_name, dst, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: both buffers hold the len values (checked); the grid's sides are even, so the
+    // merged grid holds the same values and every index is below len; every size fits i32.
+    unsafe {
+        e.launch(
+            op,
+            K::PatchMerge,
+            elementwise(len),
+            &[
+                Arg::P(sp),
+                Arg::P(dp),
+                Arg::I(s.batch as i32),
+                Arg::I(s.grid.0 as i32),
+                Arg::I(s.grid.1 as i32),
+                Arg::I(s.width as i32),
+                Arg::I(inverse as i32),
+            ],
+        )
+    }
+}
+
+pub(crate) fn patch_merge<E: Exec>(
+    e: &E,
+    x: &E::Buf,
+    shape: MergeShape,
+    out: &mut E::Buf,
+) -> Result<()> {
+    merge_shuffle(e, "patch_merge", (x, "x"), shape, (out, "out"), false)
+}
+
+pub(crate) fn patch_merge_vjp<E: Exec>(
+    e: &E,
+    dy: &E::Buf,
+    shape: MergeShape,
+    dx: &mut E::Buf,
+) -> Result<()> {
+    merge_shuffle(e, "patch_merge_vjp", (dy, "dy"), shape, (dx, "dx"), true)
 }
 
 pub(crate) fn swish<E: Exec>(
@@ -1556,6 +1826,67 @@ macro_rules! kernel_ops {
             $crate::ops::attention_vjp(self, qkv, dout, shape, dqkv, scratch)
         }
 
+        fn attention_bias(
+            &self,
+            qkv: &Self::Buf,
+            shape: dtl_kernels::AttnShape,
+            bias: &Self::Buf,
+            groups: usize,
+            out: &mut Self::Buf,
+            scratch: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::attention_bias(self, qkv, shape, bias, groups, out, scratch)
+        }
+
+        fn attention_bias_vjp(
+            &self,
+            qkv: &Self::Buf,
+            dout: &Self::Buf,
+            shape: dtl_kernels::AttnShape,
+            bias: &Self::Buf,
+            groups: usize,
+            dqkv: &mut Self::Buf,
+            scratch: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::attention_bias_vjp(self, qkv, dout, shape, bias, groups, dqkv, scratch)
+        }
+
+        fn window_partition(
+            &self,
+            x: &Self::Buf,
+            shape: dtl_kernels::WindowShape,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::window_partition(self, x, shape, out)
+        }
+
+        fn window_merge(
+            &self,
+            x: &Self::Buf,
+            shape: dtl_kernels::WindowShape,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::window_merge(self, x, shape, out)
+        }
+
+        fn patch_merge(
+            &self,
+            x: &Self::Buf,
+            shape: dtl_kernels::MergeShape,
+            out: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::patch_merge(self, x, shape, out)
+        }
+
+        fn patch_merge_vjp(
+            &self,
+            dy: &Self::Buf,
+            shape: dtl_kernels::MergeShape,
+            dx: &mut Self::Buf,
+        ) -> Result<()> {
+            $crate::ops::patch_merge_vjp(self, dy, shape, dx)
+        }
+
         fn attention_scratch(&self, shape: dtl_kernels::AttnShape) -> usize {
             $crate::ops::attention_scratch(shape)
         }
@@ -1753,6 +2084,8 @@ mod tests {
             K::SoftmaxVjp,
             K::Patchify,
             K::AssembleTokens,
+            K::WindowPartition,
+            K::PatchMerge,
             K::Dwconv,
             K::DwconvDx,
             K::DwconvDw,
@@ -1827,6 +2160,53 @@ mod tests {
         };
         let e = attn_plan("attention", &big).unwrap_err().to_string();
         assert!(e.contains("32-bit"), "{e}");
+    }
+
+    #[test]
+    fn window_and_merge_shape_checks() {
+        let s = WindowShape {
+            batch: 2,
+            grid: (8, 12),
+            width: 5,
+            window: (4, 3),
+            shift: (2, 1),
+        };
+        assert_eq!(window_len("w", &s).unwrap(), 2 * 8 * 12 * 5);
+        for (bad, part) in [
+            (WindowShape { grid: (8, 10), ..s }, "whole number"),
+            (WindowShape { shift: (4, 0), ..s }, "smaller"),
+            (
+                WindowShape {
+                    window: (4, 0),
+                    ..s
+                },
+                "side of 0",
+            ),
+        ] {
+            let e = window_len("w", &bad).unwrap_err().to_string();
+            assert!(e.contains("w: ") && e.contains(part), "{e}");
+        }
+        let big = WindowShape {
+            batch: 1 << 20,
+            grid: (56, 56),
+            width: 96,
+            window: (7, 7),
+            shift: (3, 3),
+        };
+        assert!(window_len("w", &big)
+            .unwrap_err()
+            .to_string()
+            .contains("32-bit"));
+        let m = MergeShape {
+            batch: 2,
+            grid: (4, 6),
+            width: 3,
+        };
+        assert_eq!(merge_len("m", &m).unwrap(), 2 * 4 * 6 * 3);
+        let e = merge_len("m", &MergeShape { grid: (4, 5), ..m })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4x5") && e.contains("odd"), "{e}");
     }
 
     #[test]

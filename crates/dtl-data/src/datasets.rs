@@ -1,4 +1,5 @@
-//! The dataset layouts: `vtab-1k`, `few-shot`, `image-folder`, `idx` and `csv`.
+//! The dataset layouts: `vtab-1k`, `few-shot`, `image-folder`, `idx` and `csv` (and, in
+//! [`crate::dg`], `domain-generalization` and `class-folder`).
 //!
 //! Every layout reads its index (list files, folders, headers) when a split is opened and
 //! checks it then: missing list files, unparsable lines, labels out of range, missing images
@@ -57,7 +58,7 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 }
 
 /// Reads `classes` from `data.options`, if set.
-fn option_classes(cfg: &DataConfig) -> Result<Option<usize>> {
+pub(crate) fn option_classes(cfg: &DataConfig) -> Result<Option<usize>> {
     match cfg.options.get("classes") {
         None => Ok(None),
         Some(toml::Value::Integer(c)) if *c >= 1 => Ok(Some(*c as usize)),
@@ -67,7 +68,7 @@ fn option_classes(cfg: &DataConfig) -> Result<Option<usize>> {
     }
 }
 
-fn option_str<'a>(cfg: &'a DataConfig, key: &str) -> Result<Option<&'a str>> {
+pub(crate) fn option_str<'a>(cfg: &'a DataConfig, key: &str) -> Result<Option<&'a str>> {
     match cfg.options.get(key) {
         None => Ok(None),
         Some(toml::Value::String(s)) => Ok(Some(s.as_str())),
@@ -77,7 +78,7 @@ fn option_str<'a>(cfg: &'a DataConfig, key: &str) -> Result<Option<&'a str>> {
     }
 }
 
-fn option_int(cfg: &DataConfig, key: &str) -> Result<Option<i64>> {
+pub(crate) fn option_int(cfg: &DataConfig, key: &str) -> Result<Option<i64>> {
     match cfg.options.get(key) {
         None => Ok(None),
         Some(toml::Value::Integer(i)) => Ok(Some(*i)),
@@ -113,7 +114,7 @@ fn option_keep_labels(cfg: &DataConfig) -> Result<Option<Vec<usize>>> {
 }
 
 /// Fails on option keys a layout does not know.
-fn check_options(cfg: &DataConfig, known: &[&str]) -> Result<()> {
+pub(crate) fn check_options(cfg: &DataConfig, known: &[&str]) -> Result<()> {
     for k in cfg.options.keys() {
         if !known.contains(&k.as_str()) {
             return Err(DtlError::invalid(format!(
@@ -130,7 +131,7 @@ fn check_options(cfg: &DataConfig, known: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn split_name(cfg: &DataConfig, split: Split) -> &str {
+pub(crate) fn split_name(cfg: &DataConfig, split: Split) -> &str {
     match split {
         Split::Train => &cfg.train,
         Split::Test => &cfg.test,
@@ -161,7 +162,7 @@ pub struct ListDataset {
 }
 
 /// Parses a list file into `(path, label, line)` triples without touching the images.
-fn parse_list(list: &Path) -> Result<Vec<(String, usize, usize)>> {
+pub(crate) fn parse_list(list: &Path) -> Result<Vec<(String, usize, usize)>> {
     let text = crate::text::read(list)?;
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -196,7 +197,7 @@ impl ListDataset {
         Self::from_rows(list, base, rows, classes, "")
     }
 
-    fn from_rows(
+    pub(crate) fn from_rows(
         list: &Path,
         base: &Path,
         rows: Vec<(String, usize, usize)>,
@@ -589,7 +590,7 @@ fn is_image_file(p: &Path, exts: &[String]) -> bool {
         .unwrap_or(false)
 }
 
-fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
+pub(crate) fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DtlError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -605,7 +606,7 @@ fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn class_dirs(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn class_dirs(dir: &Path) -> Result<Vec<String>> {
     let mut classes: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| DtlError::io(dir, e))?
         .filter_map(|e| e.ok())
@@ -639,6 +640,16 @@ pub struct FolderDataset {
 }
 
 impl FolderDataset {
+    /// A dataset of the given `(image path, label)` items under `root` (which
+    /// [`Dataset::describe`] strips from the paths), with `classes` classes.
+    pub(crate) fn from_items(root: &Path, items: Vec<(PathBuf, usize)>, classes: usize) -> Self {
+        FolderDataset {
+            root: root.to_path_buf(),
+            items,
+            classes,
+        }
+    }
+
     /// Scans `<root>/<split>` with the class list of `<root>/<train>`.
     pub fn open(root: &Path, split: &str, train: &str, exts: &[String]) -> Result<Self> {
         let train_dir = root.join(train);
@@ -719,10 +730,9 @@ impl Dataset for FolderDataset {
     }
 }
 
-fn open_folder(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
-    check_options(cfg, &["extensions"])?;
-    let exts: Vec<String> = match cfg.options.get("extensions") {
-        None => vec!["jpg".into(), "jpeg".into(), "png".into()],
+pub(crate) fn image_extensions(cfg: &DataConfig) -> Result<Vec<String>> {
+    match cfg.options.get("extensions") {
+        None => Ok(vec!["jpg".into(), "jpeg".into(), "png".into()]),
         Some(toml::Value::Array(a)) => a
             .iter()
             .map(|v| {
@@ -730,13 +740,16 @@ fn open_folder(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
                     .map(|s| s.trim_start_matches('.').to_ascii_lowercase())
                     .ok_or_else(|| DtlError::invalid("data.options.extensions: expected a list of strings such as [\"jpg\", \"png\"]"))
             })
-            .collect::<Result<_>>()?,
-        Some(_) => {
-            return Err(DtlError::invalid(
-                "data.options.extensions: expected a list of strings such as [\"jpg\", \"png\"]",
-            ))
-        }
-    };
+            .collect(),
+        Some(_) => Err(DtlError::invalid(
+            "data.options.extensions: expected a list of strings such as [\"jpg\", \"png\"]",
+        )),
+    }
+}
+
+fn open_folder(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
+    check_options(cfg, &["extensions"])?;
+    let exts = image_extensions(cfg)?;
     Ok(Box::new(FolderDataset::open(
         &cfg.root,
         split_name(cfg, split),
@@ -1182,4 +1195,6 @@ inventory::submit! { DatasetEntry { name: "vtab-1k", description: "VTAB-1k lists
 inventory::submit! { DatasetEntry { name: "few-shot", description: "FGFS few-shot lists: <root>/few-shot_split/<dataset>/annotations/*", build: open_few_shot, origin: module_path!() } }
 inventory::submit! { DatasetEntry { name: "image-folder", description: "<root>/<split>/<class>/*.{jpg,png}, classes sorted", build: open_folder, origin: module_path!() } }
 inventory::submit! { DatasetEntry { name: "idx", description: "MNIST/Fashion-MNIST IDX files (gzip or raw), splits train/test", build: open_idx, origin: module_path!() } }
+inventory::submit! { DatasetEntry { name: "domain-generalization", description: "NOAH domain-generalisation lists: <root>/<dataset>/annotations/{train_meta.list.num_shot_N.seed_S,val_meta.list}", build: crate::dg::open_dg, origin: module_path!() } }
+inventory::submit! { DatasetEntry { name: "class-folder", description: "<root>[/<split>]/<class>/*.{jpg,png}, labels from data.options.class_index (e.g. WordNet ids) or the sorted folders", build: crate::dg::open_class_folder, origin: module_path!() } }
 inventory::submit! { DatasetEntry { name: "csv", description: "<root>/<split>.csv[.gz] rows label,p0,p1,... (greyscale or RGB)", build: open_csv, origin: module_path!() } }

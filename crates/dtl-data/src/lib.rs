@@ -1,7 +1,7 @@
 //! Datasets, decoding, augmentation and the data loader of dtl.
 //!
 //! - [`datasets`]: the registered layouts `vtab-1k`, `few-shot`, `image-folder`, `idx` and
-//!   `csv`, and JPEG/PNG decoding.
+//!   `csv`, and JPEG/PNG decoding; [`dg`]: `domain-generalization` and `class-folder`.
 //! - [`resample`]: PIL-compatible resizing, crops, flips and affine warps.
 //! - [`ops`], [`randaug`], [`mix`]: the registered `[augment]` ops.
 //! - [`DataPipeline`] and [`Loader`]: seeded, shuffled, multi-threaded batches.
@@ -19,6 +19,7 @@
 
 pub mod color;
 pub mod datasets;
+pub mod dg;
 mod loader;
 pub mod mix;
 pub mod ops;

@@ -16,7 +16,8 @@ use crate::ops::Normalize;
 use crate::params::Size;
 use crate::resample::Interpolation;
 
-/// One batch as the trainer consumes it.
+/// One batch as the trainer consumes it, from the loader to the training step (the runner
+/// re-exports it as `dtl_runner::data::Batch`).
 ///
 /// ```
 /// let b = dtl_data::Batch { images: vec![0.0; 2 * 3 * 4 * 4], labels: vec![1, 0], soft_targets: None, n: 2 };
@@ -327,6 +328,55 @@ impl DataPipeline {
             drop_last: d.drop_last,
             num_classes,
         })
+    }
+
+    /// A pipeline of `data.test` alone, read with the test transforms, for an extra test set
+    /// of a run whose training split is `classes` classes: the training split is not opened
+    /// (it has no items), and a test split with more classes than `classes` is refused.
+    pub fn test_only(cfg: &PipelineConfig, image_size: usize, classes: usize) -> Result<Self> {
+        let d = &cfg.data;
+        if image_size == 0 || cfg.eval_batch_size() == 0 || d.prefetch == 0 {
+            return Err(DtlError::invalid(
+                "the image size, data.eval_batch_size and data.prefetch must be at least 1",
+            ));
+        }
+        if d.limit_test == Some(0) {
+            return Err(DtlError::invalid(
+                "data.limit_test: must be at least 1, got 0; remove the key to use every item",
+            ));
+        }
+        let test: Arc<dyn Dataset> = Arc::from(dtl_core::registry()?.open_dataset(d, Split::Test)?);
+        if test.num_classes() > classes {
+            return Err(DtlError::invalid(format!(
+                "data.test: the test split `{}` has {} classes but the training split only {classes}",
+                d.test,
+                test.num_classes()
+            )));
+        }
+        let test_index = subset(test.len(), d.limit_test, cfg.run.seed, 1);
+        let test_ops = sample_list(cfg, "test", &cfg.augment.test, image_size)?;
+        Ok(DataPipeline {
+            train: Arc::clone(&test),
+            test,
+            train_index: Arc::new(Vec::new()),
+            test_index: Arc::new(test_index),
+            train_ops: Arc::new(sample_list(cfg, "test", &cfg.augment.test, image_size)?),
+            test_ops: Arc::new(test_ops),
+            batch_ops: Arc::new(Vec::new()),
+            label_smoothing: cfg.optim.label_smoothing,
+            seed: cfg.run.seed,
+            batch_size: d.batch_size.max(1),
+            eval_batch_size: cfg.eval_batch_size(),
+            workers: d.workers,
+            prefetch: d.prefetch,
+            drop_last: false,
+            num_classes: classes,
+        })
+    }
+
+    /// The dataset behind the test split (labels and item names without decoding).
+    pub fn test_dataset(&self) -> &Arc<dyn Dataset> {
+        &self.test
     }
 
     /// Number of classes (the training split's).

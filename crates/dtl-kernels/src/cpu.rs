@@ -25,6 +25,7 @@ pub mod ops;
 pub mod side;
 #[allow(unsafe_code)]
 pub mod strided;
+pub mod window;
 
 /// A buffer of `f32` values in host memory, the [`Kernels::Buf`] of [`CpuKernels`].
 ///
@@ -154,12 +155,14 @@ impl From<CpuBuf> for Vec<f32> {
 /// The kernel set on the CPU: the reference every other device is tested against.
 ///
 /// Products run on the `gemm` crate, the rows of their output split over rayon's threads;
-/// row-wise work and attention are parallelised with rayon, with AVX2 + FMA inner loops
-/// where the CPU has them. Operations run synchronously. Values are bit-for-bit those of
-/// the dfdx-based CPU runner's ViT blocks, side operations (swish, depthwise conv, mean
-/// pooling), loss and AdamW update; only a clipped update can differ in the last bit, since
-/// [`Kernels::sum_squares`] accumulates the squared norm in f64 where the runner sums each
-/// tensor in f32.
+/// row-wise work and attention are parallelised with rayon, with AVX-512 or AVX2 + FMA
+/// inner loops where the CPU has them. Operations run synchronously, and every sum runs in
+/// an order fixed by the sizes and the number of threads, never by the threads' timing.
+/// Values agree with the dfdx-based CPU runner's to rounding: the depthwise conv, the mean
+/// pooling, the loss and the AdamW update follow its order of operations term by term,
+/// while swish uses [`ops::exp_fast`] and a linear layer adds its bias after the product; a
+/// clipped update can also differ in the last bit, since [`Kernels::sum_squares`]
+/// accumulates the squared norm in f64 where the runner sums each tensor in f32.
 ///
 /// ```
 /// use dtl_kernels::{CpuKernels, Kernels};
@@ -723,6 +726,57 @@ impl Kernels for CpuKernels {
         let v = dst(OP, "v", v, len)?;
         side::adamw(param, grad, m, v, step, clip);
         Ok(())
+    }
+
+    fn attention_bias(
+        &self,
+        qkv: &CpuBuf,
+        shape: AttnShape,
+        bias: &CpuBuf,
+        groups: usize,
+        out: &mut CpuBuf,
+        _scratch: &mut CpuBuf,
+    ) -> Result<()> {
+        window::attention_bias_op(qkv, shape, bias, groups, out)
+    }
+
+    fn attention_bias_vjp(
+        &self,
+        qkv: &CpuBuf,
+        dout: &CpuBuf,
+        shape: AttnShape,
+        bias: &CpuBuf,
+        groups: usize,
+        dqkv: &mut CpuBuf,
+        _scratch: &mut CpuBuf,
+    ) -> Result<()> {
+        window::attention_bias_vjp_op(qkv, dout, shape, bias, groups, dqkv)
+    }
+
+    fn window_partition(
+        &self,
+        x: &CpuBuf,
+        shape: crate::WindowShape,
+        out: &mut CpuBuf,
+    ) -> Result<()> {
+        window::window_op(x, shape, out, false)
+    }
+
+    fn window_merge(&self, x: &CpuBuf, shape: crate::WindowShape, out: &mut CpuBuf) -> Result<()> {
+        window::window_op(x, shape, out, true)
+    }
+
+    fn patch_merge(&self, x: &CpuBuf, shape: crate::MergeShape, out: &mut CpuBuf) -> Result<()> {
+        window::merge_op(x, shape, out, false)
+    }
+
+    fn patch_merge_vjp(
+        &self,
+        dy: &CpuBuf,
+        shape: crate::MergeShape,
+        dx: &mut CpuBuf,
+    ) -> Result<()> {
+        window::merge_op(dy, shape, dx, true)
     }
 }
 

@@ -128,6 +128,91 @@ impl ConvShape {
     }
 }
 
+/// Shapes of a shifted-window partition of a token grid (Swin): `batch` samples of a
+/// `grid.0 x grid.1` grid of `width` channels, rows row-major, no prefix tokens. The grid is
+/// first rolled by `(-shift.0, -shift.1)` (PyTorch's `torch.roll(x, (-s0, -s1), (1, 2))`),
+/// then cut into `window.0 x window.1` windows, ordered row-major over the windows and, inside
+/// a window, row-major over its tokens: `(batch * windows, window.0 * window.1, width)`.
+///
+/// ```
+/// let s = dtl_kernels::WindowShape { batch: 2, grid: (8, 8), width: 16, window: (4, 4), shift: (2, 2) };
+/// assert_eq!(s.windows(), 4);
+/// assert_eq!(s.window_tokens(), 16);
+/// assert_eq!(s.len(), 2 * 64 * 16);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowShape {
+    /// Samples.
+    pub batch: usize,
+    /// Token grid (rows, columns); each a multiple of the window's.
+    pub grid: (usize, usize),
+    /// Channels.
+    pub width: usize,
+    /// Window (rows, columns).
+    pub window: (usize, usize),
+    /// Cyclic shift (rows, columns), each smaller than the window's.
+    pub shift: (usize, usize),
+}
+
+impl WindowShape {
+    /// Windows per sample.
+    pub fn windows(&self) -> usize {
+        (self.grid.0 / self.window.0.max(1)) * (self.grid.1 / self.window.1.max(1))
+    }
+
+    /// Tokens per window.
+    pub fn window_tokens(&self) -> usize {
+        self.window.0 * self.window.1
+    }
+
+    /// Values of the whole tensor (the same before and after the partition).
+    pub fn len(&self) -> usize {
+        self.batch * self.grid.0 * self.grid.1 * self.width
+    }
+
+    /// Whether the tensor is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Shapes of a Swin patch merging: `batch` samples of a `grid.0 x grid.1` grid (both even) of
+/// `width` channels become a `(grid.0 / 2) x (grid.1 / 2)` grid of `4 * width` channels, each
+/// output token the concatenation of its 2 x 2 neighbours in the order (row, column) =
+/// (0, 0), (1, 0), (0, 1), (1, 1) (timm's order).
+///
+/// ```
+/// let s = dtl_kernels::MergeShape { batch: 1, grid: (4, 6), width: 8 };
+/// assert_eq!(s.out_grid(), (2, 3));
+/// assert_eq!(s.len(), 4 * 6 * 8);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MergeShape {
+    /// Samples.
+    pub batch: usize,
+    /// Input grid (rows, columns), both even.
+    pub grid: (usize, usize),
+    /// Input channels.
+    pub width: usize,
+}
+
+impl MergeShape {
+    /// Output grid.
+    pub fn out_grid(&self) -> (usize, usize) {
+        (self.grid.0 / 2, self.grid.1 / 2)
+    }
+
+    /// Values of the input (the same as of the output).
+    pub fn len(&self) -> usize {
+        self.batch * self.grid.0 * self.grid.1 * self.width
+    }
+
+    /// Whether the tensor is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The hyper-parameters of one AdamW update of one tensor, PyTorch's `torch.optim.AdamW`
 /// (`amsgrad = False`): `p *= 1 - lr * weight_decay`, `m = b1 m + (1 - b1) g`,
 /// `v = b2 v + (1 - b2) g^2`, `p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)`, where
@@ -858,6 +943,85 @@ pub trait Kernels: Send + Sync + 'static {
         step: &AdamwStep,
         clip: Option<(&Self::Buf, f32)>,
     ) -> Result<()>;
+
+    /// [`Kernels::attention`] with an additive bias on the scores before the softmax:
+    /// `bias` holds `groups x heads x tokens x tokens` values and sample `b` of the batch uses
+    /// group `b % groups` (Swin: the relative-position bias, plus the shifted-window mask with
+    /// one group per window). `scratch` as for [`Kernels::attention`].
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels, AttnShape};
+    /// let k = CpuKernels::new();
+    /// // two tokens, one head: a large bias on the second key picks its value vector
+    /// let s = AttnShape { batch: 1, tokens: 2, heads: 1, head_dim: 1 };
+    /// let qkv = k.upload_new(&[0.0, 0.0, 0.0, 1.0, 1.0, 2.0]).unwrap(); // rows [q k v]
+    /// let bias = k.upload_new(&[0.0, 50.0, 0.0, 50.0]).unwrap();
+    /// let (mut out, mut scratch) = (k.alloc(2).unwrap(), k.alloc(k.attention_scratch(s)).unwrap());
+    /// k.attention_bias(&qkv, s, &bias, 1, &mut out, &mut scratch).unwrap();
+    /// let o = k.download(&out, 2).unwrap();
+    /// assert!((o[0] - 2.0).abs() < 1e-6 && (o[1] - 2.0).abs() < 1e-6);
+    /// ```
+    fn attention_bias(
+        &self,
+        qkv: &Self::Buf,
+        shape: AttnShape,
+        bias: &Self::Buf,
+        groups: usize,
+        out: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Input-only VJP of [`Kernels::attention_bias`] (`dqkv` overwritten; the bias is constant).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bias_vjp(
+        &self,
+        qkv: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        bias: &Self::Buf,
+        groups: usize,
+        dqkv: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Rolls a token grid and cuts it into windows (see [`WindowShape`]); `out` gets
+    /// [`WindowShape::len`] values. Its VJP is [`Kernels::window_merge`].
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels, WindowShape};
+    /// let k = CpuKernels::new();
+    /// // a 2 x 4 grid of one channel, two 2 x 2 windows, no shift
+    /// let s = WindowShape { batch: 1, grid: (2, 4), width: 1, window: (2, 2), shift: (0, 0) };
+    /// let x = k.upload_new(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]).unwrap();
+    /// let (mut w, mut back) = (k.alloc(8).unwrap(), k.alloc(8).unwrap());
+    /// k.window_partition(&x, s, &mut w).unwrap();
+    /// assert_eq!(k.download(&w, 8).unwrap(), vec![0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+    /// k.window_merge(&w, s, &mut back).unwrap();
+    /// assert_eq!(k.download(&back, 8).unwrap(), k.download(&x, 8).unwrap());
+    /// ```
+    fn window_partition(
+        &self,
+        x: &Self::Buf,
+        shape: WindowShape,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// The inverse of [`Kernels::window_partition`]: windows back into the grid, then the roll
+    /// undone. Its VJP is [`Kernels::window_partition`].
+    fn window_merge(&self, x: &Self::Buf, shape: WindowShape, out: &mut Self::Buf) -> Result<()>;
+    /// Gathers each 2 x 2 neighbourhood into one token of four times the width (see
+    /// [`MergeShape`]); the LayerNorm and the reduction that follow are separate calls.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels, MergeShape};
+    /// let k = CpuKernels::new();
+    /// // a 2 x 2 grid of one channel becomes one token of four: (0,0), (1,0), (0,1), (1,1)
+    /// let s = MergeShape { batch: 1, grid: (2, 2), width: 1 };
+    /// let x = k.upload_new(&[0.0, 1.0, 2.0, 3.0]).unwrap();
+    /// let mut y = k.alloc(4).unwrap();
+    /// k.patch_merge(&x, s, &mut y).unwrap();
+    /// assert_eq!(k.download(&y, 4).unwrap(), vec![0.0, 2.0, 1.0, 3.0]);
+    /// ```
+    fn patch_merge(&self, x: &Self::Buf, shape: MergeShape, out: &mut Self::Buf) -> Result<()>;
+    /// VJP (and inverse) of [`Kernels::patch_merge`]: `dx` (overwritten) from `dy`.
+    fn patch_merge_vjp(&self, dy: &Self::Buf, shape: MergeShape, dx: &mut Self::Buf) -> Result<()>;
 }
 
 /// Per-sample stochastic-depth scales of one block on a device (see [`DropPath`]).
@@ -947,7 +1111,7 @@ impl<K: Kernels> DropScales<K> {
 ///         k.copy(dy, dx, rows * 4)
 ///     }
 /// }
-/// let spec = BackboneSpec { grid: (1, 1), ..BackboneSpec::vit("doubler", 8, 8, 4, 1, 1) };
+/// let spec = BackboneSpec { grid: (1, 1), ..BackboneSpec::vit("doubler", 8, 8, 4, 1, 1) }.single_stage();
 /// let k = CpuKernels::new();
 /// let bb = Doubler(spec);
 /// let mut ws = KernelBackbone::<CpuKernels>::workspace(&bb, &k, 1).unwrap();
@@ -1040,6 +1204,43 @@ pub trait KernelBackbone<K: Kernels>: Send + Sync + 'static {
     ) -> Result<()> {
         let _ = saved;
         self.block_vjp(k, ws, block, x, dy, batch, drop, dx)
+    }
+    /// The transition into stage `stage` (at least 1) of a hierarchical backbone (Swin's patch
+    /// merging): `out` gets the stage's input tokens from `x`, the output of the stage before.
+    /// Called only for the stages after the first of [`BackboneSpec::stages`]; a single-stage
+    /// backbone keeps the default, which refuses.
+    fn stage_forward(
+        &self,
+        k: &K,
+        ws: &mut Self::Workspace,
+        stage: usize,
+        x: &K::Buf,
+        batch: usize,
+        out: &mut K::Buf,
+    ) -> Result<()> {
+        let _ = (k, ws, x, batch, out);
+        Err(DtlError::invalid(format!(
+            "backbone `{}` has a single stage; it has no transition into stage {stage}",
+            self.spec().name
+        )))
+    }
+    /// Input-only VJP of [`KernelBackbone::stage_forward`]: `dx` (overwritten, the shape of the
+    /// previous stage's output) from `dy`, given the transition's input `x`.
+    fn stage_vjp(
+        &self,
+        k: &K,
+        ws: &mut Self::Workspace,
+        stage: usize,
+        x: &K::Buf,
+        dy: &K::Buf,
+        batch: usize,
+        dx: &mut K::Buf,
+    ) -> Result<()> {
+        let _ = (k, ws, x, dy, batch, dx);
+        Err(DtlError::invalid(format!(
+            "backbone `{}` has a single stage; it has no transition into stage {stage}",
+            self.spec().name
+        )))
     }
     /// The final norm on `rows` rows of the width.
     fn norm_forward(&self, k: &K, x: &K::Buf, rows: usize, out: &mut K::Buf) -> Result<()>;

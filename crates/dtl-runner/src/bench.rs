@@ -5,21 +5,85 @@ use std::time::Instant;
 
 use dfdx::prelude::*;
 use dtl_core::{Backbone, BenchOptions, DtlError, PipelineConfig, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::device::{dev_err, TrainDevice};
 use crate::job::{build_model, drop_masks, train_step};
 use crate::model::smoothed_targets;
 use crate::optim::AdamW;
-use crate::report;
+use crate::report::{self, BenchReport, BenchRow};
 
 /// Side networks measured by `train`: the pipeline's own settings with each kind.
 pub(crate) const KINDS: [&str; 3] = ["dtl", "dtl+", "linear"];
 
+/// What `dtl bench --what` measures.
+///
+/// ```
+/// use dtl_runner::bench::Measurement;
+/// assert_eq!("vjp".parse::<Measurement>().unwrap(), Measurement::Vjp);
+/// assert_eq!(Measurement::Train.as_str(), "train");
+/// let e = "speed".parse::<Measurement>().unwrap_err().to_string();
+/// assert_eq!(e, "bench: `speed` is not a measurement; use train, forward or vjp");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measurement {
+    /// A whole training step of each built-in side network.
+    Train,
+    /// The frozen backbone's forward pass.
+    Forward,
+    /// The forward pass and every block's input-only VJP.
+    Vjp,
+}
+
+impl Measurement {
+    /// Every measurement, in the order of [`MEASUREMENTS`].
+    pub const ALL: [Measurement; 3] = [Measurement::Train, Measurement::Forward, Measurement::Vjp];
+
+    /// The name used by `--what` and in the `what` field of a row.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Measurement::Train => "train",
+            Measurement::Forward => "forward",
+            Measurement::Vjp => "vjp",
+        }
+    }
+}
+
+impl std::str::FromStr for Measurement {
+    type Err = DtlError;
+    fn from_str(s: &str) -> Result<Self> {
+        Measurement::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                DtlError::invalid(format!(
+                    "bench: `{s}` is not a measurement; use train, forward or vjp"
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for Measurement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The measurements `dtl bench --what` knows.
 pub const MEASUREMENTS: [&str; 3] = ["train", "forward", "vjp"];
 
-/// Checks `--what` values against [`MEASUREMENTS`].
+/// Parses `--what` values into [`Measurement`]s (the one place they are checked).
+///
+/// ```
+/// use dtl_runner::bench::{parse_what, Measurement};
+/// assert_eq!(parse_what(&["train".into()]).unwrap(), vec![Measurement::Train]);
+/// assert!(parse_what(&["speed".into()]).is_err());
+/// ```
+pub fn parse_what(what: &[String]) -> Result<Vec<Measurement>> {
+    what.iter().map(|w| w.parse()).collect()
+}
+
+/// Checks `--what` values with [`parse_what`] and returns them as given.
 ///
 /// ```
 /// assert!(dtl_runner::bench::check_what(&["train".into()]).is_ok());
@@ -27,25 +91,23 @@ pub const MEASUREMENTS: [&str; 3] = ["train", "forward", "vjp"];
 /// assert!(e.contains("train, forward or vjp"));
 /// ```
 pub fn check_what(what: &[String]) -> Result<Vec<String>> {
-    for w in what {
-        if !MEASUREMENTS.contains(&w.as_str()) {
-            return Err(DtlError::invalid(format!(
-                "bench: `{w}` is not a measurement; use train, forward or vjp"
-            )));
-        }
-    }
+    parse_what(what)?;
     Ok(what.to_vec())
 }
 
-/// The pipeline with side network `kind` (`dtl` without a conv, `dtl+` with the pipeline's
-/// kernel or 3, `linear`), its other side settings kept.
+/// The pipeline with side network `kind`, its other side settings kept. The conv kernel
+/// follows the side network's registered default: none for one without a conv (`dtl`), the
+/// pipeline's kernel or the default for one with a conv (`dtl+`: 3).
 pub(crate) fn with_side(cfg: &PipelineConfig, kind: &str) -> PipelineConfig {
     let mut c = cfg.clone();
     c.side.kind = kind.to_string();
-    if kind == "dtl" {
-        c.side.kernel = Some(0);
-    } else if kind == "dtl+" && c.side.kernel_size() == 0 {
-        c.side.kernel = Some(3);
+    let traits = dtl_core::registry::side_traits(kind);
+    if traits.taps {
+        if traits.default_kernel == 0 {
+            c.side.kernel = Some(0);
+        } else if c.side.kernel_size() == 0 {
+            c.side.kernel = Some(traits.default_kernel);
+        }
     }
     c
 }
@@ -77,13 +139,16 @@ fn measure(
     })
 }
 
-fn row(what: &str, side: &str, batch: usize, m: &Measured, params: Option<usize>) -> Value {
-    let mut r = json!({"what": what, "side": side, "batch": batch, "img_per_s": m.img_per_s,
-                       "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": null});
-    if let Some(p) = params {
-        r["trainable_params"] = json!(p);
+fn row(what: &str, side: &str, batch: usize, m: &Measured, params: Option<usize>) -> BenchRow {
+    BenchRow {
+        what: Some(what.to_string()),
+        side: Some(side.to_string()),
+        batch: Some(batch),
+        img_per_s: Some(m.img_per_s),
+        peak_rss_mib: m.peak_rss_mib,
+        trainable_params: params,
+        ..BenchRow::default()
     }
-    r
 }
 
 /// A naive all-traced training step for comparison: dfdx's own autodiff through a
@@ -154,7 +219,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
     let classes = cfg.head.classes.unwrap_or(10);
     let rng = Cpu::seed_from_u64(cfg.run.seed);
     let mut rows = Vec::new();
-    check_what(&opts.what)?;
+    let what = parse_what(&opts.what)?;
     for &batch in &opts.batches {
         if batch == 0 {
             return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
@@ -164,9 +229,9 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
         let images: dtl_core::Images<D> = dev.tensor_from_vec(host.as_vec(), *host.shape());
         let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
         let targets = smoothed_targets(&labels, classes, 0.0);
-        for what in &opts.what {
-            match what.as_str() {
-                "train" => {
+        for what in &what {
+            match what {
+                Measurement::Train => {
                     for kind in KINDS {
                         let c = with_side(cfg, kind);
                         // Buffers the previous measurement left in dfdx's cache are not this
@@ -191,16 +256,16 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                         })?;
                         let mut r = row("train", kind, batch, &m, Some(model.trainable_params()));
                         // the tape-based path always recomputes the blocks' internals
-                        r["activations"] = json!("recompute");
+                        r.activations = Some("recompute".into());
                         rows.push(r);
                     }
                     if let Some(m) = naive_for(&spec, batch, opts.warmup, opts.steps)? {
                         let mut r = row("train", "naive-autodiff", batch, &m, None);
-                        r["activations"] = json!("store");
+                        r.activations = Some("store".into());
                         rows.push(r);
                     }
                 }
-                "forward" => {
+                Measurement::Forward => {
                     let m = measure(opts.warmup, opts.steps, batch, || {
                         let mut x = backbone.embed(&images)?;
                         for i in 0..spec.depth {
@@ -210,7 +275,7 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
                     })?;
                     rows.push(row("forward", "none", batch, &m, None));
                 }
-                _ => {
+                Measurement::Vjp => {
                     let x0 = backbone.embed(&images)?;
                     let m = measure(opts.warmup, opts.steps, batch, || {
                         let mut x = x0.clone();
@@ -230,5 +295,11 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
             }
         }
     }
-    Ok(json!({"backbone": spec.name, "image_size": s, "device": cfg.run.device, "rows": rows}))
+    Ok(BenchReport {
+        backbone: Some(spec.name.clone()),
+        image_size: Some(s),
+        device: Some(cfg.run.device.to_string()),
+        rows,
+    }
+    .to_json())
 }

@@ -91,16 +91,7 @@ pub fn save<D: TrainDevice>(
     meta.insert("state".to_string(), state.to_string());
     let out = safetensors::serialize(views, &Some(meta))
         .map_err(|e| DtlError::file(path, format!("cannot serialise: {e:?}")))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DtlError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    std::fs::write(&tmp, out).map_err(|e| DtlError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DtlError::io(path, e))
+    dtl_core::fsio::write_atomic(path, &out)
 }
 
 /// The keys whose values differ between two pipeline TOML texts, as

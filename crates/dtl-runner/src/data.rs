@@ -8,23 +8,14 @@ use dtl_core::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// One batch: images (n, 3, size, size) CHW normalised, labels, optional soft targets.
+/// One batch: images (n, 3, size, size) CHW normalised, labels, optional soft targets; the
+/// data crate's loader yields it and the training step reads it as it is.
 ///
 /// ```
 /// let b = dtl_runner::data::Batch { images: vec![0.0; 2 * 3 * 4 * 4], labels: vec![0, 1], soft_targets: None, n: 2 };
 /// assert_eq!(b.labels.len(), b.n);
 /// ```
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// `n * 3 * size * size` values.
-    pub images: Vec<f32>,
-    /// One class index per image.
-    pub labels: Vec<usize>,
-    /// `n * classes` target probabilities (mixup/cutmix), when present.
-    pub soft_targets: Option<Vec<f32>>,
-    /// Images in the batch.
-    pub n: usize,
-}
+pub use dtl_data::Batch;
 
 /// An iterator over batches that knows how many it will yield.
 pub trait BatchIter: Iterator<Item = Result<Batch>> {
@@ -206,14 +197,7 @@ struct PipelineIter(dtl_data::Loader);
 impl Iterator for PipelineIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
-        self.0.next().map(|r| {
-            r.map(|b| Batch {
-                images: b.images,
-                labels: b.labels,
-                soft_targets: b.soft_targets,
-                n: b.n,
-            })
-        })
+        self.0.next()
     }
 }
 
@@ -252,4 +236,28 @@ pub fn open_pipeline(
     Ok(Box::new(Pipeline(dtl_data::DataPipeline::new(
         cfg, image_size,
     )?)))
+}
+
+/// An extra test set of a run (`[[eval.tests]]`, or `data.test` scored over a class subset),
+/// as [`open_test_set`] opens it.
+pub struct TestSetSource {
+    /// The data crate's pipeline of `data.test` alone, read with the test transforms.
+    pub source: Box<dyn BatchSource>,
+    /// The dataset behind it: labels and item names without decoding.
+    pub dataset: std::sync::Arc<dyn dtl_core::Dataset>,
+}
+
+/// Opens `cfg.data.test` alone as a test set of a run whose head has `classes` classes (a
+/// test split with more classes is refused); the training split is not opened.
+pub fn open_test_set(
+    cfg: &dtl_core::PipelineConfig,
+    image_size: usize,
+    classes: usize,
+) -> Result<TestSetSource> {
+    let p = dtl_data::DataPipeline::test_only(cfg, image_size, classes)?;
+    let dataset = std::sync::Arc::clone(p.test_dataset());
+    Ok(TestSetSource {
+        source: Box::new(Pipeline(p)),
+        dataset,
+    })
 }

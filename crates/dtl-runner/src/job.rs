@@ -60,6 +60,46 @@ pub struct EvalResult {
     pub images: usize,
 }
 
+/// The value a class subset adds to the logit of every class outside it before the counts
+/// (see [`dtl_core::config::ClassSubset`]): far below any logit, yet finite, so that the
+/// non-finite checks still see only what the model produced and the loss over the subset is
+/// the cross-entropy of the kept classes.
+pub const MASKED_LOGIT: f32 = -1.0e30;
+
+/// The additive mask of a class subset: 0 for the `keep` classes, [`MASKED_LOGIT`] for the
+/// other classes of `classes`.
+///
+/// ```
+/// let m = dtl_runner::job::subset_mask(&[0, 2], 3);
+/// assert_eq!(m, vec![0.0, dtl_runner::job::MASKED_LOGIT, 0.0]);
+/// ```
+pub fn subset_mask(keep: &[usize], classes: usize) -> Vec<f32> {
+    let mut m = vec![MASKED_LOGIT; classes];
+    for &k in keep {
+        if k < classes {
+            m[k] = 0.0;
+        }
+    }
+    m
+}
+
+/// The additive mask of a class subset and the number of classes it keeps.
+type ClassMask = (Vec<f32>, usize);
+
+/// One extra test set of a run, open.
+struct TestSet {
+    /// The name it is reported under.
+    name: String,
+    /// Its pipeline (test split only).
+    data: Box<dyn BatchSource>,
+    /// The additive class mask, when it is scored over a subset.
+    mask: Option<Vec<f32>>,
+    /// Classes it is scored over.
+    scored: usize,
+    /// Also evaluated during training.
+    during_training: bool,
+}
+
 /// Reports the device memory the process holds, in MiB (a GPU's used memory).
 pub type MemoryProbe = Arc<dyn Fn() -> Option<f64> + Send + Sync>;
 
@@ -99,6 +139,13 @@ pub trait Engine {
     fn set_loss_sum(&mut self, value: f64) -> Result<()>;
     /// Evaluates on `batches`.
     fn evaluate(&mut self, batches: Box<dyn BatchIter>) -> Result<EvalResult>;
+    /// Evaluates on `batches` with `mask` (one value per class, 0 or [`MASKED_LOGIT`]) added
+    /// to every row of logits before top-1, top-5 and the loss are counted.
+    fn evaluate_masked(
+        &mut self,
+        batches: Box<dyn BatchIter>,
+        mask: Option<&[f32]>,
+    ) -> Result<EvalResult>;
     /// Device memory in MiB, for reports.
     fn memory_mib(&self) -> Option<f64> {
         None
@@ -128,6 +175,10 @@ pub struct Trainer<S: EngineSource> {
     data: Option<Box<dyn BatchSource>>,
     /// The validation split's pipeline (`eval.val`), opened on first use.
     val_data: Option<Box<dyn BatchSource>>,
+    /// The extra test sets (`eval.tests`), opened with the training data.
+    tests: Option<Vec<TestSet>>,
+    /// The class mask of `data.test` (`eval.test_classes`) and the classes it keeps.
+    test_mask: Option<ClassMask>,
     checkpoint_every: Duration,
     step_limit: Option<u64>,
 }
@@ -148,6 +199,8 @@ impl<S: EngineSource> Trainer<S> {
             source,
             data: None,
             val_data: None,
+            tests: None,
+            test_mask: None,
             checkpoint_every: CHECKPOINT_EVERY,
             step_limit: None,
         }
@@ -188,10 +241,46 @@ impl<S: EngineSource> Trainer<S> {
         Ok(self.data.as_mut().expect("data opened above"))
     }
 
-    /// Evaluates `engine` on the test split.
+    /// Evaluates `engine` on the test split (over `eval.test_classes` when set).
     pub fn evaluate_engine(&mut self, engine: &mut S::Engine) -> Result<EvalResult> {
         let loader = self.data()?.test_loader()?;
-        engine.evaluate(loader)
+        match &self.test_mask {
+            Some((m, _)) => engine.evaluate_masked(loader, Some(m)),
+            None => engine.evaluate(loader),
+        }
+    }
+
+    /// Opens the extra test sets of `eval.tests` and the class subset of `eval.test_classes`
+    /// for a head of `classes` classes, unless they are open. Every error names the key.
+    fn open_tests(&mut self, classes: usize) -> Result<()> {
+        if self.tests.is_some() {
+            return Ok(());
+        }
+        let (mask, sets) = open_test_sets(&self.cfg, self.source.spec().image_size, classes)?;
+        self.test_mask = mask;
+        self.tests = Some(sets);
+        Ok(())
+    }
+
+    /// Evaluates `engine` on every extra test set (with `during_training`, only those that ask
+    /// to be evaluated during training): `(name, result, classes scored)` in `eval.tests` order.
+    fn evaluate_tests(
+        &mut self,
+        engine: &mut S::Engine,
+        during_training: bool,
+    ) -> Result<Vec<(String, EvalResult, usize)>> {
+        let mut out = Vec::new();
+        for t in self.tests.iter_mut().flatten() {
+            if during_training && !t.during_training {
+                continue;
+            }
+            let loader = t.data.test_loader()?;
+            let r = engine
+                .evaluate_masked(loader, t.mask.as_deref())
+                .map_err(|e| DtlError::invalid(format!("test set `{}`: {e}", t.name)))?;
+            out.push((t.name.clone(), r, t.scored));
+        }
+        Ok(out)
     }
 
     /// Opens the validation split `eval.val` (read with the test transforms) unless it is
@@ -282,7 +371,7 @@ impl<B: Backbone<Cpu> + Send + Sync> Trainer<CpuSource<B>> {
     pub fn evaluate_model(&mut self, model: &Model<B, Cpu>) -> Result<EvalResult> {
         let image_size = self.source.spec().image_size;
         let loader = self.data()?.test_loader()?;
-        evaluate_cpu(model, &self.source.dev, image_size, loader)
+        evaluate_cpu(model, &self.source.dev, image_size, loader, None)
     }
 }
 
@@ -336,12 +425,13 @@ fn cpu_images(dev: &Cpu, batch: &Batch, s: usize) -> Result<dtl_core::Images<Cpu
     Ok(dev.tensor_from_vec(batch.images.clone(), (batch.n, Const::<3>, s, s)))
 }
 
-/// Evaluates a CPU model on `batches`.
+/// Evaluates a CPU model on `batches`, with `mask` added to every row of logits first.
 fn evaluate_cpu<B: Backbone<Cpu>>(
     model: &Model<B, Cpu>,
     dev: &Cpu,
     image_size: usize,
     batches: Box<dyn BatchIter>,
+    mask: Option<&[f32]>,
 ) -> Result<EvalResult> {
     let classes = model.head.classes();
     let mut res = EvalResult {
@@ -354,8 +444,14 @@ fn evaluate_cpu<B: Backbone<Cpu>>(
     for (step, batch) in batches.enumerate() {
         let batch = batch?;
         let images = cpu_images(dev, &batch, image_size)?;
-        let logits = model.forward_eval(&images)?.as_vec();
+        let mut logits = model.forward_eval(&images)?.as_vec();
         crate::sanity::finite_logits(&logits, classes, step, &batch.images)?;
+        if let Some(m) = mask {
+            check_mask(m, classes)?;
+            for row in logits.chunks_exact_mut(classes) {
+                row.iter_mut().zip(m).for_each(|(v, a)| *v += a);
+            }
+        }
         for (row, &l) in logits.chunks_exact(classes).zip(&batch.labels) {
             if l >= classes {
                 return Err(DtlError::invalid(format!(
@@ -430,7 +526,14 @@ impl<B: Backbone<Cpu> + Send + Sync> Engine for CpuEngine<B> {
         Ok(())
     }
     fn evaluate(&mut self, batches: Box<dyn BatchIter>) -> Result<EvalResult> {
-        evaluate_cpu(&self.model, &self.dev, self.image_size, batches)
+        evaluate_cpu(&self.model, &self.dev, self.image_size, batches, None)
+    }
+    fn evaluate_masked(
+        &mut self,
+        batches: Box<dyn BatchIter>,
+        mask: Option<&[f32]>,
+    ) -> Result<EvalResult> {
+        evaluate_cpu(&self.model, &self.dev, self.image_size, batches, mask)
     }
     fn device(&self) -> String {
         "cpu".into()
@@ -484,7 +587,10 @@ pub fn loss_and_grads<B: Backbone<D>, D: TrainDevice>(
     let logit_values = logits.as_vec();
     let loss = D::soft_cross_entropy(logits, targets)?;
     let value = loss.as_vec()[0];
+    // A record left by a backward pass nobody checked is not this step's.
+    let _ = dtl_core::tape::check_backward();
     let mut grads = loss.backward();
+    dtl_core::tape::check_backward()?;
     let mut gs = Vec::new();
     for p in model.params() {
         // A parameter the loss does not reach gets a zero gradient.
@@ -569,6 +675,7 @@ impl<S: EngineSource> Job for Trainer<S> {
             // Refused now rather than at the first evaluation.
             self.open_val(val)?;
         }
+        self.open_tests(classes)?;
         let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, spe);
         let epochs = cfg.schedule.epochs;
         let inputs =
@@ -750,6 +857,19 @@ impl<S: EngineSource> Job for Trainer<S> {
             let is_last = epoch + 1 == epochs;
             if (epoch + 1) % cfg.eval.every == 0 || is_last {
                 let r = self.evaluate_during_training(&mut engine)?;
+                let tracked = self.evaluate_tests(&mut engine, true)?;
+                if !tracked.is_empty() {
+                    line["tests"] = tracked
+                        .iter()
+                        .map(|(n, t, _)| {
+                            (
+                                n.clone(),
+                                json!({"top1": t.top1, "top5": t.top5, "loss": t.loss}),
+                            )
+                        })
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                }
                 if cfg.eval.val.is_some() {
                     line["val_top1"] = json!(r.top1);
                     line["val_top5"] = json!(r.top5);
@@ -791,6 +911,14 @@ impl<S: EngineSource> Job for Trainer<S> {
             Some(r) => r,
             None => self.evaluate_engine(&mut engine)?,
         };
+        let mut tests = std::collections::BTreeMap::new();
+        for (name, r, scored) in self.evaluate_tests(&mut engine, false)? {
+            metrics.write(
+                &json!({"kind": "test", "name": name, "top1": r.top1, "top5": r.top5,
+                                  "loss": r.loss, "images": r.images, "classes": scored}),
+            )?;
+            tests.insert(name, report::TestSetReport::of(&r, scored));
+        }
         let epochs_lines: Vec<Value> = report::read_metrics(&run_dir)?
             .into_iter()
             .filter(|v| v["kind"] == "epoch")
@@ -806,37 +934,61 @@ impl<S: EngineSource> Job for Trainer<S> {
             })
             .collect();
         let wall_s = wall_before + wall.elapsed().as_secs_f64();
-        let report = json!({
-            "name": cfg.run.name,
-            "backbone": cfg.backbone.kind,
-            "side": cfg.side.kind,
-            "head": cfg.head.kind,
-            "classes": classes,
-            "top1": last_eval.top1,
-            "top5": last_eval.top5,
-            "test_loss": last_eval.loss,
-            "test_images": last_eval.images,
-            "best_top1": if cfg.eval.val.is_some() { None } else { Some(pos.best_top1.unwrap_or(last_eval.top1)) },
-            "best_epoch": pos.best_epoch,
-            "eval_split": cfg.eval.val.clone().unwrap_or_else(|| cfg.data.test.clone()),
-            "best_val_top1": if cfg.eval.val.is_some() { pos.best_top1 } else { None },
-            "tested_checkpoint": if selected { "best" } else { "last" },
-            "trainable_params": engine.trainable_params(),
-            "backbone_params": spec.parameter_count(),
-            "epochs": epochs,
-            "epochs_trained": pos.epoch,
-            "steps": pos.step,
-            "wall_s": wall_s,
-            "train_img_per_s": pos.images_trained as f64 / pos.train_seconds.max(1e-9),
-            "device": engine.device(),
-            "peak_rss_mib": report::peak_rss_mib(),
-            "gpu_mib": engine.memory_mib(),
-            "run_dir": run_dir.display().to_string(),
-            "pipeline_file": self.pipeline_file.display().to_string(),
-            "data": {"kind": cfg.data.kind, "task": cfg.data.task, "train": cfg.data.train,
-                     "test": cfg.data.test, "options": cfg.data.options},
-            "checkpoints": {"best": best_path.display().to_string(), "last": last_path.display().to_string()},
-        });
+        let report = report::TrainReport {
+            name: Some(cfg.run.name.clone()),
+            backbone: Some(cfg.backbone.kind.clone()),
+            side: Some(cfg.side.kind.clone()),
+            head: Some(cfg.head.kind.clone()),
+            classes: Some(classes),
+            top1: Some(last_eval.top1),
+            top5: Some(last_eval.top5),
+            test_loss: Some(last_eval.loss),
+            test_images: Some(last_eval.images),
+            test_classes: Some(self.test_mask.as_ref().map_or(classes, |m| m.1)),
+            tests: Some(tests),
+            best_top1: if cfg.eval.val.is_some() {
+                None
+            } else {
+                Some(pos.best_top1.unwrap_or(last_eval.top1))
+            },
+            best_epoch: pos.best_epoch,
+            eval_split: Some(
+                cfg.eval
+                    .val
+                    .clone()
+                    .unwrap_or_else(|| cfg.data.test.clone()),
+            ),
+            best_val_top1: if cfg.eval.val.is_some() {
+                pos.best_top1
+            } else {
+                None
+            },
+            tested_checkpoint: Some(if selected { "best" } else { "last" }.to_string()),
+            trainable_params: Some(engine.trainable_params()),
+            backbone_params: Some(spec.parameter_count()),
+            epochs: Some(epochs),
+            epochs_trained: Some(pos.epoch),
+            steps: Some(pos.step),
+            wall_s: Some(wall_s),
+            train_img_per_s: Some(pos.images_trained as f64 / pos.train_seconds.max(1e-9)),
+            device: Some(engine.device()),
+            peak_rss_mib: report::peak_rss_mib(),
+            gpu_mib: engine.memory_mib(),
+            run_dir: Some(run_dir.display().to_string()),
+            pipeline_file: Some(self.pipeline_file.display().to_string()),
+            data: Some(report::DataReport {
+                kind: Some(cfg.data.kind.clone()),
+                task: cfg.data.task.clone(),
+                train: Some(cfg.data.train.clone()),
+                test: Some(cfg.data.test.clone()),
+                options: json!(cfg.data.options),
+            }),
+            checkpoints: Some(report::CheckpointsReport {
+                best: Some(best_path.display().to_string()),
+                last: Some(last_path.display().to_string()),
+            }),
+        }
+        .to_json();
         report::write_report(&run_dir, &report, &epochs_lines)?;
         let split = if cfg.eval.val.is_some() {
             "val"
@@ -866,18 +1018,27 @@ impl<S: EngineSource> Job for Trainer<S> {
         };
         let mut engine = self.source.engine(&self.cfg, classes)?;
         engine.load(&ck, false)?;
+        self.open_tests(classes)?;
         let t = Instant::now();
         let r = self.evaluate_engine(&mut engine)?;
-        Ok(json!({
-            "checkpoint": path.display().to_string(),
-            "epoch": ck.state["epoch"],
-            "top1": r.top1,
-            "top5": r.top5,
-            "test_loss": r.loss,
-            "images": r.images,
-            "img_per_s": r.images as f64 / t.elapsed().as_secs_f64().max(1e-9),
-            "device": engine.device(),
-        }))
+        let secs = t.elapsed().as_secs_f64();
+        let tests = self
+            .evaluate_tests(&mut engine, false)?
+            .into_iter()
+            .map(|(n, r, scored)| (n, report::TestSetReport::of(&r, scored)))
+            .collect();
+        Ok(report::EvalReport {
+            checkpoint: Some(path.display().to_string()),
+            epoch: ck.state["epoch"].clone(),
+            top1: Some(r.top1),
+            top5: Some(r.top5),
+            test_loss: Some(r.loss),
+            images: Some(r.images),
+            img_per_s: Some(r.images as f64 / secs.max(1e-9)),
+            tests: Some(tests),
+            device: Some(engine.device()),
+        }
+        .to_json())
     }
 
     fn bench(&mut self, opts: &BenchOptions) -> Result<Value> {
@@ -930,5 +1091,313 @@ fn epoch_summary(line: &Value) -> String {
             100.0 * line["top5"].as_f64().unwrap_or(0.0)
         ));
     }
+    if let Some(tests) = line["tests"].as_object() {
+        for (name, t) in tests {
+            s.push_str(&format!(
+                ", {name} top-1 {:.2} %",
+                100.0 * t["top1"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
     s
+}
+
+/// The class mask of `data.test` (`eval.test_classes`) and the extra test sets of
+/// `eval.tests`, opened for a head of `classes` classes at `image_size`.
+fn open_test_sets(
+    cfg: &PipelineConfig,
+    image_size: usize,
+    classes: usize,
+) -> Result<(Option<ClassMask>, Vec<TestSet>)> {
+    let mut test_mask = None;
+    if let Some(sub) = &cfg.eval.test_classes {
+        let t = crate::data::open_test_set(cfg, image_size, classes)
+            .map_err(|e| DtlError::invalid(format!("eval.test_classes: {e}")))?;
+        test_mask = class_mask(sub, "eval.test_classes", t.dataset.as_ref(), classes)?;
+    }
+    let mut sets = Vec::new();
+    for (i, t) in cfg.eval.tests.iter().enumerate() {
+        let key = format!("eval.tests[{i}] (`{}`)", t.name);
+        let mut tcfg = cfg.clone();
+        tcfg.data = t.data_config(&cfg.data);
+        let opened = crate::data::open_test_set(&tcfg, image_size, classes)
+            .map_err(|e| DtlError::invalid(format!("{key}: {e}")))?;
+        let mask = match &t.classes {
+            Some(sub) => class_mask(
+                sub,
+                &format!("{key}.classes"),
+                opened.dataset.as_ref(),
+                classes,
+            )?,
+            None => None,
+        };
+        sets.push(TestSet {
+            name: t.name.clone(),
+            data: opened.source,
+            scored: mask.as_ref().map_or(classes, |m| m.1),
+            mask: mask.map(|m| m.0),
+            during_training: t.during_training,
+        });
+    }
+    Ok((test_mask, sets))
+}
+
+/// Opens every test set of `eval.tests` and the class subsets of `eval.test_classes` and
+/// `eval.tests[i].classes` for a head of `classes` classes, as a run does before its first
+/// epoch (lists, labels, options), without decoding an image: `(name, items, classes scored)`
+/// per extra test set. Errors name the key.
+pub fn check_test_sets(
+    cfg: &PipelineConfig,
+    image_size: usize,
+    classes: usize,
+) -> Result<Vec<(String, usize, usize)>> {
+    let (_, sets) = open_test_sets(cfg, image_size, classes)?;
+    Ok(sets
+        .into_iter()
+        .map(|t| (t.name, t.data.test_len(), t.scored))
+        .collect())
+}
+
+/// Refuses a class mask that does not cover the head's classes or keeps none of them.
+pub(crate) fn check_mask(mask: &[f32], classes: usize) -> Result<()> {
+    if mask.len() != classes {
+        return Err(DtlError::invalid(format!(
+            "a class mask of {} values for a head of {classes} classes",
+            mask.len()
+        )));
+    }
+    if !mask.contains(&0.0) {
+        return Err(DtlError::invalid("a class mask keeps no class"));
+    }
+    Ok(())
+}
+
+/// The mask of `sub` over `classes` for the test set `ds` and the classes it keeps (`None` for
+/// every class). Every item's label must be one of the kept classes: one outside is an error
+/// naming `key`, the item and its label.
+fn class_mask(
+    sub: &dtl_core::config::ClassSubset,
+    key: &str,
+    ds: &dyn dtl_core::Dataset,
+    classes: usize,
+) -> Result<Option<ClassMask>> {
+    use dtl_core::config::ClassSubset;
+    let keep: Vec<usize> = match sub {
+        ClassSubset::All => return Ok(None),
+        ClassSubset::Present => {
+            let set: std::collections::BTreeSet<usize> =
+                (0..ds.len()).filter_map(|i| ds.label(i)).collect();
+            set.into_iter().collect()
+        }
+        ClassSubset::List(v) => v.clone(),
+    };
+    if let Some(&l) = keep.iter().find(|&&l| l >= classes) {
+        return Err(DtlError::invalid(format!(
+            "{key}: label {l} is out of range: the head has {classes} classes (labels 0-{})",
+            classes - 1
+        )));
+    }
+    if keep.is_empty() {
+        return Err(DtlError::invalid(format!(
+            "{key}: the test set has no labelled items, so no class is kept"
+        )));
+    }
+    let kept: std::collections::BTreeSet<usize> = keep.iter().copied().collect();
+    for i in 0..ds.len() {
+        if let Some(l) = ds.label(i) {
+            if !kept.contains(&l) {
+                return Err(DtlError::invalid(format!(
+                    "{key}: item {} has label {l}, which is not one of the {} classes the test set is scored over; add it to the list or use \"present\"",
+                    ds.describe(i),
+                    kept.len()
+                )));
+            }
+        }
+    }
+    Ok(Some((subset_mask(&keep, classes), kept.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::SyntheticData;
+
+    type ToyTokens = dtl_core::backbone::TokensOf<crate::toy::ToyBackbone, Cpu>;
+    type ToyFeatures = dtl_core::FeaturesOf<crate::toy::ToyBackbone, Cpu>;
+
+    /// The toy backbone with a block VJP that fails.
+    struct FailingVjp(crate::toy::ToyBackbone);
+
+    impl Backbone<Cpu> for FailingVjp {
+        type Tokens = <crate::toy::ToyBackbone as Backbone<Cpu>>::Tokens;
+        type Width = <crate::toy::ToyBackbone as Backbone<Cpu>>::Width;
+        fn spec(&self) -> &dtl_core::BackboneSpec {
+            self.0.spec()
+        }
+        fn embed(&self, images: &dtl_core::Images<Cpu>) -> Result<ToyTokens> {
+            self.0.embed(images)
+        }
+        fn block_forward(
+            &self,
+            i: usize,
+            x: &ToyTokens,
+            d: Option<&DropPath>,
+        ) -> Result<ToyTokens> {
+            self.0.block_forward(i, x, d)
+        }
+        fn block_vjp(
+            &self,
+            i: usize,
+            _x: &ToyTokens,
+            _g: &ToyTokens,
+            _d: Option<&DropPath>,
+        ) -> Result<ToyTokens> {
+            Err(DtlError::invalid(format!(
+                "block {i}: cannot recompute the activations"
+            )))
+        }
+        fn norm_forward(&self, x: &ToyFeatures) -> Result<ToyFeatures> {
+            self.0.norm_forward(x)
+        }
+        fn norm_vjp(&self, x: &ToyFeatures, g: &ToyFeatures) -> Result<ToyFeatures> {
+            self.0.norm_vjp(x, g)
+        }
+    }
+
+    /// A block VJP that fails on the tape is an error of the step, and nothing is updated.
+    #[test]
+    fn a_failing_vjp_on_the_tape_is_an_error_of_the_step() {
+        let cfg = PipelineConfig::from_str(
+            "[backbone]\nkind = \"toy\"\n[data]\nkind = \"image-folder\"\nroot = \".\"\n",
+            "toy.toml".as_ref(),
+            &[],
+        )
+        .unwrap();
+        let dev = Cpu::default();
+        let bb = Arc::new(FailingVjp(crate::toy::ToyBackbone::new(&dev, 3)));
+        let classes = 4;
+        let mut model = build_model(&cfg, &bb, classes, &dev).unwrap();
+        let mut opt = crate::optim::AdamW::from_config(&cfg.optim, &model.params(), &dev);
+        let size = bb.spec().image_size;
+        let images: dtl_core::Images<Cpu> =
+            dev.tensor_from_vec(vec![0.25; 2 * 3 * size * size], (2, Const::<3>, size, size));
+        let targets = crate::model::smoothed_targets(&[0, 1], classes, 0.0);
+        let drops = drop_masks(0.0, bb.spec().depth, 2, 0, 0);
+        let before: Vec<Vec<f32>> = model.params().iter().map(|p| p.value.as_vec()).collect();
+        let e = train_step(&mut model, &mut opt, &images, &targets, &drops, 1e-2, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("error in backward pass: block "), "{e}");
+        assert!(e.contains("cannot recompute the activations"), "{e}");
+        let after: Vec<Vec<f32>> = model.params().iter().map(|p| p.value.as_vec()).collect();
+        assert_eq!(
+            before, after,
+            "a failed step must not update the parameters"
+        );
+        assert!(dtl_core::tape::check_backward().is_ok());
+    }
+
+    struct Batches(std::vec::IntoIter<Batch>);
+    impl Iterator for Batches {
+        type Item = Result<Batch>;
+        fn next(&mut self) -> Option<Result<Batch>> {
+            self.0.next().map(Ok)
+        }
+    }
+    impl BatchIter for Batches {
+        fn batches(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    /// The tape-based CPU evaluation over a class subset: top-1 is the best of the kept
+    /// classes and the loss their cross-entropy, as computed here from the model's logits.
+    #[test]
+    fn cpu_evaluation_over_a_class_subset_matches_the_logits() {
+        let cfg = PipelineConfig::from_str(
+            "[backbone]\nkind = \"toy\"\n[data]\nkind = \"image-folder\"\nroot = \".\"\n",
+            "toy.toml".as_ref(),
+            &[],
+        )
+        .unwrap();
+        let dev = Cpu::default();
+        let bb = Arc::new(crate::toy::ToyBackbone::new(&dev, 3));
+        let classes = 5;
+        let mut model = build_model(&cfg, &bb, classes, &dev).unwrap();
+        // A trained-looking head: random weights instead of the zero-initialised B maps.
+        for p in model.params_mut() {
+            let n = p.value.as_vec().len();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            p.value = dev.tensor_from_vec(v, (n,));
+        }
+        let keep = [1usize, 3, 4];
+        let mut data = SyntheticData::new(classes, 8, 4, 40, 8, 9);
+        let mut kept = Vec::new();
+        for b in data.test_loader().unwrap() {
+            let b = b.unwrap();
+            let px = 3 * 8 * 8;
+            let mut images = Vec::new();
+            let mut labels = Vec::new();
+            for (i, &l) in b.labels.iter().enumerate() {
+                if keep.contains(&l) {
+                    images.extend_from_slice(&b.images[i * px..(i + 1) * px]);
+                    labels.push(l);
+                }
+            }
+            let n = labels.len();
+            kept.push(Batch {
+                images,
+                labels,
+                soft_targets: None,
+                n,
+            });
+        }
+        let (mut hits, mut all_hits, mut loss, mut count) = (0usize, 0usize, 0f64, 0usize);
+        for b in &kept {
+            let x = dev.tensor_from_vec(b.images.clone(), (b.n, Const::<3>, 8, 8));
+            let logits = model.forward_eval(&x).unwrap().as_vec();
+            for (row, &l) in logits.chunks_exact(classes).zip(&b.labels) {
+                let best = *keep
+                    .iter()
+                    .max_by(|&&a, &&c| row[a].total_cmp(&row[c]))
+                    .unwrap();
+                hits += (best == l) as usize;
+                let argmax = (0..classes)
+                    .max_by(|&a, &c| row[a].total_cmp(&row[c]))
+                    .unwrap();
+                all_hits += (argmax == l) as usize;
+                let m = keep.iter().map(|&k| row[k] as f64).fold(f64::MIN, f64::max);
+                let lse = m + keep
+                    .iter()
+                    .map(|&k| (row[k] as f64 - m).exp())
+                    .sum::<f64>()
+                    .ln();
+                loss += lse - row[l] as f64;
+                count += 1;
+            }
+        }
+        assert_eq!(count, 24);
+        let mask = subset_mask(&keep, classes);
+        let r = evaluate_cpu(
+            &model,
+            &dev,
+            8,
+            Box::new(Batches(kept.clone().into_iter())),
+            Some(&mask),
+        )
+        .unwrap();
+        assert_eq!(r.images, 24);
+        assert!((r.top1 - hits as f64 / 24.0).abs() < 1e-12, "{r:?} {hits}");
+        assert!((r.loss - loss / 24.0).abs() < 1e-5, "{r:?} {}", loss / 24.0);
+        let full =
+            evaluate_cpu(&model, &dev, 8, Box::new(Batches(kept.into_iter())), None).unwrap();
+        assert!((full.top1 - all_hits as f64 / 24.0).abs() < 1e-12);
+        assert!(
+            full.loss > r.loss,
+            "the subset leaves classes out of the loss"
+        );
+        // A mask that does not fit the head is refused.
+        assert!(check_mask(&mask[..3], classes).is_err());
+        assert!(check_mask(&[MASKED_LOGIT; 5], classes).is_err());
+    }
 }

@@ -61,6 +61,17 @@ pub fn build_job<B>(cfg: &PipelineConfig, cx: &BuildContext, backbone: B) -> Res
 where
     B: Backbone<Cpu> + Send + Sync + 'static,
 {
+    let spec = backbone.spec();
+    if spec.is_hierarchical() {
+        return Err(DtlError::Unavailable(format!(
+            "backbone `{}` has {} stages: the tape-based CPU path, and with it a plugin side \
+             network, needs a single-stage backbone; a hierarchical backbone trains with the \
+             device step (`build_resident_job`, on the CPU's kernels or a GPU) with side.kind = \
+             \"dtl\", \"dtl+\" or \"linear\"",
+            spec.name,
+            spec.stages.len()
+        )));
+    }
     if let DeviceSpec::Cuda(n) = cfg.device()? {
         return Err(DtlError::Unavailable(format!(
             "run.device = \"cuda:{n}\": backbone `{}` runs on the CPU only in this build; \

@@ -25,13 +25,30 @@
 //! ```
 //!
 //! Kept for the backward pass: the inputs of the tapped blocks and of the blocks after `f`
-//! (whose VJPs need them), and the `t_i`. The value of `z` at an inject is recomputed from the
-//! `t_i` in the order of the forward pass (so it is bit-identical), and each block's VJP
-//! recomputes its internals; with `run.activations = "store"` the blocks after `f` keep their
-//! internals from the forward pass instead ([`KernelBackbone::block_forward_saving`]) and their
-//! VJPs recompute nothing ([`KernelBackbone::block_vjp_saved`]). The backward pass runs the
+//! (whose VJPs need them), the `t_i`, and a copy of `z` at each inject (one activation of its
+//! stage per inject; the backward pass reads it, so it never sums the `t_i` again). The blocks
+//! after `f` also keep internals from the forward pass
+//! ([`KernelBackbone::block_forward_saving`], [`KernelBackbone::block_vjp_saved`]): with
+//! `run.activations = "store"` all of them, so that their VJPs recompute nothing; with
+//! `"recompute"` all but the last of [`KernelBackbone::saved_lens`] (for the ViT and Swin,
+//! `x1` and `qkv` but not the MLP pre-activation, 4 of its 8 activations), so that their VJPs
+//! recompute only LN2 and fc1. A block before `f` keeps nothing. The backward pass runs the
 //! head, the norm's VJP and the blocks' input-only VJPs down to block `f + 1`, accumulating `dL/dz` over the injects; each tap's
 //! maps then get their gradients from it, and the taps after `f` add theirs to `dL/dx_i`.
+//!
+//! # Stages
+//!
+//! A hierarchical backbone (several [`BackboneSpec::stages`], e.g. Swin) runs its transition
+//! ([`KernelBackbone::stage_forward`]) at the start of every stage after the first, and `z`
+//! starts again from zero there: taps and injects work at their stage's width and tokens, and
+//! DTL+ has one conv per stage (`fusion.<s>.weight`) over that stage's grid. Without a class
+//! token the final norm runs on every token and the head sees their mean. The backward pass
+//! crosses the transitions after `f` with [`KernelBackbone::stage_vjp`] (their inputs are
+//! kept), and `dL/dz` starts again from zero below each. What no gradient reaches there (a tap
+//! with no inject at or after it in its stage, the conv of a stage without injects) keeps a
+//! zero gradient and is left out of the update entirely, as PyTorch's AdamW leaves a parameter
+//! whose `.grad` is None: no moment, no weight decay. (A single-stage backbone updates every
+//! tensor, as the tape-based CPU path does.)
 
 use std::sync::Arc;
 
@@ -98,10 +115,15 @@ struct Layout {
     injects: Vec<usize>,
     rank: usize,
     beta: f32,
-    /// Index of `fusion.weight` and the kernel side (DTL+).
-    conv: Option<(usize, usize)>,
+    /// Per stage, the index of its conv (`fusion.weight`, or `fusion.<s>.weight` on a
+    /// hierarchical backbone), and the kernel side (DTL+).
+    conv: Option<(Vec<usize>, usize)>,
     head_w: usize,
     head_b: usize,
+    /// Per parameter: on a hierarchical backbone, no gradient can reach it (a tap with no
+    /// inject at or after it in its stage, the conv of a stage without injects), so the update
+    /// leaves it untouched. All false on a single-stage backbone.
+    unused: Vec<bool>,
 }
 
 impl Layout {
@@ -127,10 +149,18 @@ struct Buffers<K: Kernels, B: KernelBackbone<K>> {
     next: K::Buf,
     /// Per block: its input, for the blocks whose input the backward pass needs.
     saved: Vec<Option<K::Buf>>,
+    /// Per stage: the input of the transition into it (the previous stage's output), for the
+    /// transitions the backward pass crosses.
+    trans: Vec<Option<K::Buf>>,
+    /// The final norm of every token (backbones without a class token: norm, then mean).
+    normed: K::Buf,
     /// Per tap (in tap order): `x_i A_i^T`.
     t: Vec<K::Buf>,
     z: K::Buf,
-    zr: K::Buf,
+    /// Per block: for an inject, `z` as it was there in the forward pass (rows x width of its
+    /// stage; one activation per inject, 6 x 1.2 MiB for ViT-Ti/16 at batch 8 with injects
+    /// 6-11), which the backward pass reads instead of summing it again from the `t_i`.
+    zk: Vec<Option<K::Buf>>,
     s: K::Buf,
     inj: K::Buf,
     gx: K::Buf,
@@ -148,8 +178,9 @@ struct Buffers<K: Kernels, B: KernelBackbone<K>> {
     sq: K::Buf,
     stats: K::Buf,
     drops: Vec<DropScales<K>>,
-    /// Per block: its internals from the forward pass (`run.activations = "store"`, the
-    /// blocks after the first inject), else empty.
+    /// Per block: its internals from the forward pass for the blocks after the first inject
+    /// (all of [`KernelBackbone::saved_lens`] with `run.activations = "store"`, all but the
+    /// last with `"recompute"`), else empty.
     internals: Vec<Vec<K::Buf>>,
 }
 
@@ -223,7 +254,8 @@ pub struct ResidentModel<K: Kernels, B: KernelBackbone<K>> {
     adam: AdamSettings,
     /// Optimizer steps taken.
     steps: u64,
-    /// `run.activations = "store"`: the blocks after the first inject keep their internals.
+    /// `run.activations = "store"`: the blocks after the first inject keep all their internals
+    /// (else all but the last, see [`KernelBackbone::saved_lens`]).
     store: bool,
     bufs: Option<Buffers<K, B>>,
 }
@@ -319,6 +351,18 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             }
             Ok(i)
         };
+        check_stages(&spec)?;
+        if cls_pool && spec.prefix_tokens == 0 {
+            return Err(DtlError::config(
+                "pipeline",
+                "head.pool",
+                None,
+                format!(
+                    "\"cls\" needs a class token and backbone `{}` has none; use \"mean\"",
+                    spec.name
+                ),
+            ));
+        }
         let d = spec.width;
         let KernelHead::Linear = head;
         let head_w = find("head.weight", &[classes, d])?;
@@ -332,6 +376,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 conv: None,
                 head_w,
                 head_b,
+                unused: vec![false; params.len()],
             },
             KernelSide::LowRank {
                 rank,
@@ -355,18 +400,44 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 let taps = taps
                     .iter()
                     .map(|&i| {
+                        let w = spec.stage(i).width;
                         Ok((
                             i,
-                            find(&format!("side.{i}.a"), &[rank, d])?,
-                            find(&format!("side.{i}.b"), &[d, rank])?,
+                            find(&format!("side.{i}.a"), &[rank, w])?,
+                            find(&format!("side.{i}.b"), &[w, rank])?,
                         ))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let conv = if kernel > 0 {
-                    Some((find("fusion.weight", &[d, 1, kernel, kernel])?, kernel))
+                    let convs = crate::sides::fusion_names(&spec)
+                        .iter()
+                        .map(|(name, w)| find(name, &[*w, 1, kernel, kernel]))
+                        .collect::<Result<Vec<_>>>()?;
+                    Some((convs, kernel))
                 } else {
                     None
                 };
+                // What no gradient reaches on a hierarchical backbone: PyTorch leaves a
+                // parameter whose `.grad` is None untouched, weight decay included. A
+                // single-stage backbone updates every tensor, as the tape-based CPU path does
+                // (a tap after the last inject keeps a zero gradient and decays), so that both
+                // paths train the same values.
+                let mut unused = vec![false; params.len()];
+                let injected = |from: usize| {
+                    let st = spec.stage(from);
+                    !spec.is_hierarchical() || injects.iter().any(|&j| j >= from && st.contains(j))
+                };
+                for &(i, a, b) in &taps {
+                    if !injected(i) {
+                        unused[a] = true;
+                        unused[b] = true;
+                    }
+                }
+                if let Some((convs, _)) = &conv {
+                    for (&c, st) in convs.iter().zip(&spec.stages) {
+                        unused[c] = !injected(st.blocks.0);
+                    }
+                }
                 Layout {
                     taps,
                     injects,
@@ -375,6 +446,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                     conv,
                     head_w,
                     head_b,
+                    unused,
                 }
             }
         };
@@ -441,8 +513,20 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         self.bufs = None;
         let k = &self.k;
         let s = &self.spec;
-        let (n, d, c) = (s.tokens(), s.width, self.classes);
-        let act = dtl_kernels::checked_product("activations", &[batch, n, d])?;
+        let (d, c) = (s.width, self.classes);
+        // Activations of each stage, and the largest: the buffers every stage shares.
+        let stage_acts = s
+            .stages
+            .iter()
+            .map(|st| dtl_kernels::checked_product("activations", &[batch, st.tokens(), st.width]))
+            .collect::<Result<Vec<_>>>()?;
+        let act = stage_acts.iter().copied().max().unwrap_or(0);
+        let max_rows = s
+            .stages
+            .iter()
+            .map(|st| batch * st.tokens())
+            .max()
+            .unwrap_or(0);
         let l = &self.layout;
         let keep = |i: usize| match l.first_inject() {
             Some(f) => l.tap_of(i).is_some() || i > f,
@@ -452,26 +536,46 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let saved = (0..s.depth)
             .map(|i| {
                 if keep(i) {
-                    k.alloc(act).map(Some)
+                    k.alloc(stage_acts[s.stage_of(i)]).map(Some)
                 } else {
                     Ok(None)
                 }
             })
             .collect::<Result<Vec<_>>>()?;
+        let trans = (0..s.stages.len())
+            .map(|si| match l.first_inject() {
+                Some(f) if si > 0 && f < s.stages[si].blocks.0 => {
+                    k.alloc(stage_acts[si - 1]).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let t = l
             .taps
             .iter()
-            .map(|_| k.alloc(batch * n * l.rank))
+            .map(|&(i, _, _)| k.alloc(batch * s.stage(i).tokens() * l.rank))
             .collect::<Result<Vec<_>>>()?;
         let drops = (0..s.depth)
             .map(|_| DropScales::alloc(k, batch))
             .collect::<Result<Vec<_>>>()?;
         let conv_act = if l.conv.is_some() { act } else { 0 };
-        let lens = if self.store {
-            self.backbone.saved_lens(batch)?
-        } else {
-            Vec::new()
-        };
+        // One set of internals per kept block, of the lengths the backbone gives for its
+        // largest batch (for a hierarchical backbone, lengths that hold any stage's block);
+        // "recompute" leaves out the last, largest one (the ViT's and Swin's MLP
+        // pre-activation), whose VJP then recomputes only LN2 and fc1.
+        let mut lens = self.backbone.saved_lens(batch)?;
+        if !self.store {
+            lens.pop();
+        }
+        let zk = (0..s.depth)
+            .map(|i| {
+                if l.injects.contains(&i) {
+                    k.alloc(stage_acts[s.stage_of(i)]).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let internals = (0..s.depth)
             .map(|i| match l.first_inject() {
                 Some(f) if i > f => lens.iter().map(|&len| k.alloc(len)).collect(),
@@ -490,16 +594,22 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             cur: k.alloc(act)?,
             next: k.alloc(act)?,
             saved,
+            trans,
+            normed: k.alloc(if self.norm_first() {
+                stage_acts[stage_acts.len() - 1]
+            } else {
+                0
+            })?,
             t,
             z: k.alloc(side_act)?,
-            zr: k.alloc(side_act)?,
+            zk,
             s: k.alloc(conv_act)?,
             inj: k.alloc(side_act)?,
             gx: k.alloc(side_act)?,
             gx2: k.alloc(side_act)?,
             gz: k.alloc(side_act)?,
             ds: k.alloc(conv_act)?,
-            dt: k.alloc(batch * n * l.rank)?,
+            dt: k.alloc(max_rows * l.rank)?,
             pooled: k.alloc(batch * d)?,
             feats: k.alloc(batch * d)?,
             logits: k.alloc(batch * c)?,
@@ -537,12 +647,25 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         }
     }
 
-    fn conv_shape(&self, batch: usize, kernel: usize) -> ConvShape {
+    /// Whether the final norm runs on every token before the mean (a hierarchical backbone
+    /// such as Swin), rather than on the pooled tokens (a ViT).
+    fn norm_first(&self) -> bool {
+        self.spec.is_hierarchical()
+    }
+
+    /// `(tokens, width)` of stage `stage`.
+    fn stage_dims(&self, stage: usize) -> (usize, usize) {
+        let st = &self.spec.stages[stage];
+        (st.tokens(), st.width)
+    }
+
+    fn conv_shape(&self, batch: usize, kernel: usize, stage: usize) -> ConvShape {
+        let st = &self.spec.stages[stage];
         ConvShape {
             batch,
-            prefix: self.spec.prefix_tokens,
-            grid: self.spec.grid,
-            width: self.spec.width,
+            prefix: st.prefix_tokens,
+            grid: st.grid,
+            width: st.width,
             kernel,
         }
     }
@@ -560,72 +683,96 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let bb = &*self.backbone;
         let s = &self.spec;
         let l = &self.layout;
-        let (tokens, d) = (s.tokens(), s.width);
-        let rows = n * tokens;
-        let act = rows * d;
         bb.embed(k, &mut bufs.ws, &bufs.images, n, &mut bufs.cur)?;
-        if !l.is_probe() {
-            k.fill(&mut bufs.z, act, 0.0)?;
-        }
-        for i in 0..s.depth {
-            if train {
-                if let Some(x) = bufs.saved[i].as_mut() {
-                    k.copy(&bufs.cur, x, act)?;
+        for (si, st) in s.stages.iter().enumerate() {
+            let (tokens, d) = (st.tokens(), st.width);
+            let rows = n * tokens;
+            let act = rows * d;
+            if si > 0 {
+                if train {
+                    if let Some(x) = bufs.trans[si].as_mut() {
+                        let (pt, pd) = self.stage_dims(si - 1);
+                        k.copy(&bufs.cur, x, n * pt * pd)?;
+                    }
+                }
+                bb.stage_forward(k, &mut bufs.ws, si, &bufs.cur, n, &mut bufs.next)?;
+                std::mem::swap(&mut bufs.cur, &mut bufs.next);
+            }
+            // The side state starts again from zero in every stage.
+            if !l.is_probe() {
+                k.fill(&mut bufs.z, act, 0.0)?;
+            }
+            for i in st.blocks.0..st.blocks.1 {
+                if train {
+                    if let Some(x) = bufs.saved[i].as_mut() {
+                        k.copy(&bufs.cur, x, act)?;
+                    }
+                }
+                if let Some(ti) = l.tap_of(i) {
+                    let (_, a, b) = l.taps[ti];
+                    let t = &mut bufs.t[ti];
+                    k.linear(
+                        &bufs.cur,
+                        &self.params[a].value,
+                        None,
+                        rows,
+                        d,
+                        l.rank,
+                        t,
+                        false,
+                    )?;
+                    k.linear(
+                        t,
+                        &self.params[b].value,
+                        None,
+                        rows,
+                        l.rank,
+                        d,
+                        &mut bufs.z,
+                        true,
+                    )?;
+                }
+                let drop = if train && drops.get(i).copied().unwrap_or(false) {
+                    Some(&bufs.drops[i])
+                } else {
+                    None
+                };
+                let keep = &mut bufs.internals[i];
+                if train && !keep.is_empty() {
+                    bb.block_forward_saving(
+                        k,
+                        &mut bufs.ws,
+                        i,
+                        &bufs.cur,
+                        n,
+                        drop,
+                        &mut bufs.next,
+                        keep,
+                    )?;
+                } else {
+                    bb.block_forward(k, &mut bufs.ws, i, &bufs.cur, n, drop, &mut bufs.next)?;
+                }
+                std::mem::swap(&mut bufs.cur, &mut bufs.next);
+                if l.injects.contains(&i) {
+                    if train {
+                        if let Some(zk) = bufs.zk[i].as_mut() {
+                            k.copy(&bufs.z, zk, act)?;
+                        }
+                    }
+                    self.side_out(bufs, n, si)?;
+                    k.add(&mut bufs.cur, &bufs.inj, act)?;
                 }
             }
-            if let Some(ti) = l.tap_of(i) {
-                let (_, a, b) = l.taps[ti];
-                let t = &mut bufs.t[ti];
-                k.linear(
-                    &bufs.cur,
-                    &self.params[a].value,
-                    None,
-                    rows,
-                    d,
-                    l.rank,
-                    t,
-                    false,
-                )?;
-                k.linear(
-                    t,
-                    &self.params[b].value,
-                    None,
-                    rows,
-                    l.rank,
-                    d,
-                    &mut bufs.z,
-                    true,
-                )?;
-            }
-            let drop = if train && drops.get(i).copied().unwrap_or(false) {
-                Some(&bufs.drops[i])
-            } else {
-                None
-            };
-            let keep = &mut bufs.internals[i];
-            if train && !keep.is_empty() {
-                bb.block_forward_saving(
-                    k,
-                    &mut bufs.ws,
-                    i,
-                    &bufs.cur,
-                    n,
-                    drop,
-                    &mut bufs.next,
-                    keep,
-                )?;
-            } else {
-                bb.block_forward(k, &mut bufs.ws, i, &bufs.cur, n, drop, &mut bufs.next)?;
-            }
-            std::mem::swap(&mut bufs.cur, &mut bufs.next);
-            if l.injects.contains(&i) {
-                self.side_out(bufs, n, false)?;
-                k.add(&mut bufs.cur, &bufs.inj, act)?;
-            }
         }
+        let (tokens, d) = (s.tokens(), s.width);
         let (from, to) = self.pool_range();
-        k.mean_tokens(&bufs.cur, n, tokens, d, from, to, &mut bufs.pooled)?;
-        bb.norm_forward(k, &bufs.pooled, n, &mut bufs.feats)?;
+        if self.norm_first() {
+            bb.norm_forward(k, &bufs.cur, n * tokens, &mut bufs.normed)?;
+            k.mean_tokens(&bufs.normed, n, tokens, d, from, to, &mut bufs.feats)?;
+        } else {
+            k.mean_tokens(&bufs.cur, n, tokens, d, from, to, &mut bufs.pooled)?;
+            bb.norm_forward(k, &bufs.pooled, n, &mut bufs.feats)?;
+        }
         let (w, b) = (&self.params[l.head_w].value, &self.params[l.head_b].value);
         k.linear(
             &bufs.feats,
@@ -639,49 +786,25 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         )
     }
 
-    /// `bufs.inj = g(z)` from the running `z` (`recompute = false`) or from `zr`.
-    fn side_out(&self, bufs: &mut Buffers<K, B>, n: usize, recompute: bool) -> Result<()> {
+    /// `bufs.inj = g(z)` in stage `stage` from the running `z`.
+    fn side_out(&self, bufs: &mut Buffers<K, B>, n: usize, stage: usize) -> Result<()> {
         let k = &self.k;
         let l = &self.layout;
-        let act = n * self.spec.tokens() * self.spec.width;
-        let z = if recompute { &bufs.zr } else { &bufs.z };
-        match l.conv {
+        let (tokens, d) = self.stage_dims(stage);
+        let act = n * tokens * d;
+        let z = &bufs.z;
+        match &l.conv {
             None => k.swish(z, act, l.beta, &mut bufs.inj),
             Some((w, kernel)) => {
                 k.swish(z, act, l.beta, &mut bufs.s)?;
                 k.depthwise_conv(
                     &bufs.s,
-                    &self.params[w].value,
-                    self.conv_shape(n, kernel),
+                    &self.params[w[stage]].value,
+                    self.conv_shape(n, *kernel, stage),
                     &mut bufs.inj,
                 )
             }
         }
-    }
-
-    /// `bufs.zr = z` as it was at block `block`, summed from the kept `t_i` in the forward
-    /// pass's order.
-    fn recompute_z(&self, bufs: &mut Buffers<K, B>, n: usize, block: usize) -> Result<()> {
-        let k = &self.k;
-        let l = &self.layout;
-        let (rows, d) = (n * self.spec.tokens(), self.spec.width);
-        k.fill(&mut bufs.zr, rows * d, 0.0)?;
-        for (ti, &(i, _, b)) in l.taps.iter().enumerate() {
-            if i > block {
-                break;
-            }
-            k.linear(
-                &bufs.t[ti],
-                &self.params[b].value,
-                None,
-                rows,
-                l.rank,
-                d,
-                &mut bufs.zr,
-                true,
-            )?;
-        }
-        Ok(())
     }
 
     /// Gradients of tap `ti`'s maps from `bufs.gz`; with `dx`, adds its path to `bufs.gx`.
@@ -694,8 +817,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     ) -> Result<()> {
         let k = &self.k;
         let l = &self.layout;
-        let (rows, d, r) = (n * self.spec.tokens(), self.spec.width, l.rank);
         let (block, a, b) = l.taps[ti];
+        let st = self.spec.stage(block);
+        let (rows, d, r) = (n * st.tokens(), st.width, l.rank);
         let x = bufs.saved[block].as_ref().ok_or_else(|| {
             DtlError::invalid(format!("the input of tapped block {block} was not kept"))
         })?;
@@ -737,7 +861,6 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let k = self.k.clone();
         let k = &k;
         let (tokens, d, c) = (self.spec.tokens(), self.spec.width, self.classes);
-        let act = n * tokens * d;
         let (head_w, head_b) = (self.layout.head_w, self.layout.head_b);
         for p in self.params.iter_mut() {
             let len = p.numel();
@@ -765,23 +888,34 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             &mut bufs.dfeats,
             false,
         )?;
-        self.backbone
-            .norm_vjp(k, &bufs.pooled, &bufs.dfeats, n, &mut bufs.dpooled)?;
         let (from, to) = self.pool_range();
-        k.mean_tokens_vjp(&bufs.dpooled, n, tokens, d, from, to, &mut bufs.gx)?;
-        k.fill(&mut bufs.gz, act, 0.0)?;
+        if self.norm_first() {
+            k.mean_tokens_vjp(&bufs.dfeats, n, tokens, d, from, to, &mut bufs.gx2)?;
+            self.backbone
+                .norm_vjp(k, &bufs.cur, &bufs.gx2, n * tokens, &mut bufs.gx)?;
+        } else {
+            self.backbone
+                .norm_vjp(k, &bufs.pooled, &bufs.dfeats, n, &mut bufs.dpooled)?;
+            k.mean_tokens_vjp(&bufs.dpooled, n, tokens, d, from, to, &mut bufs.gx)?;
+        }
+        k.fill(&mut bufs.gz, n * tokens * d, 0.0)?;
         let beta = self.layout.beta;
         for i in (first..self.spec.depth).rev() {
+            let si = self.spec.stage_of(i);
+            let (st_tokens, st_d) = self.stage_dims(si);
+            let act = n * st_tokens * st_d;
             if self.layout.injects.contains(&i) {
-                self.recompute_z(bufs, n, i)?;
-                match self.layout.conv {
-                    None => k.swish_vjp(&bufs.zr, &bufs.gx, act, beta, &mut bufs.gz, true)?,
+                let z = bufs.zk[i].as_ref().ok_or_else(|| {
+                    DtlError::invalid(format!("the side state at inject {i} was not kept"))
+                })?;
+                match &self.layout.conv {
+                    None => k.swish_vjp(z, &bufs.gx, act, beta, &mut bufs.gz, true)?,
                     Some((w, kernel)) => {
-                        k.swish(&bufs.zr, act, beta, &mut bufs.s)?;
-                        let shape = self.conv_shape(n, kernel);
-                        let (wv, wg) = split_value_grad(&mut self.params[w]);
+                        k.swish(z, act, beta, &mut bufs.s)?;
+                        let shape = self.conv_shape(n, *kernel, si);
+                        let (wv, wg) = split_value_grad(&mut self.params[w[si]]);
                         k.depthwise_conv_vjp(&bufs.s, wv, &bufs.gx, shape, &mut bufs.ds, wg, true)?;
-                        k.swish_vjp(&bufs.zr, &bufs.ds, act, beta, &mut bufs.gz, true)?;
+                        k.swish_vjp(z, &bufs.ds, act, beta, &mut bufs.gz, true)?;
                     }
                 }
             }
@@ -822,11 +956,29 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 std::mem::swap(&mut bufs.gx, &mut bufs.gx2);
             }
             if let Some(ti) = self.layout.tap_of(i) {
-                self.tap_backward(bufs, n, ti, i > first)?;
+                if !self.layout.unused[self.layout.taps[ti].1] {
+                    self.tap_backward(bufs, n, ti, i > first)?;
+                }
+            }
+            let start = self.spec.stages[si].blocks.0;
+            if i == start && i > first {
+                // Down through the transition into this stage; the side state of the stage
+                // before started from zero, and so does its gradient.
+                let x = bufs.trans[si].as_ref().ok_or_else(|| {
+                    DtlError::invalid(format!(
+                        "the input of the transition into stage {si} was not kept"
+                    ))
+                })?;
+                self.backbone
+                    .stage_vjp(k, &mut bufs.ws, si, x, &bufs.gx, n, &mut bufs.gx2)?;
+                std::mem::swap(&mut bufs.gx, &mut bufs.gx2);
+                let (pt, pd) = self.stage_dims(si - 1);
+                k.fill(&mut bufs.gz, n * pt * pd, 0.0)?;
             }
         }
         for ti in (0..self.layout.taps.len()).rev() {
-            if self.layout.taps[ti].0 < first {
+            let (block, a, _) = self.layout.taps[ti];
+            if block < first && !self.layout.unused[a] {
                 self.tap_backward(bufs, n, ti, false)?;
             }
         }
@@ -934,15 +1086,17 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             .bufs
             .as_mut()
             .ok_or_else(|| DtlError::invalid("update before any forward and backward pass"))?;
+        let unused = &self.layout.unused;
         if clip.is_some() {
             k.fill(&mut bufs.sq, 1, 0.0)?;
-            for p in &self.params {
+            for (p, _) in self.params.iter().zip(unused).filter(|(_, &u)| !u) {
                 k.sum_squares(&p.grad, p.numel(), &mut bufs.sq)?;
             }
         }
         self.steps += 1;
         let a = self.adam;
-        for p in self.params.iter_mut() {
+        // A parameter no gradient reaches is left as it is (no moment, no weight decay).
+        for (p, _) in self.params.iter_mut().zip(unused).filter(|(_, &u)| !u) {
             let wd = if p.decays { a.weight_decay } else { 0.0 };
             let step = AdamwStep::new(lr, a.beta1, a.beta2, a.eps, wd, self.steps);
             let len = p.numel();
@@ -997,6 +1151,20 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
 
     /// Adds one batch's counts on the device; `labels` must lie in `0..classes`.
     pub fn eval_batch(&mut self, images: &[f32], n: usize, labels: &[usize]) -> Result<()> {
+        self.eval_batch_masked(images, n, labels, None)
+    }
+
+    /// [`Self::eval_batch`] with a class mask: `mask` holds at least `n x classes` values on
+    /// the device (one row of 0 / [`crate::job::MASKED_LOGIT`] per image, see
+    /// [`crate::job::subset_mask`]) and is added to the logits before the counts, so that only
+    /// the kept classes compete for top-1 and top-5 and make up the loss.
+    pub fn eval_batch_masked(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        labels: &[usize],
+        mask: Option<&K::Buf>,
+    ) -> Result<()> {
         if labels.len() != n {
             return Err(DtlError::invalid(format!(
                 "a batch of {n} images came with {} labels",
@@ -1015,6 +1183,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let r = (|| {
             self.k.upload(&lab, &mut bufs.labels)?;
             self.forward(&mut bufs, n, false, &[])?;
+            if let Some(m) = mask {
+                self.k.add(&mut bufs.logits, m, n * self.classes)?;
+            }
             self.k
                 .eval_stats(&bufs.logits, &bufs.labels, n, self.classes, &mut bufs.stats)
         })();
@@ -1126,6 +1297,44 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     }
 }
 
+/// Checks that the stages of `spec` cover its blocks in order and end at its top-level width,
+/// grid and prefix (what the norm and the head see).
+fn check_stages(spec: &BackboneSpec) -> Result<()> {
+    let bad = |why: String| {
+        Err(DtlError::invalid(format!(
+            "backbone `{}`: its stages {:?} {why}",
+            spec.name,
+            spec.stages
+                .iter()
+                .map(|s| (s.blocks.0, s.blocks.1))
+                .collect::<Vec<_>>()
+        )))
+    };
+    let Some(last) = spec.stages.last() else {
+        return bad("are empty: a backbone has at least one stage".into());
+    };
+    let mut next = 0;
+    for st in &spec.stages {
+        if st.blocks.0 != next || st.blocks.1 <= st.blocks.0 {
+            return bad(format!(
+                "do not cover blocks 0-{} in order, each stage holding at least one block",
+                spec.depth.saturating_sub(1)
+            ));
+        }
+        next = st.blocks.1;
+    }
+    if next != spec.depth {
+        return bad(format!("end at block {next}, the depth is {}", spec.depth));
+    }
+    if (last.width, last.grid, last.prefix_tokens) != (spec.width, spec.grid, spec.prefix_tokens) {
+        return bad(format!(
+            "end at width {}, grid {:?}, {} prefix tokens, but the backbone's are {}, {:?}, {}",
+            last.width, last.grid, last.prefix_tokens, spec.width, spec.grid, spec.prefix_tokens
+        ));
+    }
+    Ok(())
+}
+
 /// The value and the gradient of one parameter, borrowed together.
 fn split_value_grad<K: Kernels>(p: &mut DeviceParam<K>) -> (&K::Buf, &mut K::Buf) {
     (&p.value, &mut p.grad)
@@ -1219,17 +1428,37 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
         self.model.k.upload(&[value as f32], &mut self.loss_acc)
     }
     fn evaluate(&mut self, batches: Box<dyn BatchIter>) -> Result<EvalResult> {
+        self.evaluate_masked(batches, None)
+    }
+    fn evaluate_masked(
+        &mut self,
+        batches: Box<dyn BatchIter>,
+        mask: Option<&[f32]>,
+    ) -> Result<EvalResult> {
         let mut started = false;
         let mut images = 0usize;
         let mut non_finite = 0.0;
+        // The mask, one row per image of the first (largest) batch, stays on the device.
+        let mut rows: Option<(K::Buf, usize)> = None;
         for (step, batch) in batches.enumerate() {
             let batch = batch?;
             if !started {
                 self.model.eval_begin(batch.n)?;
                 started = true;
             }
-            self.model
-                .eval_batch(&batch.images, batch.n, &batch.labels)?;
+            if let Some(m) = mask {
+                if rows.as_ref().map_or(true, |r| r.1 < batch.n) {
+                    crate::job::check_mask(m, self.model.classes)?;
+                    let tiled: Vec<f32> = (0..batch.n).flat_map(|_| m.iter().copied()).collect();
+                    rows = Some((self.model.k.upload_new(&tiled)?, batch.n));
+                }
+            }
+            self.model.eval_batch_masked(
+                &batch.images,
+                batch.n,
+                &batch.labels,
+                rows.as_ref().map(|r| &r.0),
+            )?;
             images += batch.n;
             // Four numbers per step, so that a NaN or an Inf is reported with its step.
             let bad = self.model.eval_end(images)?.non_finite;
@@ -1357,32 +1586,65 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                 }
                 "forward" | "vjp" => {
                     let mut ws = backbone.workspace(k, batch)?;
-                    let act = batch * spec.tokens() * spec.width;
+                    let acts: Vec<usize> = spec
+                        .stages
+                        .iter()
+                        .map(|st| batch * st.tokens() * st.width)
+                        .collect();
+                    let act = acts.iter().copied().max().unwrap_or(0);
                     let img = k.upload_new(&images)?;
                     let mut x = k.alloc(act)?;
                     let mut y = k.alloc(act)?;
                     let vjp = w == "vjp";
+                    // With `vjp`: every block's input and every transition's input.
                     let mut inputs = Vec::new();
+                    let mut trans = Vec::new();
                     if vjp {
-                        for _ in 0..spec.depth {
-                            inputs.push(k.alloc(act)?);
+                        for i in 0..spec.depth {
+                            inputs.push(k.alloc(acts[spec.stage_of(i)])?);
+                        }
+                        for si in 1..spec.stages.len() {
+                            trans.push(k.alloc(acts[si - 1])?);
                         }
                     }
                     let m = measure_device(k, opts, batch, || {
                         backbone.embed(k, &mut ws, &img, batch, &mut x)?;
-                        for i in 0..spec.depth {
-                            if let Some(kept) = inputs.get_mut(i) {
-                                k.copy(&x, kept, act)?;
+                        for (si, st) in spec.stages.iter().enumerate() {
+                            if si > 0 {
+                                if let Some(kept) = trans.get_mut(si - 1) {
+                                    k.copy(&x, kept, acts[si - 1])?;
+                                }
+                                backbone.stage_forward(k, &mut ws, si, &x, batch, &mut y)?;
+                                std::mem::swap(&mut x, &mut y);
                             }
-                            backbone.block_forward(k, &mut ws, i, &x, batch, None, &mut y)?;
-                            std::mem::swap(&mut x, &mut y);
+                            for i in st.blocks.0..st.blocks.1 {
+                                if let Some(kept) = inputs.get_mut(i) {
+                                    k.copy(&x, kept, acts[si])?;
+                                }
+                                backbone.block_forward(k, &mut ws, i, &x, batch, None, &mut y)?;
+                                std::mem::swap(&mut x, &mut y);
+                            }
                         }
                         if vjp {
-                            for i in (0..spec.depth).rev() {
-                                backbone.block_vjp(
-                                    k, &mut ws, i, &inputs[i], &x, batch, None, &mut y,
-                                )?;
-                                std::mem::swap(&mut x, &mut y);
+                            for (si, st) in spec.stages.iter().enumerate().rev() {
+                                for i in (st.blocks.0..st.blocks.1).rev() {
+                                    backbone.block_vjp(
+                                        k, &mut ws, i, &inputs[i], &x, batch, None, &mut y,
+                                    )?;
+                                    std::mem::swap(&mut x, &mut y);
+                                }
+                                if si > 0 {
+                                    backbone.stage_vjp(
+                                        k,
+                                        &mut ws,
+                                        si,
+                                        &trans[si - 1],
+                                        &x,
+                                        batch,
+                                        &mut y,
+                                    )?;
+                                    std::mem::swap(&mut x, &mut y);
+                                }
                             }
                         }
                         Ok(())

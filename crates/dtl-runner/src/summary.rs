@@ -13,6 +13,9 @@
 //!   reference row (`--reference FILE.json`) adds its value and the difference per task.
 //! - few-shot: per dataset, top-1 against shots, mean and standard deviation over the seeds,
 //!   one curve per method.
+//! - domain generalisation (`data.kind = "domain-generalization"`): one row per method, one
+//!   column per test set (the source ImageNet, then -V2, -Sketch, -A, -R and any other the
+//!   runs name), mean and standard deviation over the runs that report the set.
 //! - other runs: one row per run (backbone, side, trainable parameters, top-1, top-5, img/s,
 //!   peak memory, wall time), sortable by any column.
 //!
@@ -81,8 +84,42 @@ pub enum Protocol {
         /// The split seed.
         seed: u64,
     },
+    /// A domain-generalisation run (`data.kind = "domain-generalization"`): trained on the
+    /// source, tested on the source and the targets it names.
+    DomainGeneralization {
+        /// The split seed of the training list (`data.options.seed`).
+        seed: u64,
+    },
     /// Anything else.
     Other,
+}
+
+/// The test sets of the domain-generalisation table, in the paper's order: the name a run
+/// reports, the column title.
+pub const DG_COLUMNS: [(&str, &str); 5] = [
+    ("imagenet", "ImageNet"),
+    ("imagenetv2", "-V2"),
+    ("imagenet-sketch", "-Sketch"),
+    ("imagenet-adversarial", "-A"),
+    ("imagenet-rendition", "-R"),
+];
+
+/// The name a domain-generalisation test set is tabled under: the dataset's folder name for
+/// the known sets and their aliases (`imagenet-a` is `imagenet-adversarial`), `source` for
+/// the source's own test split (`test`, `val`), anything else as it is.
+///
+/// ```
+/// use dtl_runner::summary::dg_set_name;
+/// assert_eq!(dg_set_name("imagenet-r", "imagenet"), "imagenet-rendition");
+/// assert_eq!(dg_set_name("test", "imagenet"), "imagenet");
+/// assert_eq!(dg_set_name("mine", "imagenet"), "mine");
+/// ```
+pub fn dg_set_name(name: &str, source: &str) -> String {
+    let source = dtl_data::dg::dg_dataset(source).map_or(source.to_string(), |d| d.0.to_string());
+    if name == "test" || name == "val" {
+        return source;
+    }
+    dtl_data::dg::dg_dataset(name).map_or(name.to_string(), |d| d.0.to_string())
 }
 
 /// What `dtl summarize` reads of one finished run.
@@ -112,6 +149,10 @@ pub struct RunRecord {
     pub peak_mib: Option<f64>,
     /// Wall time in seconds.
     pub wall_s: Option<f64>,
+    /// Top-1 in [0, 1] per test set by name: the test split under its name
+    /// (`data.test`; for domain-generalisation runs see [`dg_set_name`]) and every extra test
+    /// set of the report's `tests`.
+    pub tests: BTreeMap<String, f64>,
 }
 
 fn toml_str<'a>(t: &'a toml::Table, section: &str, key: &str) -> Option<&'a str> {
@@ -125,11 +166,8 @@ fn toml_str<'a>(t: &'a toml::Table, section: &str, key: &str) -> Option<&'a str>
 /// assert_eq!(dtl_runner::summary::method_label("dtl", Some(0)), "DTL");
 /// ```
 pub fn method_label(side: &str, kernel: Option<i64>) -> String {
-    match side {
-        "dtl" => "DTL".to_string(),
-        "dtl+" => format!("DTL+ (k={})", kernel.filter(|&k| k > 0).unwrap_or(3)),
-        other => other.to_string(),
-    }
+    let kernel = kernel.and_then(|k| usize::try_from(k).ok());
+    dtl_core::registry::side_traits(side).method_label(side, kernel)
 }
 
 /// Reads one finished run directory. A run without `report.json` is unfinished; a report
@@ -166,12 +204,14 @@ pub fn load_run(dir: &Path) -> Result<RunRecord> {
             format!("report is corrupt ({e}); rerun the run or leave it out"),
         )
     })?;
-    let top1 = report["top1"].as_f64().ok_or_else(|| {
+    let report = crate::report::TrainReport::from_json(&report);
+    let top1 = report.top1.ok_or_else(|| {
         DtlError::file(
             &report_path,
             "report is corrupt: no numeric `top1`; rerun the run or leave it out",
         )
     })?;
+    let data = report.data.clone().unwrap_or_default();
     let pipeline_path = dir.join("pipeline.toml");
     let pipeline: toml::Table = match std::fs::read_to_string(&pipeline_path) {
         Ok(t) => t.parse().map_err(|e| {
@@ -184,7 +224,7 @@ pub fn load_run(dir: &Path) -> Result<RunRecord> {
         Err(e) => return Err(DtlError::io(&pipeline_path, e)),
     };
     let side = toml_str(&pipeline, "side", "kind")
-        .or(report["side"].as_str())
+        .or(report.side.as_deref())
         .unwrap_or("-")
         .to_string();
     let kernel = pipeline
@@ -193,10 +233,10 @@ pub fn load_run(dir: &Path) -> Result<RunRecord> {
         .and_then(|k| k.as_integer());
     // The resolved pipeline first, then what the report says of its data.
     let data_kind = toml_str(&pipeline, "data", "kind")
-        .or(report["data"]["kind"].as_str())
+        .or(data.kind.as_deref())
         .unwrap_or("");
     let task = toml_str(&pipeline, "data", "task")
-        .or(report["data"]["task"].as_str())
+        .or(data.task.as_deref())
         .map(str::to_string);
     let option = |k: &str, default: u64| {
         pipeline
@@ -204,7 +244,7 @@ pub fn load_run(dir: &Path) -> Result<RunRecord> {
             .and_then(|d| d.get("options"))
             .and_then(|o| o.get(k))
             .and_then(|v| v.as_integer())
-            .or(report["data"]["options"][k].as_i64())
+            .or(data.options.get(k).and_then(Value::as_i64))
             .map_or(default, |v| v.max(0) as u64)
     };
     let protocol = match (data_kind, task) {
@@ -216,30 +256,61 @@ pub fn load_run(dir: &Path) -> Result<RunRecord> {
             shots: option("shots", 16),
             seed: option("seed", 0),
         },
+        ("domain-generalization", _) => Protocol::DomainGeneralization {
+            seed: option("seed", 0),
+        },
         _ => Protocol::Other,
     };
+    let test_split = toml_str(&pipeline, "data", "test")
+        .or(data.test.as_deref())
+        .unwrap_or("test");
+    let primary = match &protocol {
+        Protocol::DomainGeneralization { .. } => dg_set_name(
+            test_split,
+            toml_str(&pipeline, "data", "task")
+                .or(data.task.as_deref())
+                .unwrap_or("imagenet"),
+        ),
+        _ => test_split.to_string(),
+    };
+    let mut tests = BTreeMap::new();
+    tests.insert(primary, top1);
+    if let Some(t) = &report.tests {
+        for (name, v) in t {
+            let t1 = v.top1.ok_or_else(|| {
+                DtlError::file(
+                    &report_path,
+                    format!("report is corrupt: test set `{name}` has no numeric `top1`; rerun the run or leave it out"),
+                )
+            })?;
+            let key = match &protocol {
+                Protocol::DomainGeneralization { .. } => dg_set_name(name, "imagenet"),
+                _ => name.clone(),
+            };
+            tests.insert(key, t1);
+        }
+    }
     let name = toml_str(&pipeline, "run", "name")
-        .or(report["name"].as_str())
+        .or(report.name.as_deref())
         .map(str::to_string)
         .unwrap_or_else(|| dir.display().to_string());
     Ok(RunRecord {
         dir: dir.to_path_buf(),
         name,
         backbone: toml_str(&pipeline, "backbone", "kind")
-            .or(report["backbone"].as_str())
+            .or(report.backbone.as_deref())
             .unwrap_or("-")
             .to_string(),
         method: method_label(&side, kernel),
         side,
         protocol,
         top1,
-        top5: report["top5"].as_f64(),
-        trainable_params: report["trainable_params"].as_u64(),
-        img_per_s: report["train_img_per_s"].as_f64(),
-        peak_mib: report["gpu_mib"]
-            .as_f64()
-            .or(report["peak_rss_mib"].as_f64()),
-        wall_s: report["wall_s"].as_f64(),
+        top5: report.top5,
+        trainable_params: report.trainable_params.map(|p| p as u64),
+        img_per_s: report.train_img_per_s,
+        peak_mib: report.gpu_mib.or(report.peak_rss_mib),
+        wall_s: report.wall_s,
+        tests,
     })
 }
 
@@ -511,6 +582,55 @@ pub struct Summary {
     pub few_shot: BTreeMap<String, BTreeMap<String, Curve>>,
     /// Indices into `runs` of the plain runs, in table order.
     pub others: Vec<usize>,
+    /// Domain generalisation: method -> test set -> top-1 % of each run that reports it.
+    pub dg: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+}
+
+/// (mean, sample standard deviation, runs) of a list of accuracies.
+fn mean_std(v: &[f64]) -> Option<(f64, f64, usize)> {
+    mean(v).map(|m| (m, std_dev(v), v.len()))
+}
+
+impl Summary {
+    /// The domain-generalisation test sets that some run reports, in table order: the
+    /// paper's five first, then any other by name.
+    pub fn dg_sets(&self) -> Vec<String> {
+        let present: BTreeSet<&String> = self.dg.values().flat_map(|m| m.keys()).collect();
+        let mut v: Vec<String> = DG_COLUMNS
+            .iter()
+            .map(|c| c.0.to_string())
+            .filter(|c| present.contains(c))
+            .collect();
+        v.extend(
+            present
+                .into_iter()
+                .filter(|p| !DG_COLUMNS.iter().any(|c| c.0 == p.as_str()))
+                .cloned(),
+        );
+        v
+    }
+
+    /// Mean, standard deviation and number of runs of `method` on the test set `set`.
+    ///
+    /// ```
+    /// let mut s = dtl_runner::summary::Summary::default();
+    /// s.dg.entry("DTL".into()).or_default().insert("imagenet".into(), vec![70.0, 72.0]);
+    /// let (m, sd, n) = s.dg_cell("DTL", "imagenet").unwrap();
+    /// assert_eq!((m, n), (71.0, 2));
+    /// assert!((sd - 2f64.sqrt()).abs() < 1e-12);
+    /// assert!(s.dg_cell("DTL", "imagenetv2").is_none());
+    /// ```
+    pub fn dg_cell(&self, method: &str, set: &str) -> Option<(f64, f64, usize)> {
+        mean_std(self.dg.get(method)?.get(set)?)
+    }
+
+    /// The title of a domain-generalisation column.
+    fn dg_title(set: &str) -> String {
+        DG_COLUMNS
+            .iter()
+            .find(|c| c.0 == set)
+            .map_or(set.to_string(), |c| c.1.to_string())
+    }
 }
 
 /// Groups the runs by protocol and computes every table. `sort` orders the plain runs by one
@@ -537,8 +657,15 @@ pub fn summarize(
     let mut vtab: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let mut fs: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Vec<f64>>>> = BTreeMap::new();
     let mut others = Vec::new();
+    let mut dg: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for (i, r) in runs.iter().enumerate() {
         match &r.protocol {
+            Protocol::DomainGeneralization { .. } => {
+                let m = dg.entry(r.method.clone()).or_default();
+                for (set, t1) in &r.tests {
+                    m.entry(set.clone()).or_default().push(100.0 * t1);
+                }
+            }
             Protocol::Vtab { task } => vtab
                 .entry(r.method.clone())
                 .or_default()
@@ -619,6 +746,7 @@ pub fn summarize(
         reference,
         few_shot,
         others,
+        dg,
     })
 }
 
@@ -741,6 +869,30 @@ a group mean is over the tasks of the group that were run, and the mean of the g
                 }
             }
         }
+        if !self.dg.is_empty() {
+            let sets = self.dg_sets();
+            md.push_str("\n## Domain generalisation (top-1 %, mean ± std over runs)\n\n| method |");
+            for set in &sets {
+                md.push_str(&format!(" {} |", Summary::dg_title(set)));
+            }
+            md.push_str(&format!("\n|{}\n", "---|".repeat(sets.len() + 1)));
+            for m in self.dg.keys() {
+                md.push_str(&format!("| {m} |"));
+                for set in &sets {
+                    match self.dg_cell(m, set) {
+                        Some((mu, sd, n)) => md.push_str(&format!(
+                            " {mu:.2} ± {sd:.2} ({n} run{}) |",
+                            if n == 1 { "" } else { "s" }
+                        )),
+                        None => md.push_str(" - |"),
+                    }
+                }
+                md.push('\n');
+            }
+            md.push_str("\nImageNet is the source (the runs train on its few-shot lists); the others are targets. \
+A set no run reports is `-`. A set scored over a class subset (ImageNet-A and -R: 200 classes) is so because its runs say so \
+(`eval.test_classes`, or `classes` in `[[eval.tests]]`).\n");
+        }
         if !self.others.is_empty() {
             md.push_str("\n## Runs\n\n| run | backbone | side | trainable | top-1 % | top-5 % | img/s | peak MiB | wall s |\n|---|---|---|---|---|---|---|---|---|\n");
             for &i in &self.others {
@@ -790,7 +942,19 @@ a group mean is over the tasks of the group that were run, and the mean of the g
                         v["shots"] = json!(shots);
                         v["seed"] = json!(seed);
                     }
+                    Protocol::DomainGeneralization { seed } => {
+                        v["protocol"] = json!("domain-generalization");
+                        v["seed"] = json!(seed);
+                    }
                     Protocol::Other => v["protocol"] = json!("other"),
+                }
+                if r.tests.len() > 1 || matches!(r.protocol, Protocol::DomainGeneralization { .. })
+                {
+                    v["tests"] = json!(r
+                        .tests
+                        .iter()
+                        .map(|(k, t)| (k.clone(), json!(100.0 * t)))
+                        .collect::<serde_json::Map<_, _>>());
                 }
                 v
             })
@@ -812,8 +976,25 @@ a group mean is over the tasks of the group that were run, and the mean of the g
                 (d, m)
             })
             .collect();
+        let sets = self.dg_sets();
+        let dg: BTreeMap<&String, BTreeMap<&String, Value>> = self
+            .dg
+            .iter()
+            .map(|(m, per)| {
+                let cells = per
+                    .iter()
+                    .filter_map(|(set, v)| {
+                        mean_std(v).map(|(mu, sd, n)| {
+                            (set, json!({"mean": mu, "std": sd, "runs": n, "values": v}))
+                        })
+                    })
+                    .collect();
+                (m, cells)
+            })
+            .collect();
         json!({
             "runs": runs,
+            "domain_generalization": {"sets": sets, "methods": dg},
             "vtab": self.vtab,
             "reference": self.reference,
             "few_shot": few_shot,
@@ -868,6 +1049,26 @@ a group mean is over the tasks of the group that were run, and the mean of the g
                     .collect(),
             });
         }
+        if !self.dg.is_empty() {
+            let sets = self.dg_sets();
+            p.push(Panel::Bars {
+                title: "domain generalisation: top-1 (%), mean over runs".into(),
+                labels: sets.iter().map(|s| Summary::dg_title(s)).collect(),
+                series: self
+                    .dg
+                    .keys()
+                    .map(|m| {
+                        (
+                            m.clone(),
+                            sets.iter()
+                                .map(|s| self.dg_cell(m, s).map(|c| c.0))
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+                wide: false,
+            });
+        }
         if !self.others.is_empty() {
             p.push(Panel::Bars {
                 title: "top-1 (%) per run".into(),
@@ -893,21 +1094,23 @@ a group mean is over the tasks of the group that were run, and the mean of the g
     pub fn write(&self, out: &Path) -> Result<()> {
         std::fs::create_dir_all(out).map_err(|e| DtlError::io(out, e))?;
         let md = out.join("summary.md");
-        std::fs::write(&md, self.markdown()).map_err(|e| DtlError::io(&md, e))?;
+        dtl_core::fsio::write_atomic(&md, self.markdown().as_bytes())?;
         let js = out.join("summary.json");
         let text = serde_json::to_string_pretty(&self.json())
             .map_err(|e| DtlError::invalid(e.to_string()))?;
-        std::fs::write(&js, text + "\n").map_err(|e| DtlError::io(&js, e))?;
+        dtl_core::fsio::write_atomic(&js, (text + "\n").as_bytes())?;
         let panels = self.panels();
         let size = layout_size(&panels);
         let svg = out.join("summary.svg");
+        let mut text = String::new();
         {
-            let root = SVGBackend::new(&svg, size).into_drawing_area();
+            let root = SVGBackend::with_string(&mut text, size).into_drawing_area();
             draw_panels(&root, &panels)
                 .map_err(|e| DtlError::file(&svg, format!("cannot draw the picture: {e}")))?;
             root.present()
                 .map_err(|e| DtlError::file(&svg, format!("cannot write the picture: {e}")))?;
         }
+        dtl_core::fsio::write_atomic(&svg, text.as_bytes())?;
         crate::raster::write_png(&out.join("summary.png"), size, |root| {
             draw_panels(root, &panels)
         })

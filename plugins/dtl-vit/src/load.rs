@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use dtl_core::config::WeightsFormat;
 use dtl_core::{BackboneSpec, DtlError, Result};
 
 use crate::weights::{BlockWeights, VitWeights};
@@ -38,13 +39,17 @@ impl WeightFormat {
     /// assert_eq!(WeightFormat::parse("safetensors").unwrap(), Some(WeightFormat::Safetensors));
     /// ```
     pub fn parse(s: &str) -> Result<Option<Self>> {
-        match s {
-            "auto" => Ok(None),
-            "safetensors" => Ok(Some(WeightFormat::Safetensors)),
-            "npz" => Ok(Some(WeightFormat::Npz)),
-            other => Err(DtlError::invalid(format!(
-                "`{other}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\""
-            ))),
+        let not_vit = || {
+            DtlError::invalid(format!(
+                "`{s}` is not a weights format; use \"auto\", \"safetensors\" or \"npz\""
+            ))
+        };
+        match s.parse::<WeightsFormat>().map_err(|_| not_vit())? {
+            WeightsFormat::Auto => Ok(None),
+            WeightsFormat::Safetensors => Ok(Some(WeightFormat::Safetensors)),
+            WeightsFormat::Npz => Ok(Some(WeightFormat::Npz)),
+            // PyTorch pickles are read for Swin only.
+            WeightsFormat::Pth => Err(not_vit()),
         }
     }
 
@@ -416,7 +421,7 @@ impl Reader<'_> {
                 data.len()
             )));
         }
-        dtl_runner::sanity::finite_tensor(self.path, "weights", &full, &data)?;
+        crate::weights::finite_tensor(self.path, &full, &data)?;
         self.dtypes.insert(t.dtype.clone());
         let shape = t.shape.clone();
         self.used.insert(full);
@@ -438,7 +443,8 @@ impl Reader<'_> {
 
 /// Loads a checkpoint for `spec`, returning the weights and what was done.
 ///
-/// `format` is `auto`, `safetensors` or `npz`. Errors name the file and the tensor.
+/// `format` is `auto`, `safetensors` or `npz` (a `&str` or a
+/// [`dtl_core::config::WeightsFormat`]). Errors name the file and the tensor.
 ///
 /// ```no_run
 /// use dtl_vit::{Geometry, variants::VitBasePatch16_224};
@@ -449,9 +455,10 @@ impl Reader<'_> {
 pub fn load_weights(
     spec: &BackboneSpec,
     path: &Path,
-    format: &str,
+    format: impl AsRef<str>,
 ) -> Result<(VitWeights, LoadReport)> {
-    let format = WeightFormat::parse(format).map_err(|e| DtlError::file(path, e.to_string()))?;
+    let format =
+        WeightFormat::parse(format.as_ref()).map_err(|e| DtlError::file(path, e.to_string()))?;
     let (format, table) = read_tensors(path, format)?;
     let has = |k: &str| table.contains_key(k);
     // Layout and prefix, as timm's loaders look for them.

@@ -66,7 +66,8 @@ impl<K: Kernels> BlockOn<K> {
 /// `out = x1 + s_mlp * fc2(gelu(fc1(LN2(x1))))`, with the per-sample stochastic-depth scales
 /// `s` in training. Its VJP recomputes the block's internals from its input and forms no
 /// weight gradient; `block_forward_saving` keeps `x1`, `qkv` and the MLP pre-activation so
-/// that `block_vjp_saved` recomputes nothing. Every intermediate lives in a [`VitWorkspace`] planned once for the
+/// that `block_vjp_saved` recomputes nothing; given only the first two of those buffers (`x1`
+/// and `qkv`), it keeps those and the VJP recomputes only LN2 and fc1. Every intermediate lives in a [`VitWorkspace`] planned once for the
 /// largest batch, so that no call allocates on the device.
 ///
 /// ```
@@ -123,7 +124,7 @@ pub(crate) fn check_spec(spec: &BackboneSpec) -> Result<()> {
 /// The error for a saved state of the wrong number of buffers.
 fn saved_count(spec: &BackboneSpec, got: usize) -> DtlError {
     DtlError::invalid(format!(
-        "{}: a block's saved internals are 3 buffers (x1, qkv, u), {got} given",
+        "{}: a block's saved internals are 3 buffers (x1, qkv, u) or 2 (x1, qkv), {got} given",
         spec.name
     ))
 }
@@ -281,9 +282,15 @@ impl<K: Kernels> VitOn<K> {
             false,
         )?;
         k.attention(qkv, self.attn_shape(batch), t.h, t.scratch)?;
-        k.linear(t.h, &blk.proj_w, Some(&blk.proj_b), rows, d, d, t.a, false)?;
         k.copy(x, x1, rows * d)?;
-        k.add_scaled(x1, t.a, batch, n * d, drop.map(|dp| &dp.attn))
+        match drop {
+            // no drop path: the projection accumulates straight onto the residual
+            None => k.linear(t.h, &blk.proj_w, Some(&blk.proj_b), rows, d, d, x1, true),
+            Some(dp) => {
+                k.linear(t.h, &blk.proj_w, Some(&blk.proj_b), rows, d, d, t.a, false)?;
+                k.add_scaled(x1, t.a, batch, n * d, Some(&dp.attn))
+            }
+        }
     }
 
     /// The MLP pre-activation `u = fc1(LN2(x1))` into `u` (`h`: scratch).
@@ -319,8 +326,13 @@ impl<K: Kernels> VitOn<K> {
         let (n, d, hidden) = (self.spec.tokens(), self.spec.width, self.spec.mlp_hidden);
         let rows = batch * n;
         k.gelu(u, rows * hidden, g)?;
-        k.linear(g, &blk.fc2_w, Some(&blk.fc2_b), rows, hidden, d, a, false)?;
-        k.add_scaled(out, a, batch, n * d, drop.map(|dp| &dp.mlp))
+        match drop {
+            None => k.linear(g, &blk.fc2_w, Some(&blk.fc2_b), rows, hidden, d, out, true),
+            Some(dp) => {
+                k.linear(g, &blk.fc2_w, Some(&blk.fc2_b), rows, hidden, d, a, false)?;
+                k.add_scaled(out, a, batch, n * d, Some(&dp.mlp))
+            }
+        }
     }
 
     /// The MLP branch of a block's VJP: `dx = dy + LN2'(x1)^T (fc1^T (gelu'(u) (fc2^T s_mlp dy)))`.
@@ -342,8 +354,14 @@ impl<K: Kernels> VitOn<K> {
         let rows = batch * n;
         let eps = self.spec.norm_eps as f32;
         // dm = s_mlp * dy; du = gelu'(u) * (dm fc2); dh2 = du fc1
-        k.scaled(dy, batch, n * d, drop.map(|dp| &dp.mlp), t.a)?;
-        k.linear_vjp(t.a, &blk.fc2_w, rows, hidden, d, g, false)?;
+        let dm = match drop {
+            None => dy,
+            Some(dp) => {
+                k.scaled(dy, batch, n * d, Some(&dp.mlp), t.a)?;
+                &*t.a
+            }
+        };
+        k.linear_vjp(dm, &blk.fc2_w, rows, hidden, d, g, false)?;
         k.gelu_vjp(u, rows * hidden, g)?;
         k.linear_vjp(g, &blk.fc1_w, rows, d, hidden, t.h, false)?;
         // dx1 = dy + LN2'(x1)^T dh2
@@ -370,8 +388,14 @@ impl<K: Kernels> VitOn<K> {
         let rows = batch * n;
         let eps = self.spec.norm_eps as f32;
         // da = s_attn * dx1; d(attention output) = da proj
-        k.scaled(dx, batch, n * d, drop.map(|dp| &dp.attn), t.a)?;
-        k.linear_vjp(t.a, &blk.proj_w, rows, d, d, t.h, false)?;
+        let da = match drop {
+            None => &*dx,
+            Some(dp) => {
+                k.scaled(dx, batch, n * d, Some(&dp.attn), t.a)?;
+                &*t.a
+            }
+        };
+        k.linear_vjp(da, &blk.proj_w, rows, d, d, t.h, false)?;
         k.attention_vjp(qkv, t.h, self.attn_shape(batch), g, t.scratch)?;
         // dh1 = dqkv qkv_w; dx = dx1 + LN1'(x)^T dh1
         k.linear_vjp(g, &blk.qkv_w, rows, d, 3 * d, t.a, false)?;
@@ -564,7 +588,8 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         self.attn_vjp(k, t, &mut s.g, blk, x, &s.qkv, batch, drop, dx)
     }
 
-    /// `x1` (rows x width), `qkv` (rows x 3 width), `u` (rows x hidden).
+    /// `x1` (rows x width), `qkv` (rows x 3 width), `u` (rows x hidden); the saving forward
+    /// and VJP also take the first two alone.
     fn saved_lens(&self, batch: usize) -> Result<Vec<usize>> {
         let s = &self.spec;
         let p = |dims: &[usize]| dtl_kernels::checked_product(&s.name, dims);
@@ -591,16 +616,20 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         let blk = self.block(block)?;
         let (n, d) = (self.spec.tokens(), self.spec.width);
         let rows = batch * n;
-        let [x1, qkv, u] = saved else {
-            return Err(saved_count(&self.spec, saved.len()));
-        };
         let s = &mut ws.s;
+        let (x1, qkv, u) = match saved {
+            [x1, qkv, u] => (x1, qkv, Some(u)),
+            [x1, qkv] => (x1, qkv, None),
+            _ => return Err(saved_count(&self.spec, saved.len())),
+        };
         let t = Bufs {
             h: &mut s.h,
             a: &mut s.a,
             scratch: &mut s.u,
         };
         self.attn_half_into(k, t, qkv, blk, x, batch, drop, x1)?;
+        // without a kept `u`, the MLP pre-activation lives in the scratch
+        let u = u.unwrap_or(&mut s.u);
         self.mlp_pre(k, &mut s.h, u, blk, x1, rows)?;
         k.copy(x1, out, rows * d)?;
         self.mlp_out(k, &mut s.g, &mut s.a, blk, u, batch, drop, out)
@@ -620,16 +649,31 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
     ) -> Result<()> {
         self.check_batch(ws, batch)?;
         let blk = self.block(block)?;
-        let [x1, qkv, u] = saved else {
-            return Err(saved_count(&self.spec, saved.len()));
-        };
         let s = &mut ws.s;
-        let t = Bufs {
-            h: &mut s.h,
-            a: &mut s.a,
-            scratch: &mut s.u,
-        };
-        self.mlp_vjp(k, t, &mut s.g, blk, x1, u, dy, batch, drop, dx)?;
+        match saved {
+            [x1, _, u] => {
+                let t = Bufs {
+                    h: &mut s.h,
+                    a: &mut s.a,
+                    scratch: &mut s.u,
+                };
+                self.mlp_vjp(k, t, &mut s.g, blk, x1, u, dy, batch, drop, dx)?;
+            }
+            [x1, _] => {
+                // recompute the MLP pre-activation only
+                let rows = batch * self.spec.tokens();
+                self.mlp_pre(k, &mut s.h, &mut s.u, blk, x1, rows)?;
+                let t = Bufs {
+                    h: &mut s.h,
+                    a: &mut s.a,
+                    scratch: &mut s.qkv,
+                };
+                // `scratch` is unused by the MLP branch
+                self.mlp_vjp(k, t, &mut s.g, blk, x1, &s.u, dy, batch, drop, dx)?;
+            }
+            _ => return Err(saved_count(&self.spec, saved.len())),
+        }
+        let qkv = &saved[1];
         let t = Bufs {
             h: &mut s.h,
             a: &mut s.a,
@@ -792,8 +836,21 @@ mod tests {
                 k.download(&dx1, act).unwrap(),
                 k.download(&dx2, act).unwrap()
             );
+            // keeping x1 and qkv alone gives the same values
+            let (mut y3, mut dx3) = (k.alloc(act).unwrap(), k.alloc(act).unwrap());
+            vit.block_forward_saving(&k, &mut ws, 1, &x, batch, d, &mut y3, &mut saved[..2])
+                .unwrap();
+            vit.block_forward(&k, &mut ws, 0, &dy, batch, None, &mut dx3)
+                .unwrap();
+            vit.block_vjp_saved(&k, &mut ws, 1, &x, &dy, batch, d, &saved[..2], &mut dx3)
+                .unwrap();
+            assert_eq!(k.download(&y1, act).unwrap(), k.download(&y3, act).unwrap());
+            assert_eq!(
+                k.download(&dx1, act).unwrap(),
+                k.download(&dx3, act).unwrap()
+            );
             let e = vit
-                .block_vjp_saved(&k, &mut ws, 1, &x, &dy, batch, d, &saved[..2], &mut dx2)
+                .block_vjp_saved(&k, &mut ws, 1, &x, &dy, batch, d, &saved[..1], &mut dx2)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("3 buffers"), "{e}");

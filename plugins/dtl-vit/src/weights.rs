@@ -197,3 +197,19 @@ impl VitWeights {
         Ok(())
     }
 }
+
+/// Refuses a weights tensor of `file` holding a NaN or an Inf, naming the tensor and the first
+/// bad entry (the same message as the runner's check of a checkpoint).
+pub(crate) fn finite_tensor(file: &std::path::Path, name: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(DtlError::file(
+            file,
+            format!(
+                "weights tensor `{name}` holds {} at index {i}; the file is damaged or was saved \
+                 from a diverged model: use an intact copy",
+                values[i]
+            ),
+        )),
+    }
+}

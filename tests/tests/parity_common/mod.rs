@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dfdx::prelude::*;
-use dtl_core::{Backbone, Parameters};
+use dtl_core::{Backbone, Head};
 use dtl_runner::device::TrainDevice;
 use dtl_runner::job::loss_and_grads;
 use dtl_runner::model::{smoothed_targets, Model};
@@ -61,6 +61,27 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 /// The reference ViT of the fixtures.
 pub type RefVit = dtl_vit::VitOf<VitTestPatch8_32>;
 
+/// The fixture's `vit` section describes the geometry `spec` (the compiled variant).
+pub fn check_geometry(cfg: &serde_json::Value, spec: &dtl_core::BackboneSpec) {
+    let v = &cfg["vit"];
+    let n = |k: &str| v[k].as_u64().unwrap() as usize;
+    assert_eq!(
+        (n("img_size"), n("patch_size"), n("in_chans")),
+        (spec.image_size, spec.patch_size, spec.in_chans)
+    );
+    assert_eq!(
+        (n("embed_dim"), n("depth"), n("num_heads")),
+        (spec.width, spec.depth, spec.heads)
+    );
+    let ratio = v["mlp_ratio"].as_f64().unwrap();
+    assert_eq!((spec.width as f64 * ratio) as usize, spec.mlp_hidden);
+    assert_eq!(v["class_token"].as_bool().unwrap(), spec.prefix_tokens == 1);
+    assert!(
+        !v["fc_norm"].as_bool().unwrap(),
+        "the fixtures norm before pooling"
+    );
+}
+
 /// One fixture's model (with the fixture's initial values) and its expected values.
 pub struct Case<B: Backbone<D>, D: TrainDevice> {
     pub model: Model<B, D>,
@@ -87,40 +108,57 @@ pub fn setup<B: Backbone<D>, D: TrainDevice>(
     )
     .unwrap();
     let spec = dtl_core::Backbone::<Cpu>::spec(&vit).clone();
-    let init = Cpu::seed_from_u64(0);
+    check_geometry(&cfg, &spec);
+    let d = &cfg["dtl"];
     let ints = |k: &str| {
-        cfg["dtl"][k]
-            .as_array()
+        d[k].as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_u64().unwrap() as usize)
             .collect::<Vec<_>>()
     };
-    let kernel = cfg["dtl"]["fusion_kernel"].as_u64().unwrap() as usize;
-    let mut side = DtlSide::new(
+    let (taps, injects) = (ints("taps"), ints("injects"));
+    let kernel = d["fusion_kernel"].as_u64().unwrap() as usize;
+    let rank = d["rank"].as_u64().unwrap() as usize;
+    let init = |name: &str| {
+        let (shape, v) = &fx[&format!("init.{name}")];
+        (
+            shape.clone(),
+            v.iter().map(|&x| x as f32).collect::<Vec<f32>>(),
+        )
+    };
+    let values = DtlSide::<D>::shapes(&spec, rank, &taps, &injects, kernel)
+        .unwrap()
+        .iter()
+        .map(|(name, _)| init(name))
+        .collect();
+    let side = DtlSide::from_params(
         &spec,
-        2,
-        100.0,
-        ints("taps"),
-        ints("injects"),
+        rank,
+        d["beta"].as_f64().unwrap(),
+        taps,
+        injects,
         kernel,
-        &init,
+        values,
         &dev,
     )
     .unwrap();
-    let classes = cfg["dtl"]["classes"].as_u64().unwrap() as usize;
-    let mut head = LinearHead::new(spec.width, classes, &init, &dev).unwrap();
-    for p in side.params_mut().into_iter().chain(head.params_mut()) {
-        let (shape, v) = &fx[&format!("init.{}", p.name)];
-        assert_eq!(shape, &p.shape, "{}", p.name);
-        p.value
-            .copy_from(&v.iter().map(|&x| x as f32).collect::<Vec<_>>());
-    }
+    let head = LinearHead::from_params(init("head.weight"), init("head.bias"), &dev).unwrap();
+    assert_eq!(
+        head.classes(),
+        d["classes"].as_u64().unwrap() as usize,
+        "the fixture's head has `dtl.classes` outputs"
+    );
+    let cls_pool = match cfg["vit"]["global_pool"].as_str().unwrap() {
+        "avg" => false,
+        "token" => true,
+        other => panic!("fixture pooling `{other}`"),
+    };
     let model = Model::new(
         Arc::new(backbone(vit)),
         Box::new(side),
         Box::new(head),
-        false,
+        cls_pool,
     );
     Case {
         model,
@@ -137,6 +175,7 @@ fn batch<B: Backbone<D>, D: TrainDevice>(case: &Case<B, D>) -> (dtl_core::Images
         (shape[0], Const::<3>, shape[2], shape[3]),
     );
     let labels: Vec<usize> = case.fx["labels"].1.iter().map(|&l| l as usize).collect();
+    assert_eq!(shape[0] as u64, case.cfg["dtl"]["batch"].as_u64().unwrap());
     (
         images,
         smoothed_targets(&labels, case.model.head.classes(), 0.0),
@@ -198,6 +237,8 @@ pub fn adamw_trajectory<B: Backbone<D>, D: TrainDevice>(
     );
     let lr = a["lr"].as_f64().unwrap();
     let want = &case.fx["train_losses"].1;
+    assert_eq!(want.len() as u64, a["steps"].as_u64().unwrap());
+    assert_eq!(a["no_decay"], "names ending in .bias");
     for (i, &w) in want.iter().enumerate() {
         let loss = dtl_runner::job::train_step(
             &mut case.model,

@@ -1,13 +1,14 @@
 //! Parity of the device training step ([`dtl_runner::resident`]) with the PyTorch reference
-//! fixtures, for any device of the kernel set: logits, loss, every gradient and six AdamW
-//! steps of the DTL and DTL+ fixtures. Every setting is read from the fixture's json.
+//! fixtures, for any device of the kernel set and any backbone written over it: logits, loss,
+//! every gradient and six AdamW steps of the DTL and DTL+ fixtures. Every setting is read from
+//! the fixture's json.
 
 #![allow(dead_code)]
 
 use std::sync::Arc;
 
 use dtl_core::PipelineConfig;
-use dtl_kernels::Kernels;
+use dtl_kernels::{KernelBackbone, Kernels};
 use dtl_runner::model::smoothed_targets;
 use dtl_runner::resident::ResidentModel;
 use dtl_vit::VitOn;
@@ -23,6 +24,11 @@ pub fn pipeline(cfg: &serde_json::Value) -> PipelineConfig {
 
 /// [`pipeline`] with `run.activations = activations` (`"recompute"` or `"store"`).
 pub fn pipeline_with(cfg: &serde_json::Value, activations: &str) -> PipelineConfig {
+    pipeline_for(cfg, activations, "vit_test_patch8_32")
+}
+
+/// The fixture's pipeline on backbone `kind`, with `run.activations = activations`.
+pub fn pipeline_for(cfg: &serde_json::Value, activations: &str, kind: &str) -> PipelineConfig {
     let d = &cfg["dtl"];
     let a = &cfg["adamw"];
     let list = |v: &serde_json::Value| {
@@ -37,9 +43,9 @@ pub fn pipeline_with(cfg: &serde_json::Value, activations: &str) -> PipelineConf
     let betas = a["betas"].as_array().unwrap();
     let text = format!(
         "[run]\nactivations = \"{activations}\"\n\
-         [backbone]\nkind = \"vit_test_patch8_32\"\n\
+         [backbone]\nkind = \"{kind}\"\n\
          [side]\nkind = \"{}\"\nrank = {}\nbeta = {}\ntaps = [{}]\ninjects = [{}]\nkernel = {kernel}\n\
-         [head]\nclasses = {}\n\
+         [head]\nclasses = {}\npool = \"{}\"\n\
          [data]\nkind = \"image-folder\"\nroot = \".\"\nbatch_size = {}\n\
          [optim]\nlr = {}\nbetas = [{}, {}]\neps = {}\nweight_decay = {}\n",
         if kernel > 0 { "dtl+" } else { "dtl" },
@@ -48,6 +54,16 @@ pub fn pipeline_with(cfg: &serde_json::Value, activations: &str) -> PipelineConf
         list(&d["taps"]),
         list(&d["injects"]),
         d["classes"],
+        // the backbone section: `vit` or `swin`
+        match ["vit", "swin"]
+            .iter()
+            .find_map(|b| cfg[b]["global_pool"].as_str())
+            .unwrap()
+        {
+            "avg" => "mean",
+            "token" => "cls",
+            other => panic!("fixture pooling `{other}`"),
+        },
         d["batch"],
         a["lr"].as_f64().unwrap(),
         betas[0].as_f64().unwrap(),
@@ -60,8 +76,8 @@ pub fn pipeline_with(cfg: &serde_json::Value, activations: &str) -> PipelineConf
 
 /// One fixture on device `k`: the model with the fixture's initial values, its images,
 /// targets and expected values.
-pub struct Case<K: Kernels + Clone> {
-    pub model: ResidentModel<K, VitOn<K>>,
+pub struct Case<K: Kernels + Clone, B: KernelBackbone<K> = VitOn<K>> {
+    pub model: ResidentModel<K, B>,
     pub fx: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
     pub cfg: serde_json::Value,
     pub images: Vec<f32>,
@@ -87,10 +103,23 @@ pub fn setup_with<K: Kernels + Clone>(name: &str, k: K, activations: &str) -> Ca
     )
     .unwrap();
     let spec = dtl_core::Backbone::<dfdx::prelude::Cpu>::spec(&vit).clone();
+    parity_common::check_geometry(&cfg, &spec);
     let on = VitOn::upload(&k, &spec, vit.weights()).unwrap();
     let p = pipeline_with(&cfg, activations);
+    case_from(p, cfg, fx, k, on)
+}
+
+/// The fixture's case on `backbone`: the model of pipeline `p` with the fixture's initial
+/// values, its input, labels and expected values.
+pub fn case_from<K: Kernels + Clone, B: KernelBackbone<K>>(
+    p: PipelineConfig,
+    cfg: serde_json::Value,
+    fx: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+    k: K,
+    backbone: B,
+) -> Case<K, B> {
     let classes = cfg["dtl"]["classes"].as_u64().unwrap() as usize;
-    let mut model = ResidentModel::from_config(&p, k, Arc::new(on), classes).unwrap();
+    let mut model = ResidentModel::from_config(&p, k, Arc::new(backbone), classes).unwrap();
     let init: Vec<Vec<f32>> = model
         .params()
         .iter()
@@ -117,7 +146,11 @@ pub fn setup_with<K: Kernels + Clone>(name: &str, k: K, activations: &str) -> Ca
 }
 
 /// Logits, loss and every gradient of one step agree with the fixture within `tol` relative.
-pub fn forward_and_grads<K: Kernels + Clone>(name: &str, mut case: Case<K>, tol: f64) {
+pub fn forward_and_grads<K: Kernels + Clone, B: KernelBackbone<K>>(
+    name: &str,
+    mut case: Case<K, B>,
+    tol: f64,
+) {
     let n = case.n;
     case.model
         .forward_backward(&case.images, n, &case.targets, &[])
@@ -153,7 +186,11 @@ pub fn forward_and_grads<K: Kernels + Clone>(name: &str, mut case: Case<K>, tol:
 }
 
 /// Six AdamW steps follow the fixture's losses and end at its parameters within `tol`.
-pub fn adamw_trajectory<K: Kernels + Clone>(name: &str, mut case: Case<K>, tol: f64) {
+pub fn adamw_trajectory<K: Kernels + Clone, B: KernelBackbone<K>>(
+    name: &str,
+    mut case: Case<K, B>,
+    tol: f64,
+) {
     let lr = case.cfg["adamw"]["lr"].as_f64().unwrap();
     let want = case.fx["train_losses"].1.clone();
     let n = case.n;

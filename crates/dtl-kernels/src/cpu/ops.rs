@@ -3,8 +3,9 @@
 //!
 //! Matrix products go through [`super::strided::matmul`], the rows of the output split over
 //! the rayon threads; row-wise work (LayerNorm, GELU, softmax) and attention (one task per
-//! sample and head) are parallelised with rayon, and the innermost loops are compiled twice,
-//! once for AVX2 + FMA, picked at run time. Every function here works on row-major slices of
+//! sample, or per sample and head for small batches) are parallelised with rayon, and the
+//! innermost loops are compiled for AVX-512 and for AVX2 + FMA besides the baseline, the
+//! copy picked at run time. Every function here works on row-major slices of
 //! exactly the sizes it is given (longer slices are fine) and panics on slices too short: the
 //! checked entry points are the [`Kernels`](crate::Kernels) methods of
 //! [`CpuKernels`](super::CpuKernels).
@@ -22,15 +23,31 @@ use rayon::prelude::*;
 use super::strided::{matmul, Mat, MatMut};
 use crate::AttnShape;
 
-/// Rows handled by one rayon task in the row-wise kernels.
+/// Rows handled by one rayon task in the row-wise kernels, at least.
 const ROW_CHUNK: usize = 16;
 
-/// Compiles a slice loop twice, once for AVX2+FMA, and picks the best at run time.
+/// Values handled by one rayon task in the elementwise kernels, at least.
+const ELEM_CHUNK: usize = 8192;
+
+/// The rows (or values) per rayon task when `total` of them are split: about four tasks per
+/// thread, so that the threads stay balanced without paying for many small tasks, and at
+/// least `min`. Every kernel that uses it treats each row (value) on its own, so the results
+/// do not depend on the split.
+fn per_task(total: usize, min: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    total.div_ceil(tasks).max(min)
+}
+
+/// Compiles a slice loop three times, for AVX-512, for AVX2 + FMA and for the baseline, and
+/// picks the best the CPU has at run time; `simd_loop! { avx2; fn ... }` leaves out the
+/// AVX-512 copy (for loops over rows too short for 16-wide lanes to pay).
 ///
 /// The body is written in plain scalar Rust with no calls that cannot be inlined, so the
-/// compiler vectorises it; the AVX2 copy gets 8-wide lanes and fused multiply-adds.
+/// compiler vectorises it: 16-wide lanes with AVX-512, 8-wide with AVX2. Rust contracts no
+/// multiply-add on its own and keeps the order of every sum, so the copies give the same
+/// values.
 macro_rules! simd_loop {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    (avx2; $(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) {
             #[inline(always)]
@@ -51,7 +68,42 @@ macro_rules! simd_loop {
             inner($($a),*)
         }
     };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn inner($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(unsafe_code)]
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($a: $t),*) {
+                    inner($($a),*)
+                }
+                #[allow(unsafe_code)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    inner($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    #[allow(unsafe_code)]
+                    return unsafe { avx512($($a),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    #[allow(unsafe_code)]
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            inner($($a),*)
+        }
+    };
 }
+pub(crate) use simd_loop;
 
 /// `e^x` for `f32` in branch-free arithmetic (so that loops using it vectorise): range
 /// reduction `x = n ln 2 + r`, `|r| <= ln 2 / 2`, a degree-6 Taylor polynomial for `e^r`
@@ -207,25 +259,19 @@ pub fn linear(
     }
     let out = &mut out[..m * n];
     // w^T read in place: element (kk, j) is w[j * k + kk].
-    match (bias, accumulate) {
-        (Some(bias), false) => {
-            out.par_chunks_mut(n * ROW_CHUNK).for_each(|rows| {
-                for r in rows.chunks_mut(n) {
-                    r.copy_from_slice(&bias[..n]);
-                }
-            });
-            rows_product(x, k, 1, w, 1, k, m, k, n, true, out);
-        }
-        (None, acc) => rows_product(x, k, 1, w, 1, k, m, k, n, acc, out),
-        (Some(bias), true) => {
-            rows_product(x, k, 1, w, 1, k, m, k, n, true, out);
-            out.par_chunks_mut(n * ROW_CHUNK).for_each(|rows| {
-                for r in rows.chunks_mut(n) {
-                    for (o, b) in r.iter_mut().zip(&bias[..n]) {
-                        *o += b;
-                    }
-                }
-            });
+    // the bias is added by each task to its rows right after their product, while they are
+    // still in cache
+    rows_product_bias(x, k, 1, w, 1, k, m, k, n, accumulate, bias, out);
+}
+
+simd_loop! {
+    /// `rows[i] += bias` for each row of `rows` (rows of `bias.len()` values).
+    fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
+        let n = bias.len();
+        for r in rows.chunks_exact_mut(n) {
+            for j in 0..n {
+                r[j] += bias[j];
+            }
         }
     }
 }
@@ -356,10 +402,31 @@ fn rows_product(
     accumulate: bool,
     out: &mut [f32],
 ) {
+    rows_product_bias(a, a_rs, a_cs, b, b_rs, b_cs, m, k, n, accumulate, None, out);
+}
+
+/// [`rows_product`], then `bias` (n values) added to every row of `out` by the task that
+/// computed it.
+#[allow(clippy::too_many_arguments)]
+fn rows_product_bias(
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert!(out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
+    let bias = bias.map(|b| &b[..n]);
     // the whole left operand, checked once up front (the views of the tasks are inside it)
     Mat::new(a, 0, m, k, a_rs, a_cs);
     let b = Mat::new(b, 0, k, n, b_rs, b_cs);
@@ -371,10 +438,14 @@ fn rows_product(
             let mr = o.len() / n;
             let a = Mat::new(a, t * rows * a_rs, mr, k, a_rs, a_cs);
             matmul(MatMut::rows_of(o, mr, n), a, b, 1.0, accumulate);
+            if let Some(bias) = bias {
+                add_bias_rows(o, bias);
+            }
         });
 }
 
 simd_loop! {
+    avx2;
     fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32, out: &mut [f32]) {
         for (orow, xrow) in out.chunks_mut(d).zip(x.chunks(d)) {
             let (mean, rstd) = moments(xrow, eps);
@@ -399,8 +470,9 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32, ou
     if d == 0 {
         return;
     }
-    out.par_chunks_mut(d * ROW_CHUNK)
-        .zip(x.par_chunks(d * ROW_CHUNK))
+    let chunk = d * per_task(x.len() / d, ROW_CHUNK);
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
         .for_each(|(o, xi)| layer_norm_rows(xi, gamma, beta, d, eps, o));
 }
 
@@ -427,6 +499,7 @@ fn moments(row: &[f32], eps: f32) -> (f32, f32) {
 }
 
 simd_loop! {
+    avx2;
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_vjp_rows(
         x: &[f32],
@@ -440,9 +513,25 @@ simd_loop! {
     ) {
         for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
             let (mean, rstd) = moments(xr, eps);
+            // eight running sums each, value j going to sum j % 8 (in whole groups of eight,
+            // so that the loop vectorises, then the remainder)
             let mut m1 = [0.0f32; 8];
             let mut m2 = [0.0f32; 8];
-            for j in 0..d {
+            let whole = d / 8 * 8;
+            for (((ghc, gc), gmc), xc) in gh[..whole]
+                .chunks_exact_mut(8)
+                .zip(gr[..whole].chunks_exact(8))
+                .zip(gamma[..whole].chunks_exact(8))
+                .zip(xr[..whole].chunks_exact(8))
+            {
+                for k in 0..8 {
+                    let v = gc[k] * gmc[k];
+                    ghc[k] = v;
+                    m1[k] += v;
+                    m2[k] += v * (xc[k] - mean) * rstd;
+                }
+            }
+            for j in whole..d {
                 gh[j] = gr[j] * gamma[j];
                 m1[j % 8] += gh[j];
                 m2[j % 8] += gh[j] * (xr[j] - mean) * rstd;
@@ -488,9 +577,10 @@ pub fn layer_norm_vjp(
     if d == 0 {
         return;
     }
-    dx.par_chunks_mut(d * ROW_CHUNK)
-        .zip(x.par_chunks(d * ROW_CHUNK))
-        .zip(g.par_chunks(d * ROW_CHUNK))
+    let chunk = d * per_task(x.len() / d, ROW_CHUNK);
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
         .for_each_init(
             || vec![0.0f32; d],
             |gh, ((dxc, xc), gc)| layer_norm_vjp_rows(xc, gamma, gc, d, eps, dxc, accumulate, gh),
@@ -546,8 +636,9 @@ simd_loop! {
 /// assert!(y[0] == 0.0 && (y[1] - 10.0).abs() < 1e-5);
 /// ```
 pub fn gelu(x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(8192)
-        .zip(x.par_chunks(8192))
+    let chunk = per_task(x.len().min(out.len()), ELEM_CHUNK);
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
         .for_each(|(o, i)| gelu_chunk(i, o));
 }
 
@@ -559,8 +650,9 @@ pub fn gelu(x: &[f32], out: &mut [f32]) {
 /// assert!(g[0] == 1.0 && (g[1] - 2.0).abs() < 1e-5);
 /// ```
 pub fn gelu_backward_inplace(u: &[f32], g: &mut [f32]) {
-    g.par_chunks_mut(8192)
-        .zip(u.par_chunks(8192))
+    let chunk = per_task(u.len().min(g.len()), ELEM_CHUNK);
+    g.par_chunks_mut(chunk)
+        .zip(u.par_chunks(chunk))
         .for_each(|(g, u)| gelu_grad_chunk(u, g));
 }
 
@@ -615,7 +707,7 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 
 simd_loop! {
     /// In-place softmax of each row of length `n`.
-    fn softmax_rows(s: &mut [f32], n: usize) {
+    pub(super) fn softmax_rows(s: &mut [f32], n: usize) {
         for row in s.chunks_mut(n) {
             let max = max8(row);
             for v in row.iter_mut() {
@@ -631,7 +723,7 @@ simd_loop! {
 
 simd_loop! {
     /// `dS = P * (dP - rowsum(dP * P)) * scale`, in place in `dp`.
-    fn softmax_backward_rows(p: &[f32], dp: &mut [f32], n: usize, scale: f32) {
+    pub(super) fn softmax_backward_rows(p: &[f32], dp: &mut [f32], n: usize, scale: f32) {
         for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
             let dot = dot8(prow, dprow);
             for (g, &pv) in dprow.iter_mut().zip(prow) {
@@ -680,11 +772,18 @@ pub fn attention_scratch_len(s: AttnShape) -> usize {
     3 * s.batch * s.heads * s.tokens * s.head_dim
 }
 
+/// Whether the attention kernels run one task per sample (enough samples to keep every
+/// thread busy) rather than one per sample and head.
+fn by_sample(s: AttnShape) -> bool {
+    s.batch >= 2 * rayon::current_num_threads().max(1)
+}
+
 /// Multi-head self-attention core: `out[b, :, head h] = softmax(q k^T * scale) v`.
 ///
-/// `qkv` is (batch * tokens, 3d); `out` is (batch * tokens, d). One task per sample and
-/// head writes its own block of `heads` (at least [`attention_scratch_len`] values), which is
-/// then copied into `out`.
+/// `qkv` is (batch * tokens, 3d); `out` is (batch * tokens, d). With at least two samples per
+/// thread, one task per sample writes each head's result straight into `out`; otherwise one
+/// task per sample and head writes its own block of `heads` (at least
+/// [`attention_scratch_len`] values), which is then copied into `out`.
 ///
 /// ```
 /// use dtl_kernels::{cpu::ops, AttnShape};
@@ -703,6 +802,25 @@ pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32], heads: &mut [f32]) 
         return;
     }
     let scale = 1.0 / (hd as f32).sqrt();
+    if by_sample(s) {
+        // one task per sample, each head's result written straight into its columns
+        out[..s.batch * n * d]
+            .par_chunks_mut(n * d)
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; n * n],
+                |scores, (b, ob)| {
+                    for h in 0..s.heads {
+                        let [q, k, v] = head_views(qkv, s, b, h);
+                        matmul(MatMut::rows_of(scores, n, n), q, k.t(), scale, false);
+                        softmax_rows(scores, n);
+                        let p = Mat::rows_of(scores, n, n);
+                        matmul(MatMut::new(ob, h * hd, n, hd, d, 1), p, v, 1.0, false);
+                    }
+                },
+            );
+        return;
+    }
     heads.par_chunks_mut(n * hd).enumerate().for_each_init(
         || vec![0.0f32; n * n],
         |scores, (bh, o)| {
@@ -739,31 +857,77 @@ pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32], 
         return;
     }
     let scale = 1.0 / (hd as f32).sqrt();
+    if by_sample(s) {
+        // one task per sample, each head's gradients written straight into its columns
+        dqkv[..s.batch * n * 3 * d]
+            .par_chunks_mut(n * 3 * d)
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
+                |(p, dp), (b, gb)| {
+                    for h in 0..s.heads {
+                        let [q, k, v] = head_views(qkv, s, b, h);
+                        let d_o = Mat::new(dout, b * n * d + h * hd, n, hd, d, 1);
+                        let at = [0, d, 2 * d].map(|c| c + h * hd);
+                        attention_head_vjp([q, k, v], d_o, scale, p, dp, gb, at, 3 * d);
+                    }
+                },
+            );
+        return;
+    }
     heads.par_chunks_mut(3 * n * hd).enumerate().for_each_init(
         || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
         |(p, dp), (bh, grads)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let [q, k, v] = head_views(qkv, s, b, h);
             let d_o = Mat::new(dout, b * n * d + h * hd, n, hd, d, 1);
-            let (dq, rest) = grads.split_at_mut(n * hd);
-            let (dk, dv) = rest.split_at_mut(n * hd);
-            // P = softmax(q k^T * scale)
-            matmul(MatMut::rows_of(p, n, n), q, k.t(), scale, false);
-            softmax_rows(p, n);
-            let pm = Mat::rows_of(p, n, n);
-            // dV = P^T dO
-            matmul(MatMut::rows_of(dv, n, hd), pm.t(), d_o, 1.0, false);
-            // dP = dO V^T
-            matmul(MatMut::rows_of(dp, n, n), d_o, v.t(), 1.0, false);
-            // dS = P * (dP - rowsum(dP * P)), times the scale
-            softmax_backward_rows(p, dp, n, scale);
-            let ds = Mat::rows_of(dp, n, n);
-            // dQ = dS K ; dK = dS^T Q
-            matmul(MatMut::rows_of(dq, n, hd), ds, k, 1.0, false);
-            matmul(MatMut::rows_of(dk, n, hd), ds.t(), q, 1.0, false);
+            let at = [0, n * hd, 2 * n * hd];
+            attention_head_vjp([q, k, v], d_o, scale, p, dp, grads, at, hd);
         },
     );
     heads_to_rows(heads, s, 3, dqkv);
+}
+
+/// One head of [`attention_vjp`]: dQ, dK and dV go to `grads` at the offsets `at`, tokens x
+/// head_dim each with row stride `rs`; `p` and `dp` are tokens x tokens scratch.
+#[allow(clippy::too_many_arguments)]
+fn attention_head_vjp(
+    [q, k, v]: [Mat<'_>; 3],
+    d_o: Mat<'_>,
+    scale: f32,
+    p: &mut [f32],
+    dp: &mut [f32],
+    grads: &mut [f32],
+    at: [usize; 3],
+    rs: usize,
+) {
+    let (n, hd) = (q.rows(), q.cols());
+    // P = softmax(q k^T * scale)
+    matmul(MatMut::rows_of(p, n, n), q, k.t(), scale, false);
+    softmax_rows(p, n);
+    let pm = Mat::rows_of(p, n, n);
+    // dV = P^T dO
+    matmul(
+        MatMut::new(grads, at[2], n, hd, rs, 1),
+        pm.t(),
+        d_o,
+        1.0,
+        false,
+    );
+    // dP = dO V^T
+    matmul(MatMut::rows_of(dp, n, n), d_o, v.t(), 1.0, false);
+    // dS = P * (dP - rowsum(dP * P)), times the scale
+    softmax_backward_rows(p, dp, n, scale);
+    let ds = Mat::rows_of(dp, n, n);
+    // dQ = dS K ; dK = dS^T Q
+    matmul(MatMut::new(grads, at[0], n, hd, rs, 1), ds, k, 1.0, false);
+    matmul(
+        MatMut::new(grads, at[1], n, hd, rs, 1),
+        ds.t(),
+        q,
+        1.0,
+        false,
+    );
 }
 
 /// `x[b] += scale[b] * y[b]` over `batch` samples of `per_sample` values; a missing scale

@@ -2,10 +2,12 @@
 //! slices.
 //!
 //! They follow the conventions of the dfdx-based side operations of the CPU runner, including
-//! the order of every floating-point sum, so that they give the same numbers: swish with the
-//! standard library's `exp`, the depthwise convolution summing its taps in kernel order, the
-//! mean pooling summing tokens in order and scaling once, the soft cross entropy in f64, and
-//! AdamW's update term by term as PyTorch writes it. Like [`super::ops`], every function
+//! the order of every floating-point sum: the depthwise convolution summing its taps in kernel
+//! order, the mean pooling summing tokens in order and scaling once, the soft cross entropy in
+//! f64, and AdamW's update term by term as PyTorch writes it. Swish and its VJP use the
+//! vectorising [`exp_fast`](super::ops::exp_fast) (relative error below 2e-7) rather than the
+//! standard library's `exp`, and the elementwise and convolution loops are compiled for
+//! AVX2 + FMA where the CPU has them. Like [`super::ops`], every function
 //! works on the sizes it is given and panics on slices that are too short; the checked entry
 //! points are the [`Kernels`](crate::Kernels) methods of [`CpuKernels`](super::CpuKernels).
 //!
@@ -18,15 +20,49 @@
 
 use rayon::prelude::*;
 
+use super::ops::{exp_fast, simd_loop};
 use crate::{AdamwStep, ConvShape};
 
 /// Values per rayon task in the elementwise loops.
 const CHUNK: usize = 1 << 14;
 
-/// `sigmoid(beta * z)` as the CPU runner computes it.
-#[inline]
-fn sigmoid(beta: f32, z: f32) -> f32 {
-    1.0 / (1.0 + (-beta * z).exp())
+/// `(s, s (1 - s))` for `s = sigmoid(a)`, in branch-free arithmetic (the loops using it
+/// vectorise). With `e = exp(-|a|)` (never below `exp(-87)`, so never subnormal) and
+/// `r = 1 / (1 + e)`: `s = r` for `a >= 0` and `e r` otherwise, and `s (1 - s) = e r^2` either
+/// way, so no step subtracts nearly equal numbers or forms a subnormal intermediate.
+#[inline(always)]
+fn sigmoid_parts(a: f32) -> (f32, f32) {
+    let e = exp_fast(-a.abs());
+    let r = 1.0 / (1.0 + e);
+    let er = e * r;
+    (if a >= 0.0 { r } else { er }, er * r)
+}
+
+simd_loop! {
+    fn swish_chunk(z: &[f32], beta: f32, y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(z) {
+            *o = v * sigmoid_parts(beta * v).0;
+        }
+    }
+}
+
+simd_loop! {
+    fn swish_vjp_chunk(z: &[f32], dy: &[f32], beta: f32, dz: &mut [f32], accumulate: bool) {
+        // swish'(z) = s + beta z s (1 - s)
+        if accumulate {
+            for ((o, &v), &g) in dz.iter_mut().zip(z).zip(dy) {
+                let a = beta * v;
+                let (s, ds) = sigmoid_parts(a);
+                *o += g * (s + a * ds);
+            }
+        } else {
+            for ((o, &v), &g) in dz.iter_mut().zip(z).zip(dy) {
+                let a = beta * v;
+                let (s, ds) = sigmoid_parts(a);
+                *o = g * (s + a * ds);
+            }
+        }
+    }
 }
 
 /// `y = z * sigmoid(beta * z)` elementwise, over the shorter of `z` and `y`.
@@ -39,11 +75,7 @@ fn sigmoid(beta: f32, z: f32) -> f32 {
 pub fn swish(z: &[f32], beta: f32, y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(z.par_chunks(CHUNK))
-        .for_each(|(y, z)| {
-            for (o, &v) in y.iter_mut().zip(z) {
-                *o = v * sigmoid(beta, v);
-            }
-        });
+        .for_each(|(y, z)| swish_chunk(z, beta, y));
 }
 
 /// `dz [+]= dy * swish'(z)` elementwise, with
@@ -58,17 +90,7 @@ pub fn swish(z: &[f32], beta: f32, y: &mut [f32]) {
 pub fn swish_vjp(z: &[f32], dy: &[f32], beta: f32, dz: &mut [f32], accumulate: bool) {
     dz.par_chunks_mut(CHUNK)
         .zip(z.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dz, (z, dy))| {
-            for ((o, &v), &g) in dz.iter_mut().zip(z).zip(dy) {
-                let s = sigmoid(beta, v);
-                let d = g * (s + beta * v * s * (1.0 - s));
-                if accumulate {
-                    *o += d;
-                } else {
-                    *o = d;
-                }
-            }
-        });
+        .for_each(|(dz, (z, dy))| swish_vjp_chunk(z, dy, beta, dz, accumulate));
 }
 
 /// Padding before and after for a "same" convolution with kernel `k` (PyTorch's rule: the
@@ -121,6 +143,79 @@ fn taps_by_channel(w: &[f32], d: usize, kk: usize) -> Vec<f32> {
     wt
 }
 
+/// Taps of each patch, `(tap, source patch)`: see [`conv_plan`].
+type Plan = [Vec<(usize, usize)>];
+
+simd_loop! {
+    avx2;
+    /// One sample of [`depthwise_conv`]: `yb` from `xb` (tokens x d), taps summed in order.
+    fn conv_sample(xb: &[f32], wt: &[f32], plan: &Plan, prefix: usize, d: usize, yb: &mut [f32]) {
+        yb[..prefix * d].copy_from_slice(&xb[..prefix * d]);
+        for (p, taps) in plan.iter().enumerate() {
+            let out = &mut yb[(prefix + p) * d..][..d];
+            out.fill(0.0);
+            for &(t, q) in taps {
+                let src = &xb[(prefix + q) * d..][..d];
+                let w = &wt[t * d..][..d];
+                for c in 0..d {
+                    out[c] += src[c] * w[c];
+                }
+            }
+        }
+    }
+}
+
+simd_loop! {
+    avx2;
+    /// One sample of the input gradient of [`depthwise_conv`]: `gs` from `g`.
+    fn conv_dx_sample(g: &[f32], wt: &[f32], plan: &Plan, prefix: usize, d: usize, gs: &mut [f32]) {
+        gs[..prefix * d].copy_from_slice(&g[..prefix * d]);
+        gs[prefix * d..].fill(0.0);
+        for (p, taps) in plan.iter().enumerate() {
+            let go = &g[(prefix + p) * d..][..d];
+            for &(t, q) in taps {
+                let dst = &mut gs[(prefix + q) * d..][..d];
+                let w = &wt[t * d..][..d];
+                for c in 0..d {
+                    dst[c] += go[c] * w[c];
+                }
+            }
+        }
+    }
+}
+
+simd_loop! {
+    avx2;
+    /// The weight gradient of channels `c0..c0 + cw` into `acc` (`kk x cw`, zeroed), summed
+    /// over the samples, patches and taps in that order.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_dw_block(
+        x: &[f32],
+        dy: &[f32],
+        plan: &Plan,
+        s: ConvShape,
+        c0: usize,
+        cw: usize,
+        acc: &mut [f32],
+    ) {
+        let (d, prefix) = (s.width, s.prefix);
+        let per = s.tokens() * d;
+        for b in 0..s.batch {
+            let base = b * per;
+            for (p, taps) in plan.iter().enumerate() {
+                let go = &dy[base + (prefix + p) * d + c0..][..cw];
+                for &(t, q) in taps {
+                    let src = &x[base + (prefix + q) * d + c0..][..cw];
+                    let a = &mut acc[t * cw..][..cw];
+                    for c in 0..cw {
+                        a[c] += go[c] * src[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Depthwise "same" convolution of the patch tokens of `x`, the prefix tokens copied (see
 /// [`ConvShape`]); `w` is `(width, 1, k, k)`.
 ///
@@ -147,19 +242,7 @@ pub fn depthwise_conv(x: &[f32], w: &[f32], s: ConvShape, y: &mut [f32]) {
     y[..s.batch * per]
         .par_chunks_mut(per)
         .zip(x[..s.batch * per].par_chunks(per))
-        .for_each(|(yb, xb)| {
-            yb[..prefix * d].copy_from_slice(&xb[..prefix * d]);
-            for (p, taps) in plan.iter().enumerate() {
-                let out = &mut yb[(prefix + p) * d..][..d];
-                out.fill(0.0);
-                for &(t, q) in taps {
-                    let src = &xb[(prefix + q) * d..][..d];
-                    for ((o, sv), wv) in out.iter_mut().zip(src).zip(&wt[t * d..(t + 1) * d]) {
-                        *o += sv * wv;
-                    }
-                }
-            }
-        });
+        .for_each(|(yb, xb)| conv_sample(xb, &wt, &plan, prefix, d, yb));
 }
 
 /// Both gradients of [`depthwise_conv`]: `dx` (overwritten; the prefix tokens' gradient
@@ -205,19 +288,7 @@ pub fn depthwise_conv_vjp(
         dx[..len]
             .par_chunks_mut(per)
             .zip(dy[..len].par_chunks(per))
-            .for_each(|(gs, g)| {
-                gs[..prefix * d].copy_from_slice(&g[..prefix * d]);
-                gs[prefix * d..].fill(0.0);
-                for (p, taps) in plan.iter().enumerate() {
-                    let go = &g[(prefix + p) * d..][..d];
-                    for &(t, q) in taps {
-                        let si = (prefix + q) * d;
-                        for c in 0..d {
-                            gs[si + c] += go[c] * wt[t * d + c];
-                        }
-                    }
-                }
-            });
+            .for_each(|(gs, g)| conv_dx_sample(g, &wt, &plan, prefix, d, gs));
     }
     // the weight gradient: a block of channels per task, each channel summed in the order
     // samples, patches, taps
@@ -229,20 +300,7 @@ pub fn depthwise_conv_vjp(
         .for_each(|(ti, dwc)| {
             let (c0, cw) = (ti * per_task, dwc.len() / kk);
             let mut acc = vec![0f32; kk * cw];
-            for b in 0..s.batch {
-                let base = b * per;
-                for (p, taps) in plan.iter().enumerate() {
-                    let go = &dy[base + (prefix + p) * d + c0..][..cw];
-                    for &(t, q) in taps {
-                        let src = &x[base + (prefix + q) * d + c0..][..cw];
-                        for (a, (gv, sv)) in
-                            acc[t * cw..(t + 1) * cw].iter_mut().zip(go.iter().zip(src))
-                        {
-                            *a += gv * sv;
-                        }
-                    }
-                }
-            }
+            conv_dw_block(x, dy, &plan, s, c0, cw, &mut acc);
             for c in 0..cw {
                 for t in 0..kk {
                     let v = acc[t * cw + c];

@@ -353,6 +353,46 @@ fn attention_and_its_vjp_match_f64_and_finite_differences() {
     }
 }
 
+/// With several samples per thread the attention kernels run one task per sample and write
+/// straight into their outputs; that path gives each sample what it gets on its own (which
+/// runs one task per head).
+#[test]
+fn attention_by_sample_matches_one_sample_at_a_time() {
+    let batch = 2 * rayon::current_num_threads().max(1) + 1;
+    let s = AttnShape {
+        batch,
+        tokens: 7,
+        heads: 2,
+        head_dim: 8,
+    };
+    let one = AttnShape { batch: 1, ..s };
+    let (nqkv, nout) = (3 * s.rows() * s.width(), s.rows() * s.width());
+    let (pq, po) = (nqkv / batch, nout / batch);
+    let qkv = rnd(nqkv, 11);
+    let dout = rnd(nout, 12);
+    let mut scratch = out(K.attention_scratch(s), 0.0);
+    let (mut o, mut dqkv) = (out(nout, 9.0), out(nqkv, 9.0));
+    K.attention(&buf(&qkv), s, &mut o, &mut scratch).unwrap();
+    K.attention_vjp(&buf(&qkv), &buf(&dout), s, &mut dqkv, &mut scratch)
+        .unwrap();
+    let (o, dqkv) = (lead(&o, nout), lead(&dqkv, nqkv));
+    for b in 0..batch {
+        let q1 = buf(&qkv[b * pq..][..pq]);
+        let mut s1 = out(K.attention_scratch(one), 0.0);
+        let (mut o1, mut d1) = (out(po, 9.0), out(pq, 9.0));
+        K.attention(&q1, one, &mut o1, &mut s1).unwrap();
+        K.attention_vjp(&q1, &buf(&dout[b * po..][..po]), one, &mut d1, &mut s1)
+            .unwrap();
+        close(&o[b * po..][..po], &f64s(&lead(&o1, po)), 1e-6, "attention");
+        close(
+            &dqkv[b * pq..][..pq],
+            &f64s(&lead(&d1, pq)),
+            1e-6,
+            "attention_vjp",
+        );
+    }
+}
+
 #[test]
 fn residuals_scale_each_sample() {
     let (batch, per) = (3, 4);
