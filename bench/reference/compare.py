@@ -11,7 +11,9 @@ Inputs:
           repeat --dtl for several runs
           (for instance one per batch size)
   --ref   JSON lines appended by `bench_dtl_train.py --json`: {"method", "model", "batch",
-          "device", "precision", "img_per_s", "peak_mib", "steps", "warmup"}; repeatable
+          "device", "precision", "img_per_s", "peak_mib", "steps", "warmup", and optionally
+          "setting" (official | best), "compile", "error"}; repeatable. A row with "error" is a
+          failed measurement: listed under the table with its reason, never compared
 
 Rows are matched by (method, batch): dtl side "dtl" is method "dtl", "dtl+" is "dtlplus" ("dtl+"
 is accepted in reference files too), "linear" is "linear". A reference row is only compared
@@ -35,12 +37,15 @@ Exit status: 0 when at least one pair was compared, 1 when none was, 2 on bad in
 import argparse
 import json
 import os
+import re
 import sys
 
 SIDE_TO_METHOD = {"dtl": "dtl", "dtl+": "dtlplus", "linear": "linear"}
 METHOD_ALIASES = {"dtl": "dtl", "dtlplus": "dtlplus", "dtl+": "dtlplus", "linear": "linear"}
 METHOD_ORDER = {"dtl": 0, "dtlplus": 1, "linear": 2}
 PRECISION_ORDER = {"fp32": 0, "bf16": 1}
+# bench_dtl_train.py --setting: eager (official) or bf16 weights + torch.compile (best)
+SETTINGS = ["official", "best"]
 
 
 class InputError(Exception):
@@ -71,10 +76,10 @@ def number(path, where, row, key, allow_none=False):
 
 
 def device_kind(d):
-    """`cuda:0` -> `cuda`, `cpu` -> `cpu`, None -> None."""
+    """`cuda:0` -> `cuda`, `cuda:0 (NVIDIA H200)` -> `cuda`, `cpu (2 threads)` -> `cpu`, None -> None."""
     if d is None:
         return None
-    return str(d).split(":", 1)[0]
+    return re.split(r"[:\s(]", str(d).strip(), maxsplit=1)[0]
 
 
 def load_dtl(path):
@@ -152,14 +157,24 @@ def load_ref(path):
         method = METHOD_ALIASES.get(r["method"])
         if method is None:
             raise InputError("%s: %s: method %s is not one of dtl, dtlplus, linear" % (path, where, json.dumps(r["method"])))
+        error = r.get("error")
+        if error is not None and not isinstance(error, str):
+            raise InputError("%s: %s: \"error\" must be a string, got %s" % (path, where, json.dumps(error)))
+        setting = r.get("setting", "official")
+        if setting not in SETTINGS:
+            raise InputError("%s: %s: setting %s is not one of %s" % (
+                path, where, json.dumps(setting), ", ".join(SETTINGS)))
         rows.append({
             "file": path, "where": where, "method": method,
             "batch": int(number(path, where, r, "batch")),
-            "img_per_s": number(path, where, r, "img_per_s"),
+            # a failed row (with "error") has null figures
+            "img_per_s": number(path, where, r, "img_per_s", allow_none=error is not None),
             "peak": number(path, where, r, "peak_mib", allow_none=True),
             "reserved": number(path, where, r, "peak_reserved_mib", allow_none=True) if "peak_reserved_mib" in r else None,
             "model": r.get("model"), "device": r.get("device"),
             "precision": r.get("precision", "fp32"),
+            "setting": setting, "compile": r.get("compile"), "error": error,
+            "torch": r.get("torch") if isinstance(r.get("torch"), str) else None,
         })
     if not rows:
         raise InputError("%s: empty; expected JSON lines written by bench_dtl_train.py --json" % path)
@@ -191,6 +206,13 @@ def ratio(a, b):
     return "%.2f" % (a / b)
 
 
+def ref_label(r):
+    """A reference row's precision, with " compiled (regional)" and the like for --setting best."""
+    if r.get("setting") == "best":
+        return "%s compiled (%s)" % (r["precision"], r.get("compile") or "?")
+    return r["precision"]
+
+
 def peak_cell(v, kind):
     return fmt(v, 0) + (" (RSS)" if v is not None and kind == "rss" else "")
 
@@ -208,9 +230,13 @@ def compare(dtl_files, ref_files, card=None, precision=None):
     for p in ref_files:
         refs += load_ref(p)
     train = dedupe(train, lambda r: (r["method"], r["activations"], r["batch"], r["meta"]["backbone"], r["meta"]["device"]), notes, "dtl row")
-    refs = dedupe(refs, lambda r: (r["method"], r["batch"], r["precision"], r["model"], r["device"]), notes, "reference row")
+    refs = dedupe(refs, lambda r: (r["method"], r["batch"], r["precision"], r["setting"], r["compile"], r["model"], r["device"]),
+                  notes, "reference row")
+    failed = [r for r in refs if r["error"] is not None]
+    refs = [r for r in refs if r["error"] is None]
 
-    unmatched = []
+    unmatched = ["reference %s:%s %s batch %d %s: failed (%s)" % (
+        r["file"], r["where"], r["method"], r["batch"], ref_label(r), r["error"]) for r in failed]
     if precision:
         kept = []
         for r in refs:
@@ -239,7 +265,7 @@ def compare(dtl_files, ref_files, card=None, precision=None):
             unmatched.append("dtl %s:%s %s batch %d: no PyTorch row with method %s, batch %d%s" % (
                 d["file"], d["where"], d["side"], d["batch"], d["method"], d["batch"],
                 " on the same model and device" if refs else ""))
-        for r in sorted(partners, key=lambda r: PRECISION_ORDER.get(r["precision"], 9)):
+        for r in sorted(partners, key=lambda r: (r["setting"] == "best", PRECISION_ORDER.get(r["precision"], 9))):
             used.add(id(r))
             pairs.append((d, r))
     for r in refs:
@@ -249,7 +275,7 @@ def compare(dtl_files, ref_files, card=None, precision=None):
         reason = next((w for w in why if w), "no dtl row with side %s, batch %d" % (
             {v: k for k, v in SIDE_TO_METHOD.items()}[r["method"]], r["batch"]))
         unmatched.append("reference %s:%s %s batch %d %s: %s" % (
-            r["file"], r["where"], r["method"], r["batch"], r["precision"], reason))
+            r["file"], r["where"], r["method"], r["batch"], ref_label(r), reason))
     for o in other:
         reason = ("no PyTorch counterpart in the reference" if o["what"] == "train"
                   else "the reference measures training steps only")
@@ -287,7 +313,7 @@ def compare(dtl_files, ref_files, card=None, precision=None):
     out.append("|" + "---|" * len(head))
     for d, r in pairs:
         rkind = "rss" if device_kind(r["device"]) == "cpu" else "gpu"
-        cells = [d["method"], str(d["batch"]), r["precision"], fmt(d["img_per_s"]), fmt(r["img_per_s"]),
+        cells = [d["method"], str(d["batch"]), ref_label(r), fmt(d["img_per_s"]), fmt(r["img_per_s"]),
                  ratio(d["img_per_s"], r["img_per_s"]), peak_cell(d["peak"], d["peak_kind"]),
                  peak_cell(r["peak"], rkind), ratio(d["peak"], r["peak"])]
         if reserved:

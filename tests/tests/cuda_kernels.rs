@@ -13,6 +13,11 @@
 //! Results must agree within 1e-5 of the largest reference value (`TOL`); every operation
 //! meets that bound. Counts (`eval_stats` hits) must agree exactly.
 //!
+//! The `bf16_*` checks run on devices opened for bf16 storage and compare each operation on
+//! bf16 buffers with the same operation on f32 buffers holding the same values, within a bound
+//! stated per operation; the `graph_*` checks record work with `capture` and compare replays
+//! with plain launches bit for bit, each on a device of its own.
+//!
 //! This file is also compiled into `dtl-cuda`'s own tests (`crates/dtl-cuda/tests/emulated.rs`),
 //! so that `cargo test -p dtl-cuda --features cuda` runs it on the emulator.
 #![cfg(feature = "cuda")]
@@ -1357,5 +1362,833 @@ mod checks {
         );
         // nothing failed on the device itself
         k.synchronize().unwrap();
+    }
+}
+
+// ---- bf16 storage -------------------------------------------------------------------------
+
+/// A `#[test]` per bf16 check, on each device opened for bf16 that is present.
+macro_rules! on_bf16_devices {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(g) = cuda_common::gpu_bf16() {
+                    bf16_checks::$name(g);
+                }
+                if let Some(e) = cuda_common::emulator_bf16() {
+                    bf16_checks::$name(e);
+                }
+            }
+        )*
+    };
+}
+
+on_bf16_devices!(
+    bf16_upload_download_round_to_nearest_even,
+    bf16_elementwise_and_layout,
+    bf16_products,
+    bf16_mixed_products,
+    bf16_rows_and_norms,
+    bf16_attention,
+    bf16_convolution_and_pooling,
+    bf16_loss_and_optimizer,
+);
+
+/// A `#[test]` per graph check, each on a device of its own (a recording takes in everything
+/// issued to its device meanwhile, and the shared devices run other tests in parallel).
+macro_rules! on_own_devices {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                use dtl_core::choice::Precision;
+                for p in [Precision::F32, Precision::Bf16] {
+                    if cuda_common::gpu().is_some() {
+                        graph_checks::$name(&dtl_cuda::Gpu::open_with(0, p).unwrap());
+                    }
+                    if cuda_common::emulator().is_some() {
+                        graph_checks::$name(&dtl_cuda::Emulator::with_precision(p).unwrap());
+                    }
+                }
+            }
+        )*
+    };
+}
+
+on_own_devices!(
+    graph_replay_matches_plain_launches,
+    graph_capture_that_uploads_runs_plain,
+    graph_keeps_dropped_buffers,
+);
+
+// the checks build their inputs as `&[v.clone(), ...]` lists, one or several alike
+#[allow(clippy::cloned_ref_to_slice_refs)]
+mod bf16_checks {
+    use super::*;
+    use dtl_core::choice::Precision;
+
+    /// `v` rounded to bf16 on the host: to nearest, ties to even; a NaN stays a NaN.
+    pub fn round_bf16(v: f32) -> f32 {
+        let u = v.to_bits();
+        if v.is_nan() {
+            return f32::from_bits((u | 0x0040_0000) & 0xffff_0000);
+        }
+        f32::from_bits(((u + 0x7fff + ((u >> 16) & 1)) >> 16) << 16)
+    }
+
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| round_bf16(x)).collect()
+    }
+
+    /// One rounding of each output to bf16: at most 2^-8 of the value (8 significant bits),
+    /// so of the largest value; f32 noise beside it is far smaller.
+    const ONE_ROUNDING: f64 = 1.0 / 256.0 + 1e-5;
+
+    /// Runs `op` on a bf16 device twice: on bf16 buffers (the inputs `ins` made with
+    /// `upload_frozen`, the outputs with `alloc_act` holding `outs`), and on f32 buffers
+    /// holding the same bf16-rounded values. Each output of the first must agree with the
+    /// second within `tol` of its largest value: the difference is the roundings of the bf16
+    /// path only.
+    #[allow(clippy::type_complexity)]
+    fn twin<K: Kernels>(
+        k: &K,
+        what: &str,
+        ins: &[Vec<f32>],
+        outs: &[Vec<f32>],
+        tol: f64,
+        op: &dyn Fn(&[K::Buf], &mut [K::Buf]) -> dtl_core::Result<()>,
+    ) {
+        assert_eq!(k.precision(), Precision::Bf16);
+        let run = |bf16: bool| -> Vec<Vec<f32>> {
+            let ib: Vec<K::Buf> = ins
+                .iter()
+                .map(|v| {
+                    if bf16 {
+                        k.upload_frozen(v).unwrap()
+                    } else {
+                        k.upload_new(&rounded(v)).unwrap()
+                    }
+                })
+                .collect();
+            let mut ob: Vec<K::Buf> = outs
+                .iter()
+                .map(|v| {
+                    if bf16 {
+                        let mut b = k.alloc_act(v.len()).unwrap();
+                        k.upload(v, &mut b).unwrap();
+                        b
+                    } else {
+                        k.upload_new(&rounded(v)).unwrap()
+                    }
+                })
+                .collect();
+            op(&ib, &mut ob).unwrap_or_else(|e| panic!("{what}: {e}"));
+            ob.iter()
+                .zip(outs)
+                .map(|(b, v)| k.download(b, v.len()).unwrap())
+                .collect()
+        };
+        let (got, want) = (run(true), run(false));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("{what} (bf16), output {i}"), g, w, tol);
+        }
+    }
+
+    pub fn bf16_upload_download_round_to_nearest_even<K: Kernels>(k: &K) {
+        let one = 1.0f32;
+        let ulp = 1.0 / 128.0; // bf16's spacing in [1, 2)
+        let cases = [
+            (one, one),
+            (one + ulp / 2.0, one),              // a tie goes to the even 1.0
+            (one + 1.5 * ulp, one + 2.0 * ulp),  // a tie goes to the even neighbour
+            (one + ulp / 2.0 + 1e-6, one + ulp), // above the tie rounds up
+            (-(one + ulp / 4.0), -one),          // below the tie rounds down
+            (-0.0, -0.0),
+            (f32::INFINITY, f32::INFINITY),
+            (f32::NEG_INFINITY, f32::NEG_INFINITY),
+            (f32::MAX, f32::INFINITY),  // past the largest bf16
+            (1e-40, round_bf16(1e-40)), // subnormals are kept, rounded
+            (3.0e38, round_bf16(3.0e38)),
+        ];
+        let host: Vec<f32> = cases.iter().map(|c| c.0).chain([f32::NAN]).collect();
+        let b = k.upload_frozen(&host).unwrap();
+        let back = k.download(&b, host.len()).unwrap();
+        for (i, (x, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                back[i].to_bits(),
+                want.to_bits(),
+                "upload of {x:e}: {} read back, {want:e} wanted",
+                back[i]
+            );
+        }
+        assert!(back[cases.len()].is_nan(), "a NaN stays a NaN");
+        // values bf16 represents go and come back exactly, also through a copy to f32 and back
+        let exact = rounded(&scaled_vec(1000, 1, 100.0));
+        let mut a = k.alloc_act(1000).unwrap();
+        k.upload(&exact, &mut a).unwrap();
+        assert_eq!(k.download(&a, 1000).unwrap(), exact);
+        let mut f = k.alloc(1000).unwrap();
+        k.copy(&a, &mut f, 1000).unwrap();
+        assert_eq!(k.download(&f, 1000).unwrap(), exact);
+        // a copy from f32 to bf16 rounds as an upload does
+        let fine = scaled_vec(1000, 2, 3.0);
+        let f = k.upload_new(&fine).unwrap();
+        k.copy(&f, &mut a, 1000).unwrap();
+        assert_eq!(k.download(&a, 1000).unwrap(), rounded(&fine));
+        // alloc stays f32; fill writes the rounded value
+        let mut z = k.alloc(3).unwrap();
+        k.upload(&[one + ulp / 4.0; 3], &mut z).unwrap();
+        assert_eq!(k.download(&z, 3).unwrap(), vec![one + ulp / 4.0; 3]);
+        k.fill(&mut a, 2, 0.1).unwrap();
+        assert_eq!(k.download(&a, 2).unwrap(), vec![round_bf16(0.1); 2]);
+    }
+
+    pub fn bf16_elementwise_and_layout<K: Kernels>(k: &K) {
+        let n = 3001;
+        let x = scaled_vec(n, 10, 3.0);
+        let y = scaled_vec(n, 11, 3.0);
+        twin(
+            k,
+            "add",
+            &[x.clone()],
+            &[y.clone()],
+            ONE_ROUNDING,
+            &|i, o| k.add(&mut o[0], &i[0], n),
+        );
+        twin(
+            k,
+            "gelu",
+            &[x.clone()],
+            &[vec![0.0; n]],
+            ONE_ROUNDING,
+            &|i, o| k.gelu(&i[0], n, &mut o[0]),
+        );
+        twin(
+            k,
+            "gelu_vjp",
+            &[x.clone()],
+            &[y.clone()],
+            ONE_ROUNDING,
+            &|i, o| k.gelu_vjp(&i[0], n, &mut o[0]),
+        );
+        twin(
+            k,
+            "swish",
+            &[x.clone()],
+            &[vec![0.0; n]],
+            ONE_ROUNDING,
+            &|i, o| k.swish(&i[0], n, 1.5, &mut o[0]),
+        );
+        for acc in [false, true] {
+            twin(
+                k,
+                "swish_vjp",
+                &[x.clone(), y.clone()],
+                &[y.clone()],
+                ONE_ROUNDING,
+                &|i, o| k.swish_vjp(&i[0], &i[1], n, 1.5, &mut o[0], acc),
+            );
+        }
+        let (batch, per) = (3, 1000);
+        let scales = vec![0.5, 0.0, 2.0];
+        twin(
+            k,
+            "add_scaled",
+            &[x.clone(), scales.clone()],
+            &[y.clone()],
+            ONE_ROUNDING,
+            &|i, o| k.add_scaled(&mut o[0], &i[0], batch, per, Some(&i[1])),
+        );
+        twin(
+            k,
+            "scaled",
+            &[x.clone(), scales],
+            &[vec![0.0; n]],
+            ONE_ROUNDING,
+            &|i, o| k.scaled(&i[0], batch, per, Some(&i[1]), &mut o[0]),
+        );
+        // the permutations move values: exact
+        let (b, c, size, patch) = (2, 3, 8, 4);
+        let img = scaled_vec(b * c * size * size, 12, 2.0);
+        twin(
+            k,
+            "patchify",
+            &[img.clone()],
+            &[vec![0.0; img.len()]],
+            0.0,
+            &|i, o| k.patchify(&i[0], b, c, size, patch, &mut o[0]),
+        );
+        let (prefix, pps, d) = (1, 4, 6);
+        let ins = [
+            scaled_vec(b * pps * d, 13, 1.0),
+            scaled_vec(prefix * d, 14, 1.0),
+            scaled_vec((prefix + pps) * d, 15, 1.0),
+        ];
+        twin(
+            k,
+            "assemble_tokens",
+            &ins,
+            &[vec![0.0; b * (prefix + pps) * d]],
+            ONE_ROUNDING,
+            &|i, o| k.assemble_tokens(&i[0], &i[1], &i[2], b, prefix, pps, d, &mut o[0]),
+        );
+        let ws = WindowShape {
+            batch: 2,
+            grid: (4, 6),
+            width: 3,
+            window: (2, 3),
+            shift: (1, 1),
+        };
+        let t = scaled_vec(2 * 4 * 6 * 3, 16, 1.0);
+        twin(
+            k,
+            "window_partition",
+            &[t.clone()],
+            &[vec![0.0; t.len()]],
+            0.0,
+            &|i, o| k.window_partition(&i[0], ws, &mut o[0]),
+        );
+        twin(
+            k,
+            "window_merge",
+            &[t.clone()],
+            &[vec![0.0; t.len()]],
+            0.0,
+            &|i, o| k.window_merge(&i[0], ws, &mut o[0]),
+        );
+        let ms = MergeShape {
+            batch: 2,
+            grid: (4, 6),
+            width: 3,
+        };
+        twin(
+            k,
+            "patch_merge",
+            &[t.clone()],
+            &[vec![0.0; t.len()]],
+            0.0,
+            &|i, o| k.patch_merge(&i[0], ms, &mut o[0]),
+        );
+        twin(
+            k,
+            "patch_merge_vjp",
+            &[t.clone()],
+            &[vec![0.0; t.len()]],
+            0.0,
+            &|i, o| k.patch_merge_vjp(&i[0], ms, &mut o[0]),
+        );
+        // f32 gradients accumulate bf16 ones: y (f32) += x (bf16) is exact in the rounded x
+        let xb = k.upload_frozen(&x).unwrap();
+        let mut yf = k.upload_new(&y).unwrap();
+        k.add(&mut yf, &xb, n).unwrap();
+        let want: Vec<f32> = y.iter().zip(&x).map(|(a, b)| a + round_bf16(*b)).collect();
+        assert_eq!(k.download(&yf, n).unwrap(), want, "f32 += bf16");
+    }
+
+    pub fn bf16_products<K: Kernels>(k: &K) {
+        // odd sizes, with and without bias, accumulating both ways; outputs bf16
+        let (m, kk, n) = (13, 37, 19);
+        let x = scaled_vec(m * kk, 20, 1.0);
+        let w = scaled_vec(n * kk, 21, 1.0);
+        let bias = scaled_vec(n, 22, 1.0);
+        let y0 = scaled_vec(m * n, 23, 1.0);
+        let dy = scaled_vec(m * n, 24, 1.0);
+        for acc in [false, true] {
+            twin(
+                k,
+                "linear",
+                &[x.clone(), w.clone(), bias.clone()],
+                &[y0.clone()],
+                ONE_ROUNDING,
+                &|i, o| k.linear(&i[0], &i[1], Some(&i[2]), m, kk, n, &mut o[0], acc),
+            );
+            twin(
+                k,
+                "linear",
+                &[x.clone(), w.clone()],
+                &[y0.clone()],
+                ONE_ROUNDING,
+                &|i, o| k.linear(&i[0], &i[1], None, m, kk, n, &mut o[0], acc),
+            );
+            twin(
+                k,
+                "linear_vjp",
+                &[dy.clone(), w.clone()],
+                &[vec![0.5; m * kk]],
+                ONE_ROUNDING,
+                &|i, o| k.linear_vjp(&i[0], &i[1], m, kk, n, &mut o[0], acc),
+            );
+            twin(
+                k,
+                "linear_wgrad",
+                &[dy.clone(), x.clone()],
+                &[vec![0.5; n * kk]],
+                ONE_ROUNDING,
+                &|i, o| k.linear_wgrad(&i[0], &i[1], m, kk, n, &mut o[0], acc),
+            );
+        }
+    }
+
+    /// `y (m x n) = x w^T` on the host by the autocast rule: operands rounded to bf16, exact
+    /// products summed in f64, then the output rounded to its storage (`bf16_out`).
+    fn linear_ref(
+        x: &[f32],
+        w: &[f32],
+        (m, kk, n): (usize, usize, usize),
+        bf16_out: bool,
+    ) -> Vec<f32> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..kk)
+                    .map(|l| round_bf16(x[i * kk + l]) as f64 * round_bf16(w[j * kk + l]) as f64)
+                    .sum();
+                y[i * n + j] = if bf16_out {
+                    round_bf16(s as f32)
+                } else {
+                    s as f32
+                };
+            }
+        }
+        y
+    }
+
+    pub fn bf16_mixed_products<K: Kernels>(k: &K) {
+        let (m, kk, n) = (9, 33, 7);
+        let x = scaled_vec(m * kk, 30, 1.0);
+        let w = scaled_vec(n * kk, 31, 1.0);
+        // each of x, w and y f32 or bf16; any bf16 one makes the product bf16 with f32
+        // accumulation. Bound: the output's rounding (bf16: 2^-8 of the value) plus the f32
+        // sum's order (k = 33 terms, ~1e-6).
+        for mask in 1..8u32 {
+            let (xb, wb, yb) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+            let up = |v: &[f32], bf: bool| {
+                if bf {
+                    k.upload_frozen(v).unwrap()
+                } else {
+                    k.upload_new(v).unwrap()
+                }
+            };
+            let (xd, wd) = (up(&x, xb), up(&w, wb));
+            let mut y = if yb {
+                k.alloc_act(m * n).unwrap()
+            } else {
+                k.alloc(m * n).unwrap()
+            };
+            k.linear(&xd, &wd, None, m, kk, n, &mut y, false).unwrap();
+            let want = linear_ref(&x, &w, (m, kk, n), yb);
+            let tol = if yb { ONE_ROUNDING } else { 1e-5 };
+            let what = format!("linear with x {xb} w {wb} y {yb} in bf16");
+            assert_close(&what, &k.download(&y, m * n).unwrap(), &want, tol);
+            // and accumulating into it once more: y + x w^T
+            k.linear(&xd, &wd, None, m, kk, n, &mut y, true).unwrap();
+            let twice: Vec<f32> = want
+                .iter()
+                .zip(linear_ref(&x, &w, (m, kk, n), false))
+                .map(|(a, b)| if yb { round_bf16(a + b) } else { a + b })
+                .collect();
+            assert_close(
+                &format!("{what}, accumulated"),
+                &k.download(&y, m * n).unwrap(),
+                &twice,
+                2.0 * tol,
+            );
+        }
+        // an all-f32 product on a bf16 device is the f32 product (no rounding at all)
+        let (xd, wd) = (k.upload_new(&x).unwrap(), k.upload_new(&w).unwrap());
+        let mut y = k.alloc(m * n).unwrap();
+        k.linear(&xd, &wd, None, m, kk, n, &mut y, false).unwrap();
+        let cpu = CpuKernels::new();
+        let (xc, wc) = (cpu.upload_new(&x).unwrap(), cpu.upload_new(&w).unwrap());
+        let mut yc = cpu.alloc(m * n).unwrap();
+        cpu.linear(&xc, &wc, None, m, kk, n, &mut yc, false)
+            .unwrap();
+        assert_close(
+            "f32 linear on a bf16 device",
+            &k.download(&y, m * n).unwrap(),
+            &cpu.download(&yc, m * n).unwrap(),
+            TOL,
+        );
+    }
+
+    pub fn bf16_rows_and_norms<K: Kernels>(k: &K) {
+        let (rows, d) = (7, 77);
+        let x = scaled_vec(rows * d, 40, 2.0);
+        let gamma = scaled_vec(d, 41, 1.0);
+        let beta = scaled_vec(d, 42, 1.0);
+        let dy = scaled_vec(rows * d, 43, 1.0);
+        // the statistics are f32 from the same values: one rounding of the output
+        twin(
+            k,
+            "layer_norm",
+            &[x.clone(), gamma.clone(), beta],
+            &[vec![0.0; rows * d]],
+            ONE_ROUNDING,
+            &|i, o| k.layer_norm(&i[0], &i[1], &i[2], rows, d, 1e-6, &mut o[0]),
+        );
+        for acc in [false, true] {
+            twin(
+                k,
+                "layer_norm_vjp",
+                &[x.clone(), gamma.clone(), dy.clone()],
+                &[dy.clone()],
+                ONE_ROUNDING,
+                &|i, o| k.layer_norm_vjp(&i[0], &i[1], &i[2], rows, d, 1e-6, &mut o[0], acc),
+            );
+            twin(
+                k,
+                "sum_rows",
+                &[dy.clone()],
+                &[gamma.clone()],
+                ONE_ROUNDING,
+                &|i, o| k.sum_rows(&i[0], rows, d, &mut o[0], acc),
+            );
+        }
+    }
+
+    pub fn bf16_attention<K: Kernels>(k: &K) {
+        let s = AttnShape {
+            batch: 2,
+            tokens: 9,
+            heads: 2,
+            head_dim: 8,
+        };
+        let rows = s.batch * s.tokens;
+        let qkv = scaled_vec(rows * 3 * s.width(), 50, 1.0);
+        let dout = scaled_vec(rows * s.width(), 51, 1.0);
+        let bias = scaled_vec(2 * s.heads * s.tokens * s.tokens, 52, 2.0);
+        let sc = vec![0.0; k.attention_scratch(s)];
+        // bf16 scratch: the scores, the probabilities and the output are each rounded once
+        // (2^-8 of the value each); the scores' error reaches the probabilities through exp
+        // as |score| times it (scores stay below 2 here), so about 4 roundings: 2^-6.
+        const ATT: f64 = 1.0 / 64.0;
+        twin(
+            k,
+            "attention",
+            &[qkv.clone()],
+            &[vec![0.0; rows * s.width()], sc.clone()],
+            ATT,
+            &|i, o| {
+                let [out, scratch] = o else { unreachable!() };
+                k.attention(&i[0], s, out, scratch)
+            },
+        );
+        twin(
+            k,
+            "attention_bias",
+            &[qkv.clone(), bias.clone()],
+            &[vec![0.0; rows * s.width()], sc.clone()],
+            ATT,
+            &|i, o| {
+                let [out, scratch] = o else { unreachable!() };
+                k.attention_bias(&i[0], s, &i[1], 2, out, scratch)
+            },
+        );
+        // the VJP adds the rounded gradient of the probabilities and the three products of
+        // the gradients (one rounding each) to those: 2^-5.
+        const ATT_VJP: f64 = 1.0 / 32.0;
+        twin(
+            k,
+            "attention_vjp",
+            &[qkv.clone(), dout.clone()],
+            &[vec![0.0; rows * 3 * s.width()], sc.clone()],
+            ATT_VJP,
+            &|i, o| {
+                let [dqkv, scratch] = o else { unreachable!() };
+                k.attention_vjp(&i[0], &i[1], s, dqkv, scratch)
+            },
+        );
+        twin(
+            k,
+            "attention_bias_vjp",
+            &[qkv, dout, bias],
+            &[vec![0.0; rows * 3 * s.width()], sc],
+            ATT_VJP,
+            &|i, o| {
+                let [dqkv, scratch] = o else { unreachable!() };
+                k.attention_bias_vjp(&i[0], &i[1], s, &i[2], 2, dqkv, scratch)
+            },
+        );
+    }
+
+    pub fn bf16_convolution_and_pooling<K: Kernels>(k: &K) {
+        let s = ConvShape {
+            batch: 2,
+            prefix: 1,
+            grid: (4, 5),
+            width: 6,
+            kernel: 3,
+        };
+        let len = 2 * 21 * 6;
+        let x = scaled_vec(len, 60, 1.0);
+        let w = scaled_vec(6 * 9, 61, 1.0);
+        let dy = scaled_vec(len, 62, 1.0);
+        twin(
+            k,
+            "depthwise_conv",
+            &[x.clone(), w.clone()],
+            &[vec![0.0; len]],
+            ONE_ROUNDING,
+            &|i, o| k.depthwise_conv(&i[0], &i[1], s, &mut o[0]),
+        );
+        for acc in [false, true] {
+            twin(
+                k,
+                "depthwise_conv_vjp",
+                &[x.clone(), w.clone(), dy.clone()],
+                &[vec![0.0; len], w.clone()],
+                ONE_ROUNDING,
+                &|i, o| {
+                    let [dx, dw] = o else { unreachable!() };
+                    k.depthwise_conv_vjp(&i[0], &i[1], &i[2], s, dx, dw, acc)
+                },
+            );
+        }
+        let (b, t, d) = (2, 21, 6);
+        twin(
+            k,
+            "mean_tokens",
+            &[x.clone()],
+            &[vec![0.0; b * d]],
+            ONE_ROUNDING,
+            &|i, o| k.mean_tokens(&i[0], b, t, d, 1, t, &mut o[0]),
+        );
+        twin(
+            k,
+            "mean_tokens_vjp",
+            &[scaled_vec(b * d, 63, 1.0)],
+            &[vec![0.0; len]],
+            ONE_ROUNDING,
+            &|i, o| k.mean_tokens_vjp(&i[0], b, t, d, 1, t, &mut o[0]),
+        );
+    }
+
+    pub fn bf16_loss_and_optimizer<K: Kernels>(k: &K) {
+        let (b, c) = (5, 11);
+        let logits = scaled_vec(b * c, 70, 3.0);
+        let targets: Vec<f32> = rand_vec(b * c, 71)
+            .iter()
+            .map(|v| v.abs() / c as f32)
+            .collect();
+        twin(
+            k,
+            "soft_cross_entropy",
+            &[logits.clone(), targets],
+            &[vec![0.0], vec![0.0; b * c]],
+            ONE_ROUNDING,
+            &|i, o| {
+                let [loss, grad] = o else { unreachable!() };
+                k.soft_cross_entropy(&i[0], &i[1], b, c, loss, grad)
+            },
+        );
+        // hit counts are small whole numbers, exact in bf16; the summed loss is rounded once
+        let labels = vec![0.0, 3.0, 10.0, 2.0, 7.0];
+        twin(
+            k,
+            "eval_stats",
+            &[logits, labels],
+            &[vec![0.0; 4]],
+            ONE_ROUNDING,
+            &|i, o| k.eval_stats(&i[0], &i[1], b, c, &mut o[0]),
+        );
+        let n = 2001;
+        let x = scaled_vec(n, 72, 1.0);
+        twin(
+            k,
+            "sum_squares",
+            &[x.clone()],
+            &[vec![0.5]],
+            ONE_ROUNDING,
+            &|i, o| k.sum_squares(&i[0], n, &mut o[0]),
+        );
+        // every buffer bf16 (the side network keeps f32 ones; any mix is accepted): the new
+        // parameter, m and v are each rounded once
+        let step = AdamwStep::new(1e-2, 0.9, 0.999, 1e-8, 0.05, 2);
+        let grad = scaled_vec(n, 73, 0.1);
+        twin(
+            k,
+            "adamw",
+            &[grad, vec![30.0]],
+            &[
+                x,
+                scaled_vec(n, 74, 0.01),
+                rand_vec(n, 75).iter().map(|v| v * v * 1e-3).collect(),
+            ],
+            ONE_ROUNDING,
+            &|i, o| {
+                let [param, m, v] = o else { unreachable!() };
+                k.adamw(param, &i[0], m, v, n, &step, Some((&i[1], 1.0)))
+            },
+        );
+    }
+}
+
+mod graph_checks {
+    use super::*;
+    use dtl_kernels::Capture;
+
+    /// A small training-step-like sequence: products (mixed f32 and bf16 operands on a bf16
+    /// device), LayerNorm, GELU, attention, a reduction, a copy and an optimizer step.
+    struct Work<K: Kernels> {
+        x: K::Buf,
+        w: K::Buf,
+        gamma: K::Buf,
+        beta: K::Buf,
+        h: K::Buf,
+        n: K::Buf,
+        qkv: K::Buf,
+        att: K::Buf,
+        scratch: K::Buf,
+        sq: K::Buf,
+        p: K::Buf,
+        m: K::Buf,
+        v: K::Buf,
+        grad: K::Buf,
+    }
+
+    const M: usize = 6;
+    const D: usize = 8;
+    const SHAPE: AttnShape = AttnShape {
+        batch: 2,
+        tokens: 3,
+        heads: 2,
+        head_dim: 4,
+    };
+
+    fn setup<K: Kernels>(k: &K) -> Work<K> {
+        Work {
+            x: k.alloc_act(M * D).unwrap(),
+            w: k.upload_frozen(&scaled_vec(3 * D * D, 81, 0.5)).unwrap(),
+            gamma: k.upload_frozen(&scaled_vec(D, 82, 1.0)).unwrap(),
+            beta: k.upload_new(&scaled_vec(D, 83, 1.0)).unwrap(),
+            h: k.alloc_act(M * D).unwrap(),
+            n: k.alloc(M * D).unwrap(),
+            qkv: k.alloc_act(M * 3 * D).unwrap(),
+            att: k.alloc_act(M * D).unwrap(),
+            scratch: k.alloc_act(k.attention_scratch(SHAPE)).unwrap(),
+            sq: k.alloc(1).unwrap(),
+            p: k.upload_new(&scaled_vec(D * D, 84, 1.0)).unwrap(),
+            m: k.alloc(D * D).unwrap(),
+            v: k.alloc(D * D).unwrap(),
+            grad: k.alloc(D * D).unwrap(),
+        }
+    }
+
+    fn step<K: Kernels>(k: &K, s: &mut Work<K>) -> dtl_core::Result<()> {
+        k.layer_norm(&s.x, &s.gamma, &s.beta, M, D, 1e-6, &mut s.n)?;
+        k.linear(&s.n, &s.w, None, M, D, 3 * D, &mut s.qkv, false)?;
+        k.attention(&s.qkv, SHAPE, &mut s.att, &mut s.scratch)?;
+        k.gelu(&s.att, M * D, &mut s.h)?;
+        k.linear_wgrad(&s.h, &s.att, M, D, D, &mut s.grad, false)?;
+        k.copy(&s.h, &mut s.n, M * D)?;
+        k.fill(&mut s.sq, 1, 0.0)?;
+        k.sum_squares(&s.grad, D * D, &mut s.sq)?;
+        let st = AdamwStep::new(1e-2, 0.9, 0.999, 1e-8, 0.05, 1);
+        k.adamw(
+            &mut s.p,
+            &s.grad,
+            &mut s.m,
+            &mut s.v,
+            D * D,
+            &st,
+            Some((&s.sq, 1.0)),
+        )
+    }
+
+    fn results<K: Kernels>(k: &K, s: &Work<K>) -> Vec<Vec<f32>> {
+        [&s.n, &s.qkv, &s.att, &s.h, &s.grad, &s.sq, &s.p, &s.m, &s.v]
+            .iter()
+            .map(|b| k.download(b, k.len(b)).unwrap())
+            .collect()
+    }
+
+    pub fn graph_replay_matches_plain_launches<K: Kernels>(k: &K) {
+        let mut plain = setup(k);
+        let mut rec = setup(k);
+        // warm up once: the bf16 conversion scratch grows outside the recording
+        k.upload(&scaled_vec(M * D, 85, 1.0), &mut plain.x).unwrap();
+        step(k, &mut plain).unwrap();
+        k.upload(&scaled_vec(M * D, 85, 1.0), &mut rec.x).unwrap();
+        step(k, &mut rec).unwrap();
+        let mut plain_results = Vec::new();
+        let c = k.capture(&mut || step(k, &mut rec)).unwrap();
+        step(k, &mut plain).unwrap();
+        plain_results.push(results(k, &plain));
+        let Capture::Graph(g) = c else {
+            // a device without graphs runs the work plainly: the same results all the same
+            assert_eq!(results(k, &rec), plain_results[0]);
+            return;
+        };
+        // the capture ran the work once
+        assert_eq!(results(k, &rec), plain_results[0], "after capture");
+        // new inputs through device buffers, then replays: bit for bit the plain launches
+        for round in 0..2u64 {
+            let x = scaled_vec(M * D, 86 + round, 1.5);
+            k.upload(&x, &mut rec.x).unwrap();
+            k.upload(&x, &mut plain.x).unwrap();
+            k.replay(&g).unwrap();
+            step(k, &mut plain).unwrap();
+            assert_eq!(results(k, &rec), results(k, &plain), "replay {round}");
+        }
+        k.release(g);
+    }
+
+    pub fn graph_capture_that_uploads_runs_plain<K: Kernels>(k: &K) {
+        let mut y = k.alloc(4).unwrap();
+        let mut sum = k.alloc(4).unwrap();
+        let c = k
+            .capture(&mut || {
+                k.fill(&mut sum, 4, 1.0)?;
+                k.upload(&[1.0, 2.0, 3.0, 4.0], &mut y)?;
+                k.add(&mut sum, &y, 4)
+            })
+            .unwrap();
+        let reason = c.reason().expect("a capture that uploads is not recorded");
+        assert!(reason.contains("upload"), "{reason}");
+        // and the work ran, once
+        assert_eq!(k.download(&sum, 4).unwrap(), vec![2.0, 3.0, 4.0, 5.0]);
+        // an error of the work itself is returned as it is
+        let e = k
+            .capture(&mut || k.add(&mut sum, &y, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("add") && e.contains("`x`"), "{e}");
+        // so is a download, and the device works afterwards
+        let c = k.capture(&mut || k.download(&y, 4).map(|_| ())).unwrap();
+        assert!(c.reason().is_some_and(|r| r.contains("download")), "{c:?}");
+        k.add(&mut sum, &y, 4).unwrap();
+        assert_eq!(k.download(&sum, 4).unwrap(), vec![3.0, 5.0, 7.0, 9.0]);
+        // replaying an unknown graph is an error
+        assert!(k.replay(&dtl_kernels::GraphId(999_999)).is_err());
+    }
+
+    pub fn graph_keeps_dropped_buffers<K: Kernels>(k: &K) {
+        let Some(before) = k.memory() else { return };
+        let x = k.upload_new(&[1.0, 2.0, 3.0]).unwrap();
+        let mut y = k.alloc(1 << 16).unwrap();
+        let c = k.capture(&mut || k.add(&mut y, &x, 3)).unwrap();
+        let Capture::Graph(g) = c else { return };
+        let during = k.memory().unwrap().live;
+        assert!(during >= before.live + (1 << 18), "{during} vs {before:?}");
+        // dropped while the graph lives: kept (the graph holds their pointers)
+        drop(x);
+        drop(y);
+        assert_eq!(
+            k.memory().unwrap().live,
+            during,
+            "kept while the graph lives"
+        );
+        k.replay(&g).unwrap();
+        k.synchronize().unwrap();
+        // released: freed
+        k.release(g);
+        k.synchronize().unwrap();
+        assert_eq!(
+            k.memory().unwrap().live,
+            before.live,
+            "freed after the release"
+        );
+        assert!(k.replay(&dtl_kernels::GraphId(0)).is_err());
     }
 }

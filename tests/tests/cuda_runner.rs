@@ -2,45 +2,47 @@
 //! with TF32 off, at the CPU's tolerance (1e-4): logits, loss, every gradient and six AdamW
 //! steps of DTL and DTL+, and a checkpoint trained on the device evaluated on the CPU.
 //!
-//! Each check runs on every device present (see `cuda_common`): `cuda:0`, and the host
-//! emulation of the same device code.
+//! Each check runs on every device present (see `resident_common/devices.rs`): `cuda:0`, and
+//! the host emulation of the same device code, each test on a device of its own. The six AdamW
+//! steps record the step as a graph on the second and replay it on the others.
 
 #![cfg(feature = "cuda")]
 
-#[path = "cuda_common/mod.rs"]
-mod cuda_common;
 mod resident_common;
+#[path = "resident_common/devices.rs"]
+#[macro_use]
+mod devices;
 
-use cuda_common::{emulator, gpu};
-use resident_common::{adamw_trajectory, forward_and_grads, setup};
+use dtl_core::choice::Precision;
+use dtl_runner::resident::GraphStatus;
+use resident_common::{adamw_trajectory, forward_and_grads, setup, train_on_sizes};
 
-/// A `#[test]` running `$body` with `$k` bound to each device present.
-macro_rules! on_devices {
-    ($name:ident, $k:ident => $body:expr) => {
-        #[test]
-        fn $name() {
-            if let Some(g) = gpu() {
-                let $k = g.clone();
-                $body;
-            }
-            if let Some(e) = emulator() {
-                let $k = e.clone();
-                $body;
-            }
-        }
-    };
-}
-
-on_devices!(dtl_step_matches_reference, k => forward_and_grads("dtl", setup("dtl", k), 1e-4));
-on_devices!(dtlplus_step_matches_reference, k => forward_and_grads("dtlplus", setup("dtlplus", k), 1e-4));
-on_devices!(dtl_adamw_matches_reference, k => adamw_trajectory("dtl", setup("dtl", k), 1e-4));
-on_devices!(dtlplus_adamw_matches_reference, k => adamw_trajectory("dtlplus", setup("dtlplus", k), 1e-4));
+on_devices!(Precision::F32, dtl_step_matches_reference, k => forward_and_grads("dtl", setup("dtl", k), 1e-4));
+on_devices!(Precision::F32, dtlplus_step_matches_reference, k => forward_and_grads("dtlplus", setup("dtlplus", k), 1e-4));
+on_devices!(Precision::F32, dtl_adamw_matches_reference, k => adamw_trajectory("dtl", setup("dtl", k), 1e-4));
+on_devices!(Precision::F32, dtlplus_adamw_matches_reference, k => adamw_trajectory("dtlplus", setup("dtlplus", k), 1e-4));
 
 #[test]
 fn a_checkpoint_trained_on_the_gpu_evaluates_the_same_on_the_cpu() {
     // Two epochs of training: on the GPU only (the emulator is too slow for a run).
-    if let Some(g) = gpu() {
-        let r = resident_common::train_then_evaluate_on_the_cpu(g.clone());
+    if let Some((_one_at_a_time, g)) = devices::gpu(Precision::F32) {
+        let r = resident_common::train_then_evaluate_on_the_cpu(g);
         assert!(r["top1"].as_f64().unwrap() > 0.5, "{r}");
+        assert_eq!(r["precision"], "f32", "{r}");
+        assert_eq!(r["graph"], "captured", "{r}");
     }
 }
+
+// f32 with graphs: the recorded step replayed trains to exactly the parameters of plain steps
+// (full batches of 3 with drop path and clipping, a partial batch of 2 in between).
+on_devices!(Precision::F32, the_recorded_f32_step_trains_exactly_as_the_plain_one, k => {
+    let sizes = [3, 3, 2, 3];
+    let mut graphed = setup("dtl", k.clone());
+    let (p_graph, l_graph) = train_on_sizes(&mut graphed, &sizes, 0.2);
+    assert_eq!(graphed.model.graph_status(), &GraphStatus::Captured);
+    let mut plain = setup("dtl", k.clone());
+    plain.model.set_graphs(false);
+    let (p_plain, l_plain) = train_on_sizes(&mut plain, &sizes, 0.2);
+    assert_eq!(l_graph, l_plain, "losses");
+    assert_eq!(p_graph, p_plain, "parameters after {} steps", sizes.len());
+});

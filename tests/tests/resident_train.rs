@@ -105,6 +105,19 @@ fn device_step_trains_and_its_checkpoints_evaluate_on_the_cpu_path() {
     ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
+    // the written report says how the step ran: f32, and no graph on the CPU
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["precision"], "f32", "{written}");
+    assert!(
+        written["graph"]
+            .as_str()
+            .unwrap()
+            .ends_with("does not record graphs"),
+        "{written}"
+    );
+    assert!(written["device"].as_str().unwrap().ends_with(", f32"));
     let lines = dtl_runner::report::read_metrics(dir.path()).unwrap();
     let steps: Vec<_> = lines.iter().filter(|l| l["kind"] == "step").collect();
     assert_eq!(steps.len(), 9, "18 steps logged every 2");
@@ -218,4 +231,26 @@ fn stored_activations_train_to_the_same_parameters_and_resume() {
         tensors(&cut.path().join("last.safetensors")),
         "keeping the blocks' internals changes no value, and a resumed run ends where an uninterrupted one does"
     );
+}
+
+#[test]
+fn bf16_is_refused_on_the_cpu_naming_the_key() {
+    let cx = BuildContext {
+        pipeline_file: "resident.toml".into(),
+    };
+    for side in ["dtl+", "linear"] {
+        let side = format!("side.kind=\"{side}\"");
+        let cfg = config(&["run.precision=\"bf16\"", side.as_str()]);
+        let e = dtl_vit::build::<VitTestPatch8_32>(&cfg, &cx)
+            .err()
+            .expect("bf16 on the CPU")
+            .to_string();
+        assert!(
+            e.contains("run.precision") && e.contains("\"f32\"") && e.contains("\"auto\""),
+            "{e}"
+        );
+    }
+    // `auto` is f32 on the CPU
+    let cfg = config(&["run.precision=\"auto\""]);
+    assert!(dtl_vit::build::<VitTestPatch8_32>(&cfg, &cx).is_ok());
 }

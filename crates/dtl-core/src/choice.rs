@@ -93,13 +93,35 @@ closed_set! {
     /// assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
     /// assert_eq!(Precision::F32.to_string(), "f32");
     /// assert_eq!("f16".parse::<Precision>().unwrap_err(),
-    ///            "`f16` is not a precision; use \"f32\" or \"bf16\"");
+    ///            "`f16` is not a precision; use \"auto\", \"f32\" or \"bf16\"");
+    /// assert_eq!(Precision::Auto.on_device(true), Precision::Bf16);
+    /// assert_eq!(Precision::Auto.on_device(false), Precision::F32);
     /// ```
-    pub enum Precision: "a precision", "\"f32\" or \"bf16\"" {
-        /// 32-bit floats everywhere.
+    pub enum Precision: "a precision", "\"auto\", \"f32\" or \"bf16\"" {
+        /// bf16 on a CUDA device, f32 on the CPU (the default).
+        Auto = "auto",
+        /// 32-bit floats everywhere (TF32 off on a GPU).
         F32 = "f32",
         /// bfloat16 storage and matmuls (needs a CUDA device).
         Bf16 = "bf16",
+    }
+}
+
+impl Precision {
+    /// The precision a run uses on a CUDA device (`gpu`) or on the CPU: `auto` becomes bf16 on
+    /// a GPU and f32 on the CPU; `f32` and `bf16` stay as they are.
+    ///
+    /// ```
+    /// use dtl_core::choice::Precision;
+    /// assert_eq!(Precision::F32.on_device(true), Precision::F32);
+    /// assert_eq!(Precision::Bf16.on_device(false), Precision::Bf16);
+    /// ```
+    pub fn on_device(self, gpu: bool) -> Precision {
+        match (self, gpu) {
+            (Precision::Auto, true) => Precision::Bf16,
+            (Precision::Auto, false) => Precision::F32,
+            (p, _) => p,
+        }
     }
 }
 
@@ -192,7 +214,7 @@ mod tests {
     #[test]
     fn a_value_outside_a_closed_set_is_one_line_naming_file_line_key_and_the_valid_ones() {
         let cases = [
-            ("[run]\nprecision = \"f16\"\n", "p.toml:2: key `run.precision`: `f16` is not a precision; use \"f32\" or \"bf16\""),
+            ("[run]\nprecision = \"f16\"\n", "p.toml:2: key `run.precision`: `f16` is not a precision; use \"auto\", \"f32\" or \"bf16\""),
             ("[run]\ndevice = \"gpu\"\n", "p.toml:2: key `run.device`: `gpu` is not a device; use \"cpu\", \"cuda:N\" (e.g. \"cuda:0\") or \"auto\""),
             ("[head]\npool = \"max\"\n", "p.toml:2: key `head.pool`: `max` is not a pooling; use \"mean\" (patch tokens, the DTL head) or \"cls\" (class token)"),
             ("[schedule]\nkind = \"step\"\n", "p.toml:2: key `schedule.kind`: `step` is not a schedule; use \"cosine\" or \"constant\""),

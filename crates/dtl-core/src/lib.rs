@@ -5,8 +5,8 @@
 //! - [`SideNetwork`] and [`Head`]: the trainable parts, ordinary dfdx computations on a tape.
 //! - [`tape`]: frozen blocks as custom operations on dfdx's tape.
 //! - [`Dataset`] and [`Augment`]: where samples come from and what happens to them.
-//! - [`registry`]: every component a pipeline can name, gathered with `inventory`.
-//! - [`config`]: the pipeline TOML schema and its validation.
+//! - [`registry`](mod@registry): every component a pipeline can name, gathered with `inventory`.
+//! - [`config`]: the pipeline TOML schema, its loading and its validation.
 
 #![warn(missing_docs)]
 
@@ -21,7 +21,9 @@ pub mod limits;
 pub mod paths;
 pub mod registry;
 pub mod side;
+mod side_traits;
 pub mod tape;
+mod validate;
 
 pub use backbone::{Backbone, BackboneSpec, DropPath, FeaturesOf, Images, StageSpec, TokensOf};
 pub use config::PipelineConfig;

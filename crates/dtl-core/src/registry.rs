@@ -6,15 +6,16 @@
 //! plugin crate it wants (`use dtl_vit as _;`) or the linker drops its registrations.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::OnceLock;
 
 use dfdx::prelude::Cpu;
 
+pub use crate::config::resolve_path;
 use crate::config::{AugmentOp, DataConfig, HeadConfig, PipelineConfig, SideConfig};
 use crate::data::{Augment, Dataset};
 use crate::job::Job;
 use crate::side::{Head, SideNetwork};
+pub use crate::side_traits::{side_traits, SideTraits};
 use crate::{BackboneSpec, DtlError, Result};
 
 /// Which split of a dataset to open.
@@ -134,94 +135,6 @@ pub struct SideEntry {
     pub origin: &'static str,
 }
 
-/// What a side network knows about itself besides its constructors, registered next to its
-/// [`SideEntry`] under the same name. A side network without one gets
-/// [`SideTraits::PLUGIN`]: it taps blocks, reads `side.options` and has no conv.
-///
-/// ```
-/// use dtl_core::registry::SideTraits;
-/// dtl_core::inventory::submit! {
-///     SideTraits { default_kernel: 5, ..SideTraits::plugin("conv_side_doc") }
-/// }
-/// let reg = dtl_core::registry::registry().unwrap();
-/// assert_eq!(reg.side_traits("conv_side_doc").default_kernel, 5);
-/// assert!(reg.side_traits("not_registered_anywhere").taps);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SideTraits {
-    /// The side network's `side.kind`.
-    pub name: &'static str,
-    /// `side.kernel` when the pipeline leaves it out (0: no conv).
-    pub default_kernel: usize,
-    /// Whether it taps backbone blocks (false for a linear probe: `side.rank`, `side.taps`
-    /// and the others are not read, and the backbone runs without a tape).
-    pub taps: bool,
-    /// Whether it reads `side.options` (the built-in side networks read none).
-    pub reads_options: bool,
-    /// Its method name in reports (`DTL`); `None`: its `side.kind`.
-    pub label: Option<&'static str>,
-    /// Whether it shows the conv kernel in its method label (`DTL+ (k=3)`).
-    pub label_kernel: bool,
-}
-
-impl SideTraits {
-    /// What is assumed of a side network that registers no traits.
-    pub const PLUGIN: SideTraits = SideTraits::plugin("");
-
-    /// The traits of a plugin side network called `name`: taps blocks, reads options, no conv.
-    ///
-    /// ```
-    /// let t = dtl_core::registry::SideTraits::plugin("mine");
-    /// assert!(t.taps && t.reads_options && t.default_kernel == 0);
-    /// ```
-    pub const fn plugin(name: &'static str) -> SideTraits {
-        SideTraits {
-            name,
-            default_kernel: 0,
-            taps: true,
-            reads_options: true,
-            label: None,
-            label_kernel: false,
-        }
-    }
-
-    /// The method label of a run of side network `kind` with conv kernel `kernel` (as
-    /// recorded; `None` or 0 means the default): `DTL`, `DTL+ (k=3)`, or `kind` itself.
-    ///
-    /// ```
-    /// let mut t = dtl_core::registry::SideTraits::plugin("mine");
-    /// assert_eq!(t.method_label("mine", None), "mine");
-    /// t.label = Some("Mine");
-    /// t.label_kernel = true;
-    /// t.default_kernel = 3;
-    /// assert_eq!(t.method_label("mine", Some(5)), "Mine (k=5)");
-    /// assert_eq!(t.method_label("mine", Some(0)), "Mine (k=3)");
-    /// ```
-    pub fn method_label(&self, kind: &str, kernel: Option<usize>) -> String {
-        let base = self.label.unwrap_or(kind);
-        if self.label_kernel {
-            let k = kernel.filter(|&k| k > 0).unwrap_or(self.default_kernel);
-            format!("{base} (k={k})")
-        } else {
-            base.to_string()
-        }
-    }
-}
-
-/// The [`SideTraits`] registered for side network `name`, or [`SideTraits::plugin`] for one
-/// that registered none (every registration is linked in, so no registry needs gathering).
-///
-/// ```
-/// assert_eq!(dtl_core::registry::side_traits("no_such_side").default_kernel, 0);
-/// ```
-pub fn side_traits(name: &str) -> SideTraits {
-    inventory::iter::<SideTraits>
-        .into_iter()
-        .find(|t| t.name == name)
-        .copied()
-        .unwrap_or(SideTraits::PLUGIN)
-}
-
 /// Builds a head for the CPU device: `(config, backbone spec, classes, device)`.
 pub type HeadBuilder = fn(&HeadConfig, &BackboneSpec, usize, &Cpu) -> Result<Box<dyn Head<Cpu>>>;
 
@@ -271,7 +184,6 @@ pub struct AugmentEntry {
 
 inventory::collect!(BackboneEntry);
 inventory::collect!(SideEntry);
-inventory::collect!(SideTraits);
 inventory::collect!(HeadEntry);
 inventory::collect!(DatasetEntry);
 inventory::collect!(AugmentEntry);
@@ -442,13 +354,4 @@ pub fn registry() -> Result<&'static Registry> {
     REG.get_or_init(|| Registry::gather().map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| DtlError::invalid(e.clone()))
-}
-
-/// Resolves `path` against the folder of the pipeline file `base` when it is relative.
-pub fn resolve_path(base: &Path, path: &Path) -> std::path::PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.parent().unwrap_or(Path::new(".")).join(path)
-    }
 }

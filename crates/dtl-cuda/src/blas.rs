@@ -1,4 +1,4 @@
-//! cuBLAS matrix products in f32 on row-major buffers.
+//! cuBLAS matrix products on row-major buffers: f32, or bf16 operands with f32 compute.
 //!
 //! cuBLAS is column-major: a row-major `r x c` matrix is the column-major `c x r` matrix with
 //! leading dimension `c`, i.e. its transpose. [`Gemm`] describes one column-major call; the
@@ -10,6 +10,8 @@ use std::ffi::c_void;
 use cudarc::cublas::sys;
 use cudarc::driver::CudaStream;
 use dtl_core::{DtlError, Result};
+
+use crate::ops::Dp;
 
 /// One (strided-batched) column-major product
 /// `C_i = alpha op(A_i) op(B_i) + beta C_i`, `op(A)` `m x k`, `op(B)` `k x n`, `C` `m x n`,
@@ -207,17 +209,32 @@ impl Blas {
         Ok(blas)
     }
 
-    /// Runs `g` on the device pointers `a`, `b`, `c` (f32, compute f32).
+    /// Runs `g` on the device pointers `a`, `b`, `c`, each in its storage: all f32, or `a`
+    /// and `b` bf16 and `c` either; compute f32 (TF32 off) in both cases.
     ///
     /// # Safety
     /// `a`, `b`, `c` must point to device buffers of the handle's context holding at least
     /// [`Gemm::extents`] values each, `c` not overlapping `a` or `b`; every dimension, leading
     /// dimension and the batch must fit `i32` (checked by [`Blas::check`]); the context must be
     /// bound to the calling thread.
-    pub unsafe fn run(&self, op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
+    pub unsafe fn run(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()> {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
         }
+        if a.bf16 != b.bf16 || (c.bf16 && !a.bf16) {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: a product of mixed storage reached cuBLAS unconverted"
+            )));
+        }
+        let ty = |p: Dp| {
+            if p.bf16 {
+                sys::cudaDataType_t::CUDA_R_16BF
+            } else {
+                sys::cudaDataType_t::CUDA_R_32F
+            }
+        };
+        let (ta, tb, tc) = (ty(a), ty(b), ty(c));
+        let (a, b, c) = (a.addr, b.addr, c.addr);
         let t = |x: bool| {
             if x {
                 sys::cublasOperation_t::CUBLAS_OP_T
@@ -225,7 +242,6 @@ impl Blas {
                 sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let f32t = sys::cudaDataType_t::CUDA_R_32F;
         let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
         let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
@@ -246,14 +262,14 @@ impl Blas {
                 k,
                 alpha,
                 a as *const c_void,
-                f32t,
+                ta,
                 lda,
                 b as *const c_void,
-                f32t,
+                tb,
                 ldb,
                 beta,
                 c as *mut c_void,
-                f32t,
+                tc,
                 ldc,
                 compute,
                 algo,
@@ -268,16 +284,16 @@ impl Blas {
                 k,
                 alpha,
                 a as *const c_void,
-                f32t,
+                ta,
                 lda,
                 g.stride_a as i64,
                 b as *const c_void,
-                f32t,
+                tb,
                 ldb,
                 g.stride_b as i64,
                 beta,
                 c as *mut c_void,
-                f32t,
+                tc,
                 ldc,
                 g.stride_c as i64,
                 g.batch as i32,

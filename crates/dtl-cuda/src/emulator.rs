@@ -8,21 +8,35 @@
 //! after the other), and cuBLAS is replaced by a CPU model of the column-major call. Every
 //! launch also checks the arguments against the kernel's parameter list in `kernels.cu`.
 //!
+//! Buffers hold f32 or bf16 values as on the GPU, and the model of cuBLAS rounds as the bf16
+//! products do. Graphs ([`Kernels::capture`]) are recorded: each launch, product and device
+//! copy is kept with its checked arguments instead of run, and uploads, downloads and
+//! allocations fail while recording, as on a GPU; the recording then runs once, and
+//! [`Kernels::replay`] runs it again.
+//!
 //! What it cannot show: timing, races between blocks, and the driver's and cuBLAS's own
 //! behaviour. It is slow; use small shapes.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
+use dtl_core::choice::Precision;
 use dtl_core::{DtlError, Result};
-use dtl_kernels::{check_len, Kernels};
+use dtl_kernels::{check_len, Capture, GraphId, Kernels, MemoryStats};
 
 use crate::blas::Gemm;
+use crate::fused::AttentionKernels;
+use crate::gpu::Counters;
+use crate::nvrtc::takes_storage;
 use crate::nvrtc::{KERNEL_NAMES, KERNEL_SOURCE};
-use crate::ops::{invalid, Arg, Exec, K, PARTIALS};
+use crate::ops::{
+    bf16_bits, check_storage, f32_from_bf16, invalid, resolve, storage_mask, Arg, Dp, Exec, Keep,
+    K, PARTIALS,
+};
 
 /// The emulation of the CUDA execution model the kernels are compiled against.
 const RUNTIME: &str = r#"
@@ -132,11 +146,27 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     return r;
 }
 
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src_lane) {
+    const int w = emu::flat_ / 32, lane = emu::flat_ % 32;
+    T* slot = reinterpret_cast<T*>(emu::warp_slots_[w]);
+    slot[lane] = v;
+    emu::warp_bars_[w]->arrive_and_wait();
+    const T r = slot[src_lane & 31];
+    emu::warp_bars_[w]->arrive_and_wait();
+    return r;
+}
+
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, sizeof f);
     return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, sizeof i);
+    return i;
 }
 "#;
 
@@ -382,8 +412,43 @@ fn fnv(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A buffer of the [`Emulator`]: `f32` values in host memory, used only through raw pointers
-/// (as device memory is).
+/// Host memory standing in for device memory, 8-byte aligned, counted in the memory stats
+/// until it is freed.
+struct EmuMem {
+    ptr: *mut u64,
+    words: usize,
+    bytes: u64,
+    counters: Arc<Counters>,
+}
+
+// SAFETY: the memory is owned here and only reached through raw pointers by the device's
+// operations (see `EmuBuf`).
+unsafe impl Send for EmuMem {}
+
+impl EmuMem {
+    fn new(bytes: usize, counters: &Arc<Counters>) -> EmuMem {
+        let words = bytes.max(1).div_ceil(8);
+        let ptr = Box::into_raw(vec![0u64; words].into_boxed_slice()) as *mut u64;
+        counters.add(bytes as u64);
+        EmuMem {
+            ptr,
+            words,
+            bytes: bytes as u64,
+            counters: counters.clone(),
+        }
+    }
+}
+
+impl Drop for EmuMem {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `words` come from the boxed slice made in `new`.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.words)) });
+        self.counters.sub(self.bytes);
+    }
+}
+
+/// A buffer of the [`Emulator`]: `f32` or `bf16` values in host memory, used only through raw
+/// pointers (as device memory is).
 ///
 /// ```
 /// use dtl_kernels::Kernels;
@@ -393,10 +458,12 @@ fn fnv(bytes: &[u8]) -> u64 {
 /// }
 /// ```
 pub struct EmuBuf {
-    ptr: *mut f32,
+    mem: Option<EmuMem>,
+    ptr: u64,
     len: usize,
-    cap: usize,
+    bf16: bool,
     owner: u64,
+    keep: Arc<Keep<EmuMem>>,
 }
 
 // SAFETY: the memory is owned by the buffer and only reached through the device's operations,
@@ -429,18 +496,68 @@ impl EmuBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// How the values are stored: `F32` or `Bf16`.
+    ///
+    /// ```
+    /// use dtl_core::choice::Precision;
+    /// use dtl_kernels::Kernels;
+    /// if let Ok(emu) = dtl_cuda::Emulator::with_precision(Precision::Bf16) {
+    ///     assert_eq!(emu.alloc_act(3).unwrap().storage(), Precision::Bf16);
+    ///     assert_eq!(emu.alloc(3).unwrap().storage(), Precision::F32);
+    /// }
+    /// ```
+    pub fn storage(&self) -> Precision {
+        if self.bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
 }
 
 impl Drop for EmuBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` and `cap` come from the boxed slice made in `alloc`.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.cap)) });
+        if let Some(m) = self.mem.take() {
+            self.keep.drop_or_keep(m);
+        }
     }
 }
 
 impl std::fmt::Debug for EmuBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EmuBuf({} values)", self.len)
+        write!(f, "EmuBuf({} {} values)", self.len, self.storage())
+    }
+}
+
+/// One operation of a recorded graph, with its arguments.
+#[derive(Clone, Debug)]
+enum Rec {
+    /// A kernel launch, its storage mask included.
+    Launch(K, LaunchConfig, Vec<Arg>),
+    Gemm(Gemm, Dp, Dp, Dp),
+    Copy(u64, u64, usize),
+}
+
+/// The emulated device's state shared by its clones: memory, graphs, the recording.
+struct EmuDev {
+    counters: Arc<Counters>,
+    keep: Arc<Keep<EmuMem>>,
+    /// The bf16 copies of f32 operands of mixed products, and their capacity in bytes.
+    scratch: Mutex<Option<(EmuMem, usize)>>,
+    /// The operations being recorded, and why the recording broke, if it did.
+    recording: Mutex<Option<(Vec<Rec>, Option<String>)>>,
+    graphs: Mutex<(HashMap<u64, Vec<Rec>>, u64)>,
+}
+
+impl Drop for EmuDev {
+    fn drop(&mut self) {
+        self.graphs
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clear();
+        self.keep.clear();
     }
 }
 
@@ -469,6 +586,9 @@ pub struct Emulator {
     id: u64,
     lib: &'static Library,
     partials: Arc<Partials>,
+    precision: Precision,
+    attention: AttentionKernels,
+    dev: Arc<EmuDev>,
 }
 
 impl std::fmt::Debug for Emulator {
@@ -497,21 +617,175 @@ impl Emulator {
     /// }
     /// ```
     pub fn new() -> Result<Emulator> {
+        Emulator::with_precision(Precision::F32)
+    }
+
+    /// The emulated device as [`Emulator::new`] makes it, storing activations and frozen
+    /// weights at `precision` (as [`crate::Gpu::open_with`]; `Auto` is taken as bf16).
+    ///
+    /// ```
+    /// use dtl_core::choice::Precision;
+    /// use dtl_kernels::Kernels;
+    /// if let Ok(emu) = dtl_cuda::Emulator::with_precision(Precision::Bf16) {
+    ///     assert_eq!(emu.precision(), Precision::Bf16);
+    /// }
+    /// ```
+    pub fn with_precision(precision: Precision) -> Result<Emulator> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1 << 62);
+        let attention = AttentionKernels::from_env()?;
         let lib = library().map_err(DtlError::Unavailable)?;
         let partials = Box::into_raw(vec![0f64; PARTIALS].into_boxed_slice()) as *mut f64;
         Ok(Emulator {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             lib,
             partials: Arc::new(Partials(Mutex::new(partials))),
+            precision: resolve(precision),
+            attention,
+            dev: Arc::new(EmuDev {
+                counters: Arc::new(Counters::default()),
+                keep: Arc::new(Keep::new()),
+                scratch: Mutex::new(None),
+                recording: Mutex::new(None),
+                graphs: Mutex::new((HashMap::new(), 0)),
+            }),
         })
+    }
+
+    /// While a graph is being recorded, `op` is refused (it could not be part of the graph)
+    /// and the recording marked as broken.
+    fn not_recording(&self, op: &str) -> Result<()> {
+        let mut r = self.dev.recording.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, broken)) = r.as_mut() else {
+            return Ok(());
+        };
+        let why = format!("{op} while recording a graph");
+        broken.get_or_insert_with(|| why.clone());
+        Err(DtlError::Device(format!(
+            "cuda emulator: {why} is not possible"
+        )))
+    }
+
+    /// Records `rec` when a graph is being recorded (true), else leaves it to run (false).
+    fn record(&self, rec: &dyn Fn() -> Rec) -> bool {
+        let mut r = self.dev.recording.lock().unwrap_or_else(|p| p.into_inner());
+        match r.as_mut() {
+            Some((ops, _)) => {
+                ops.push(rec());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn alloc_buf(&self, len: usize, bf16: bool) -> Result<EmuBuf> {
+        self.not_recording("alloc")?;
+        let elem = if bf16 { 2 } else { 4 };
+        if len > isize::MAX as usize / elem {
+            return Err(invalid(
+                "alloc",
+                format!("{len} values do not fit in memory"),
+            ));
+        }
+        let mem = EmuMem::new(len.max(1) * elem, &self.dev.counters);
+        Ok(EmuBuf {
+            ptr: mem.ptr as u64,
+            mem: Some(mem),
+            len,
+            bf16,
+            owner: self.id,
+            keep: self.dev.keep.clone(),
+        })
+    }
+
+    /// Runs a launch whose arguments (the storage mask included) were checked.
+    ///
+    /// # Safety
+    /// As [`Exec::launch`].
+    unsafe fn run_launch(&self, op: &str, k: K, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
+        let name = KERNEL_NAMES[k as usize];
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        let mut store: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut s = [0u8; 8];
+                match a {
+                    Arg::P(p) => s.copy_from_slice(&p.addr.to_ne_bytes()),
+                    Arg::I(i) => s[..4].copy_from_slice(&i.to_ne_bytes()),
+                    Arg::F(f) => s[..4].copy_from_slice(&f.to_ne_bytes()),
+                }
+                s
+            })
+            .collect();
+        let ptrs: Vec<*mut c_void> = store
+            .iter_mut()
+            .map(|s| s.as_mut_ptr() as *mut c_void)
+            .collect();
+        let grid = [g.0, g.1, g.2];
+        let block = [b.0, b.1, b.2];
+        // SAFETY: the caller's contract (see `Exec::launch`); the arguments match the
+        // kernel's parameter kinds (checked by `launch`) and each slot holds its value.
+        let rc =
+            unsafe { (self.lib.launch)(k as c_int, grid.as_ptr(), block.as_ptr(), ptrs.as_ptr()) };
+        if rc != 0 {
+            return Err(DtlError::Device(format!(
+                "{op}: {name}: the emulator failed ({rc})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs recorded operations in order.
+    ///
+    /// # Safety
+    /// Every pointer they hold must still point to live memory of this device (the buffers of
+    /// a graph are kept while it exists).
+    unsafe fn run_recorded(&self, ops: &[Rec]) -> Result<()> {
+        for r in ops {
+            // SAFETY: the caller's contract; each was checked when it was recorded.
+            unsafe {
+                match r {
+                    Rec::Launch(k, cfg, args) => self.run_launch("replay", *k, cfg, args)?,
+                    Rec::Gemm(g, a, b, c) => gemm_dp(g, *a, *b, *c),
+                    Rec::Copy(src, dst, bytes) => {
+                        std::ptr::copy_nonoverlapping(*src as *const u8, *dst as *mut u8, *bytes)
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Selects the attention kernels of this handle (clones made later inherit it); the
+    /// initial selection is `DTL_ATTENTION`'s (see [`AttentionKernels`]). Plan the scratch
+    /// ([`Kernels::attention_scratch`]) after choosing.
+    ///
+    /// ```
+    /// use dtl_cuda::AttentionKernels;
+    /// if let Ok(mut emu) = dtl_cuda::Emulator::new() {
+    ///     emu.set_attention(AttentionKernels::Fused);
+    ///     assert_eq!(emu.attention_kernels(), AttentionKernels::Fused);
+    /// }
+    /// ```
+    pub fn set_attention(&mut self, kernels: AttentionKernels) {
+        self.attention = kernels;
+    }
+
+    /// The attention kernels this handle runs (see [`Emulator::set_attention`]).
+    ///
+    /// ```
+    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
+    ///     println!("{}", emu.attention_kernels().name());
+    /// }
+    /// ```
+    pub fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
     }
 }
 
 impl Exec for Emulator {
     type Buf = EmuBuf;
 
-    fn ptr(&self, op: &str, name: &str, b: &EmuBuf, need: usize) -> Result<u64> {
+    fn ptr(&self, op: &str, name: &str, b: &EmuBuf, need: usize) -> Result<Dp> {
         if b.owner != self.id {
             return Err(invalid(
                 op,
@@ -519,11 +793,20 @@ impl Exec for Emulator {
             ));
         }
         check_len(op, name, b.len, need)?;
-        Ok(b.ptr as u64)
+        Ok(Dp {
+            addr: b.ptr,
+            bf16: b.bf16,
+        })
     }
 
     unsafe fn launch(&self, op: &str, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let name = KERNEL_NAMES[k as usize];
+        let storage = takes_storage()[k as usize];
+        check_storage(op, name, storage, args)?;
+        let mut args = args.to_vec();
+        if storage {
+            args.push(storage_mask(&args));
+        }
         let given: String = args
             .iter()
             .map(|a| match a {
@@ -552,59 +835,131 @@ impl Exec for Emulator {
                 "{op}: {name}: grid {g:?} of blocks {b:?} is not a valid CUDA launch"
             )));
         }
-        let mut store: Vec<[u8; 8]> = args
-            .iter()
-            .map(|a| {
-                let mut s = [0u8; 8];
-                match a {
-                    Arg::P(p) => s.copy_from_slice(&p.to_ne_bytes()),
-                    Arg::I(i) => s[..4].copy_from_slice(&i.to_ne_bytes()),
-                    Arg::F(f) => s[..4].copy_from_slice(&f.to_ne_bytes()),
-                }
-                s
-            })
-            .collect();
-        let ptrs: Vec<*mut c_void> = store
-            .iter_mut()
-            .map(|s| s.as_mut_ptr() as *mut c_void)
-            .collect();
-        let grid = [g.0, g.1, g.2];
-        let block = [b.0, b.1, b.2];
-        // SAFETY: the caller's contract (see `Exec::launch`); the arguments match the
-        // kernel's parameter kinds (checked above) and each slot holds its value.
-        let rc =
-            unsafe { (self.lib.launch)(k as c_int, grid.as_ptr(), block.as_ptr(), ptrs.as_ptr()) };
-        if rc != 0 {
+        if self.record(&|| Rec::Launch(k, cfg, args.clone())) {
+            return Ok(());
+        }
+        // SAFETY: the caller's contract; the arguments were checked above.
+        unsafe { self.run_launch(op, k, &cfg, &args) }
+    }
+
+    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()> {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        if a.bf16 != b.bf16 || (c.bf16 && !a.bf16) {
             return Err(DtlError::Device(format!(
-                "{op}: {name}: the emulator failed ({rc})"
+                "{op}: internal error: a product of mixed storage reached the product unconverted"
             )));
         }
-        Ok(())
-    }
-
-    unsafe fn gemm_raw(&self, _op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
-        let (ea, eb, ec) = g.extents();
+        if self.record(&|| Rec::Gemm(*g, a, b, c)) {
+            return Ok(());
+        }
         // SAFETY: the caller's contract: the pointers hold the extents, `c` apart from `a`, `b`.
-        let (a, b, c) = unsafe {
-            (
-                std::slice::from_raw_parts(a as *const f32, ea),
-                std::slice::from_raw_parts(b as *const f32, eb),
-                std::slice::from_raw_parts_mut(c as *mut f32, ec),
-            )
-        };
-        gemm_cpu(g, a, b, c);
+        unsafe { gemm_dp(g, a, b, c) };
         Ok(())
     }
 
-    unsafe fn copy_raw(&self, _op: &str, src: u64, dst: u64, n: usize) -> Result<()> {
-        // SAFETY: the caller's contract: both hold `n` values and do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const f32, dst as *mut f32, n) };
+    unsafe fn copy_raw(&self, _op: &str, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if self.record(&|| Rec::Copy(src, dst, bytes)) {
+            return Ok(());
+        }
+        // SAFETY: the caller's contract: both hold `bytes` bytes and do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
+    }
+
+    fn with_scratch(
+        &self,
+        op: &str,
+        bytes: usize,
+        f: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut s = self.dev.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if s.as_ref().map_or(true, |(_, cap)| *cap < bytes) {
+            self.not_recording(&format!("{op}: growing the bf16 scratch"))?;
+            let cap = bytes.next_power_of_two().max(1 << 20);
+            if let Some((old, _)) = s.replace((EmuMem::new(cap, &self.dev.counters), cap)) {
+                self.dev.keep.drop_or_keep(old);
+            }
+        }
+        let ptr = s.as_ref().map_or(0, |(m, _)| m.ptr as u64);
+        f(ptr)
     }
 
     fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
         let p = self.partials.0.lock().unwrap_or_else(|e| e.into_inner());
         f(*p as u64)
+    }
+
+    fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
+    }
+}
+
+/// The product `g` on raw pointers in their storages: all f32 as [`gemm_cpu`]; with bf16 `a`
+/// and `b` (as cuBLAS takes them), the products are exact in f32, summed in f32 in order, and
+/// the result rounded to `c`'s storage.
+///
+/// # Safety
+/// The pointers must hold [`Gemm::extents`] values in their storage, `c` apart from `a`, `b`.
+unsafe fn gemm_dp(g: &Gemm, a: Dp, b: Dp, c: Dp) {
+    let (ea, eb, ec) = g.extents();
+    if !a.bf16 && !b.bf16 && !c.bf16 {
+        // SAFETY: the caller's contract.
+        let (a, b, c) = unsafe {
+            (
+                std::slice::from_raw_parts(a.addr as *const f32, ea),
+                std::slice::from_raw_parts(b.addr as *const f32, eb),
+                std::slice::from_raw_parts_mut(c.addr as *mut f32, ec),
+            )
+        };
+        return gemm_cpu(g, a, b, c);
+    }
+    let widen = |p: Dp, n: usize| -> Vec<f32> {
+        // SAFETY: the caller's contract: `p` holds `n` values in its storage.
+        unsafe {
+            if p.bf16 {
+                std::slice::from_raw_parts(p.addr as *const u16, n)
+                    .iter()
+                    .map(|&h| f32_from_bf16(h))
+                    .collect()
+            } else {
+                std::slice::from_raw_parts(p.addr as *const f32, n).to_vec()
+            }
+        }
+    };
+    let (av, bv, cv) = (widen(a, ea), widen(b, eb), widen(c, ec));
+    for p in 0..g.batch {
+        let (ab, bb, cb) = (p * g.stride_a, p * g.stride_b, p * g.stride_c);
+        for j in 0..g.n {
+            for i in 0..g.m {
+                let mut s = 0.0f32;
+                for l in 0..g.k {
+                    let x = if g.trans_a {
+                        av[ab + l + i * g.lda]
+                    } else {
+                        av[ab + i + l * g.lda]
+                    };
+                    let y = if g.trans_b {
+                        bv[bb + j + l * g.ldb]
+                    } else {
+                        bv[bb + l + j * g.ldb]
+                    };
+                    s += x * y;
+                }
+                let at = cb + i + j * g.ldc;
+                let prev = if g.beta == 0.0 { 0.0 } else { g.beta * cv[at] };
+                let out = g.alpha * s + prev;
+                // SAFETY: `at` is below the extent of `c` (the caller's contract).
+                unsafe {
+                    if c.bf16 {
+                        *(c.addr as *mut u16).add(at) = bf16_bits(out);
+                    } else {
+                        *(c.addr as *mut f32).add(at) = out;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -649,15 +1004,22 @@ impl Kernels for Emulator {
         "cuda emulator (host)".to_string()
     }
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn alloc(&self, len: usize) -> Result<EmuBuf> {
-        let cap = len.max(1);
-        let ptr = Box::into_raw(vec![0f32; cap].into_boxed_slice()) as *mut f32;
-        Ok(EmuBuf {
-            ptr,
-            len,
-            cap,
-            owner: self.id,
-        })
+        self.alloc_buf(len, false)
+    }
+
+    fn alloc_act(&self, len: usize) -> Result<EmuBuf> {
+        self.alloc_buf(len, self.precision == Precision::Bf16)
+    }
+
+    fn upload_frozen(&self, host: &[f32]) -> Result<EmuBuf> {
+        let mut b = self.alloc_buf(host.len(), self.precision == Precision::Bf16)?;
+        self.upload(host, &mut b)?;
+        Ok(b)
     }
 
     fn len(&self, buf: &EmuBuf) -> usize {
@@ -666,15 +1028,122 @@ impl Kernels for Emulator {
 
     fn upload(&self, host: &[f32], dst: &mut EmuBuf) -> Result<()> {
         let p = self.dst("upload", "dst", dst, host.len())?;
-        // SAFETY: `dst` holds at least host.len() values (checked).
-        unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), p as *mut f32, host.len()) };
+        self.not_recording("upload")?;
+        // SAFETY: `dst` holds at least host.len() values in its storage (checked).
+        unsafe {
+            if p.bf16 {
+                let q = p.addr as *mut u16;
+                for (i, v) in host.iter().enumerate() {
+                    *q.add(i) = bf16_bits(*v);
+                }
+            } else {
+                std::ptr::copy_nonoverlapping(host.as_ptr(), p.addr as *mut f32, host.len());
+            }
+        }
         Ok(())
     }
 
     fn download(&self, src: &EmuBuf, len: usize) -> Result<Vec<f32>> {
         let p = self.src("download", "src", src, len)?;
-        // SAFETY: `src` holds at least `len` values (checked).
-        Ok(unsafe { std::slice::from_raw_parts(p as *const f32, len) }.to_vec())
+        self.not_recording("download")?;
+        // SAFETY: `src` holds at least `len` values in its storage (checked).
+        Ok(unsafe {
+            if p.bf16 {
+                std::slice::from_raw_parts(p.addr as *const u16, len)
+                    .iter()
+                    .map(|&h| f32_from_bf16(h))
+                    .collect()
+            } else {
+                std::slice::from_raw_parts(p.addr as *const f32, len).to_vec()
+            }
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.not_recording("synchronize")
+    }
+
+    fn memory(&self) -> Option<MemoryStats> {
+        let c = &self.dev.counters;
+        Some(MemoryStats {
+            live: c.live.load(Ordering::Relaxed),
+            peak: c.peak.load(Ordering::Relaxed),
+            driver_used: None,
+        })
+    }
+
+    fn reset_peak(&self) {
+        let c = &self.dev.counters;
+        c.peak
+            .store(c.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Capture> {
+        {
+            let mut r = self.dev.recording.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_some() {
+                return Err(DtlError::Device(
+                    "cuda emulator: capture inside a capture".to_string(),
+                ));
+            }
+            *r = Some((Vec::new(), None));
+        }
+        // buffers dropped from here on are kept: the recording may hold their pointers
+        self.dev.keep.hold();
+        let ran = work();
+        let (ops, broken) = self
+            .dev
+            .recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        let reason = match (broken, ran) {
+            (Some(why), _) => Some(why),
+            (None, Err(e)) => Some(e.to_string()),
+            (None, Ok(())) => None,
+        };
+        if let Some(reason) = reason {
+            self.dev.keep.unhold();
+            work()?;
+            return Ok(Capture::Plain(reason));
+        }
+        // during the recording nothing ran: run it once now
+        // SAFETY: the recorded pointers are the buffers' of the work, kept while the graph lives.
+        if let Err(e) = unsafe { self.run_recorded(&ops) } {
+            self.dev.keep.unhold();
+            return Err(e);
+        }
+        let mut g = self.dev.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 += 1;
+        let id = g.1;
+        g.0.insert(id, ops);
+        Ok(Capture::Graph(GraphId(id)))
+    }
+
+    fn replay(&self, graph: &GraphId) -> Result<()> {
+        let g = self.dev.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        let ops = g.0.get(&graph.0).ok_or_else(|| {
+            DtlError::Device(format!(
+                "cuda emulator: no recorded graph {} (released, or made by another device)",
+                graph.0
+            ))
+        })?;
+        // SAFETY: the graph's buffers are kept while it exists.
+        unsafe { self.run_recorded(ops) }
+    }
+
+    fn release(&self, graph: GraphId) {
+        let removed = self
+            .dev
+            .graphs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .remove(&graph.0);
+        if removed.is_some() {
+            self.dev.keep.unhold();
+        }
     }
 
     crate::ops::kernel_ops!();
@@ -690,7 +1159,7 @@ mod tests {
         assert_eq!(sigs.len(), KERNEL_NAMES.len());
         let fill = sigs.iter().find(|s| s.name == "dtl_fill").unwrap();
         let kinds: String = fill.params.iter().map(|p| p.1).collect();
-        assert_eq!(kinds, "PIF");
+        assert_eq!(kinds, "PIFI");
         let adamw = sigs.iter().find(|s| s.name == "dtl_adamw").unwrap();
         assert_eq!(adamw.params[11].0, "const float*");
         assert!(translation_unit(&sigs).unwrap().contains("case 29:"));

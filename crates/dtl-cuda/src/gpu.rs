@@ -12,19 +12,25 @@
 //! `cuMemFreeAsync`), so a buffer dropped while work using it is queued stays valid until
 //! that work is done.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    result as drv, sys as dsys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream,
-    DevicePtr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result as drv, sys as dsys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice,
+    CudaStream, DevicePtr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
+use dtl_core::choice::Precision;
 use dtl_core::{DtlError, Result};
-use dtl_kernels::{check_len, Kernels, MemoryStats};
+use dtl_kernels::{check_len, Capture, GraphId, Kernels, MemoryStats};
 
 use crate::blas::{Blas, Gemm};
-use crate::ops::{invalid, Arg, Exec, K, PARTIALS};
+use crate::fused::AttentionKernels;
+use crate::ops::{
+    bf16_bits, check_storage, f32_from_bf16, invalid, resolve, storage_mask, Arg, Dp, Exec, Keep,
+    K, PARTIALS,
+};
 use crate::{libs, nvrtc};
 
 /// The oldest driver the device accepts, as `cuDriverGetVersion` reports it (CUDA 13.0, R580).
@@ -116,27 +122,43 @@ pub(crate) fn probe(ordinal: usize) -> std::result::Result<DeviceInfo, String> {
 
 /// Byte counters shared by a device and its buffers.
 #[derive(Debug, Default)]
-struct Counters {
-    live: AtomicU64,
-    peak: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) live: AtomicU64,
+    pub(crate) peak: AtomicU64,
 }
 
 impl Counters {
-    fn add(&self, bytes: u64) {
+    pub(crate) fn add(&self, bytes: u64) {
         let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(now, Ordering::Relaxed);
     }
 
-    fn sub(&self, bytes: u64) {
+    pub(crate) fn sub(&self, bytes: u64) {
         self.live.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
-/// A buffer of `f32` values in the memory of one [`Gpu`]: the [`Kernels::Buf`] of the GPU.
+/// Device memory that counts in [`Kernels::memory`] until it is freed (in stream order).
+struct DevMem {
+    _slice: CudaSlice<u8>,
+    bytes: u64,
+    counters: Arc<Counters>,
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        self.counters.sub(self.bytes);
+    }
+}
+
+/// A buffer of `f32` or `bf16` values in the memory of one [`Gpu`]: the [`Kernels::Buf`] of
+/// the GPU.
 ///
-/// Made by [`Kernels::alloc`] (zero-filled) or [`Kernels::upload_new`]; its bytes count in
-/// [`Kernels::memory`] until it is dropped. A buffer works only with the [`Gpu`] that made it
-/// (or a clone of it); any other is refused with an error.
+/// Made by [`Kernels::alloc`] (zero-filled) or [`Kernels::upload_new`] (f32), or on a device
+/// opened for bf16 by [`Kernels::alloc_act`] and [`Kernels::upload_frozen`] (bf16); its bytes
+/// count in [`Kernels::memory`] until it is dropped (or, while a recorded graph exists, until
+/// the last graph is released). A buffer works only with the [`Gpu`] that made it (or a clone
+/// of it); any other is refused with an error.
 ///
 /// ```no_run
 /// use dtl_kernels::Kernels;
@@ -146,13 +168,14 @@ impl Counters {
 /// assert_eq!(gpu.download(&b, 2).unwrap(), vec![1.0, 2.0]);
 /// ```
 pub struct GpuBuf {
-    /// Owns the memory (freed in stream order when dropped); work goes through `ptr`.
-    _mem: CudaSlice<f32>,
+    /// Owns the memory (freed in stream order, or kept while graphs exist, when dropped);
+    /// work goes through `ptr`.
+    mem: Option<DevMem>,
     ptr: u64,
     len: usize,
-    bytes: u64,
+    bf16: bool,
     owner: u64,
-    counters: Arc<Counters>,
+    keep: Arc<Keep<DevMem>>,
 }
 
 impl GpuBuf {
@@ -177,19 +200,57 @@ impl GpuBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// How the values are stored: `F32` or `Bf16`.
+    ///
+    /// ```no_run
+    /// use dtl_core::choice::Precision;
+    /// use dtl_kernels::Kernels;
+    /// let gpu = dtl_cuda::Gpu::open_with(0, Precision::Bf16).unwrap();
+    /// assert_eq!(gpu.alloc_act(3).unwrap().storage(), Precision::Bf16);
+    /// assert_eq!(gpu.alloc(3).unwrap().storage(), Precision::F32);
+    /// ```
+    pub fn storage(&self) -> Precision {
+        if self.bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
 }
 
 impl Drop for GpuBuf {
     fn drop(&mut self) {
-        // the memory itself is freed by `_mem`, in stream order
-        self.counters.sub(self.bytes);
+        if let Some(m) = self.mem.take() {
+            self.keep.drop_or_keep(m);
+        }
     }
 }
 
 impl std::fmt::Debug for GpuBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuBuf({} values)", self.len)
+        write!(f, "GpuBuf({} {} values)", self.len, self.storage())
     }
+}
+
+/// A recorded graph; used under the device's lock only.
+struct Graph(CudaGraph);
+// SAFETY: the graph is only reached under the `graphs` mutex of its device, one thread at a
+// time, as the driver requires.
+unsafe impl Send for Graph {}
+
+/// The graphs of a device and the state of a recording.
+#[derive(Default)]
+struct Graphs {
+    map: HashMap<u64, Graph>,
+    next: u64,
+}
+
+/// Whether a recording is under way and, if something broke it, why.
+#[derive(Default)]
+struct Recording {
+    active: bool,
+    broken: Option<String>,
 }
 
 /// One pinned staging buffer of `upload` and the event after its last copy.
@@ -219,7 +280,13 @@ struct Inner {
     partials_ptr: u64,
     staging: Mutex<Staging>,
     counters: Arc<Counters>,
+    /// The bf16 copies of f32 operands of mixed products, grown on demand.
+    scratch: Mutex<Option<(DevMem, u64, usize)>>,
+    keep: Arc<Keep<DevMem>>,
+    graphs: Mutex<Graphs>,
+    recording: Mutex<Recording>,
     driver_base: Option<u64>,
+    precision: Precision,
 }
 
 impl Drop for Inner {
@@ -228,12 +295,21 @@ impl Drop for Inner {
         // before the pinned memory, the module and the handle go.
         let _ = self.ctx.bind_to_thread();
         let _ = self.stream.synchronize();
+        self.graphs
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .clear();
+        self.keep.clear();
     }
 }
 
-/// One CUDA device running dtl's kernel set ([`Kernels`]) in f32: the project's own kernels
-/// (compiled once per process with NVRTC for the device's compute capability) and cuBLAS
-/// products with f32 compute (TF32 off), all in order on one non-blocking stream.
+/// One CUDA device running dtl's kernel set ([`Kernels`]): the project's own kernels (compiled
+/// once per process with NVRTC for the device's compute capability; f32 arithmetic on f32 or
+/// bf16 buffers) and cuBLAS products with f32 compute (TF32 off), all in order on one
+/// non-blocking stream. Opened with [`Gpu::open_with`] for bf16, it stores activations and
+/// frozen weights in bf16 (see docs/cuda.md, "Precision"); [`Kernels::capture`] records CUDA
+/// graphs.
 ///
 /// Cloning is cheap (one `Arc`) and shares the device, its stream and its buffers' accounting.
 /// Operations are asynchronous: [`Kernels::download`] and [`Kernels::synchronize`] wait for
@@ -252,6 +328,7 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Gpu {
     inner: Arc<Inner>,
+    attention: AttentionKernels,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -274,7 +351,22 @@ impl Gpu {
     /// assert_eq!(gpu.ordinal(), 0);
     /// ```
     pub fn open(ordinal: usize) -> Result<Gpu> {
+        Gpu::open_with(ordinal, Precision::F32)
+    }
+
+    /// Opens `cuda:<ordinal>` as [`Gpu::open`] does, storing activations and frozen weights at
+    /// `precision` ([`Kernels::alloc_act`], [`Kernels::upload_frozen`]); `Auto` is taken as
+    /// bf16 (a caller resolves it with `Precision::on_device` first).
+    ///
+    /// ```no_run
+    /// use dtl_core::choice::Precision;
+    /// use dtl_kernels::Kernels;
+    /// let gpu = dtl_cuda::Gpu::open_with(0, Precision::Bf16).unwrap();
+    /// assert_eq!(gpu.precision(), Precision::Bf16);
+    /// ```
+    pub fn open_with(ordinal: usize, precision: Precision) -> Result<Gpu> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let attention = AttentionKernels::from_env()?;
         let info = probe(ordinal).map_err(DtlError::Unavailable)?;
         let arch = nvrtc::target_architecture(info.cc)?;
         let ptx = nvrtc::compile_kernels(arch)?;
@@ -356,9 +448,37 @@ impl Gpu {
                 partials_ptr,
                 staging: Mutex::new(staging),
                 counters,
+                scratch: Mutex::new(None),
+                keep: Arc::new(Keep::new()),
+                graphs: Mutex::new(Graphs::default()),
+                recording: Mutex::new(Recording::default()),
                 driver_base,
+                precision: resolve(precision),
             }),
+            attention,
         })
+    }
+
+    /// Selects the attention kernels of this handle (clones made later inherit it); the
+    /// initial selection is `DTL_ATTENTION`'s when the device was opened (see
+    /// [`AttentionKernels`]). Plan the scratch ([`Kernels::attention_scratch`]) after choosing.
+    ///
+    /// ```no_run
+    /// let mut gpu = dtl_cuda::Gpu::open(0).unwrap();
+    /// gpu.set_attention(dtl_cuda::AttentionKernels::Fused);
+    /// assert_eq!(gpu.attention_kernels(), dtl_cuda::AttentionKernels::Fused);
+    /// ```
+    pub fn set_attention(&mut self, kernels: AttentionKernels) {
+        self.attention = kernels;
+    }
+
+    /// The attention kernels this handle runs (see [`Gpu::set_attention`]).
+    ///
+    /// ```no_run
+    /// println!("{}", dtl_cuda::Gpu::open(0).unwrap().attention_kernels().name());
+    /// ```
+    pub fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
     }
 
     /// The device ordinal `N` of `cuda:N`.
@@ -389,6 +509,79 @@ impl Gpu {
         self.inner.cc
     }
 
+    /// Refuses `op` while a graph is being recorded (it would not be part of the graph, or
+    /// cannot be), and marks the recording as broken.
+    fn not_recording(&self, op: &str) -> Result<()> {
+        let mut r = self
+            .inner
+            .recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !r.active {
+            return Ok(());
+        }
+        let why = format!("{op} while recording a graph");
+        r.broken.get_or_insert_with(|| why.clone());
+        Err(DtlError::Device(format!(
+            "cuda:{}: {why} is not possible",
+            self.inner.ordinal
+        )))
+    }
+
+    /// A zero-filled allocation of `bytes` (at least 1) that counts in the memory stats.
+    fn alloc_mem(&self, op: &str, bytes: usize) -> Result<(DevMem, u64)> {
+        self.not_recording(op)?;
+        self.bind(op)?;
+        let slice = self
+            .inner
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| {
+                drv_err(
+                    &format!(
+                        "allocating {:.1} MiB on cuda:{}",
+                        bytes as f64 / (1u64 << 20) as f64,
+                        self.inner.ordinal
+                    ),
+                    e,
+                )
+            })?;
+        let ptr = slice.device_ptr(&self.inner.stream).0;
+        let bytes = bytes.max(1) as u64;
+        self.inner.counters.add(bytes);
+        Ok((
+            DevMem {
+                _slice: slice,
+                bytes,
+                counters: self.inner.counters.clone(),
+            },
+            ptr,
+        ))
+    }
+
+    /// A zero-filled buffer of `len` values, bf16 with `bf16`.
+    fn alloc_buf(&self, len: usize, bf16: bool) -> Result<GpuBuf> {
+        const OP: &str = "alloc";
+        let elem = if bf16 { 2 } else { 4 };
+        if len > isize::MAX as usize / elem {
+            return Err(invalid(OP, format!("{len} values do not fit in memory")));
+        }
+        let (mem, ptr) = self.alloc_mem(OP, len.max(1) * elem)?;
+        Ok(GpuBuf {
+            mem: Some(mem),
+            ptr,
+            len,
+            bf16,
+            owner: self.inner.id,
+            keep: self.inner.keep.clone(),
+        })
+    }
+
+    /// Whether this device stores activations and frozen weights in bf16.
+    fn bf16(&self) -> bool {
+        self.inner.precision == Precision::Bf16
+    }
+
     fn bind(&self, op: &str) -> Result<()> {
         self.inner
             .ctx
@@ -400,7 +593,7 @@ impl Gpu {
 impl Exec for Gpu {
     type Buf = GpuBuf;
 
-    fn ptr(&self, op: &str, name: &str, b: &GpuBuf, need: usize) -> Result<u64> {
+    fn ptr(&self, op: &str, name: &str, b: &GpuBuf, need: usize) -> Result<Dp> {
         if b.owner != self.inner.id {
             return Err(invalid(
                 op,
@@ -408,16 +601,22 @@ impl Exec for Gpu {
             ));
         }
         check_len(op, name, b.len, need)?;
-        Ok(b.ptr)
+        Ok(Dp {
+            addr: b.ptr,
+            bf16: b.bf16,
+        })
     }
 
     unsafe fn launch(&self, op: &str, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let storage = nvrtc::takes_storage()[k as usize];
+        check_storage(op, nvrtc::KERNEL_NAMES[k as usize], storage, args)?;
+        let mask = storage.then(|| storage_mask(args));
         let f = &self.inner.funcs[k as usize];
         let mut b = self.inner.stream.launch_builder(f);
-        for a in args {
+        for a in args.iter().chain(mask.as_ref()) {
             match a {
                 Arg::P(p) => {
-                    b.arg(p);
+                    b.arg(&p.addr);
                 }
                 Arg::I(i) => {
                     b.arg(i);
@@ -433,17 +632,36 @@ impl Exec for Gpu {
             .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
     }
 
-    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
+    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()> {
         self.bind(op)?;
         // SAFETY: the caller's contract; the context is bound.
         unsafe { self.inner.blas.run(op, g, a, b, c) }
     }
 
-    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, n: usize) -> Result<()> {
+    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, bytes: usize) -> Result<()> {
         self.bind(op)?;
-        // SAFETY: the caller's contract: both pointers hold `n` values, apart.
-        unsafe { drv::memcpy_dtod_async(dst, src, n * 4, self.inner.stream.cu_stream()) }
+        // SAFETY: the caller's contract: both pointers hold `bytes` bytes, apart.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.inner.stream.cu_stream()) }
             .map_err(|e| drv_err(op, e))
+    }
+
+    fn with_scratch(
+        &self,
+        op: &str,
+        bytes: usize,
+        f: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut s = self.inner.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if s.as_ref().map_or(true, |(_, _, cap)| *cap < bytes) {
+            // grow to the next power of two (at least 1 MiB), so that it seldom grows again
+            let cap = bytes.next_power_of_two().max(1 << 20);
+            let (mem, ptr) = self.alloc_mem(&format!("{op}: growing the bf16 scratch"), cap)?;
+            if let Some((old, _, _)) = s.replace((mem, ptr, cap)) {
+                self.inner.keep.drop_or_keep(old);
+            }
+        }
+        let ptr = s.as_ref().map_or(0, |(_, p, _)| *p);
+        f(ptr)
     }
 
     fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
@@ -453,6 +671,10 @@ impl Exec for Gpu {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         f(self.inner.partials_ptr)
+    }
+
+    fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
     }
 }
 
@@ -464,34 +686,22 @@ impl Kernels for Gpu {
         format!("cuda:{} ({})", self.inner.ordinal, self.inner.name)
     }
 
+    fn precision(&self) -> Precision {
+        self.inner.precision
+    }
+
     fn alloc(&self, len: usize) -> Result<GpuBuf> {
-        const OP: &str = "alloc";
-        let n = len.max(1);
-        if n > isize::MAX as usize / 4 {
-            return Err(invalid(OP, format!("{len} values do not fit in memory")));
-        }
-        self.bind(OP)?;
-        let slice = self.inner.stream.alloc_zeros::<f32>(n).map_err(|e| {
-            drv_err(
-                &format!(
-                    "allocating {:.1} MiB on cuda:{}",
-                    (n * 4) as f64 / (1u64 << 20) as f64,
-                    self.inner.ordinal
-                ),
-                e,
-            )
-        })?;
-        let ptr = slice.device_ptr(&self.inner.stream).0;
-        let bytes = (n * 4) as u64;
-        self.inner.counters.add(bytes);
-        Ok(GpuBuf {
-            _mem: slice,
-            ptr,
-            len,
-            bytes,
-            owner: self.inner.id,
-            counters: self.inner.counters.clone(),
-        })
+        self.alloc_buf(len, false)
+    }
+
+    fn alloc_act(&self, len: usize) -> Result<GpuBuf> {
+        self.alloc_buf(len, self.bf16())
+    }
+
+    fn upload_frozen(&self, host: &[f32]) -> Result<GpuBuf> {
+        let mut b = self.alloc_buf(host.len(), self.bf16())?;
+        self.upload(host, &mut b)?;
+        Ok(b)
     }
 
     fn len(&self, buf: &GpuBuf) -> usize {
@@ -501,6 +711,7 @@ impl Kernels for Gpu {
     fn upload(&self, host: &[f32], dst: &mut GpuBuf) -> Result<()> {
         const OP: &str = "upload";
         let base = self.dst(OP, "dst", dst, host.len())?;
+        self.not_recording(OP)?;
         if host.is_empty() {
             return Ok(());
         }
@@ -513,17 +724,31 @@ impl Kernels for Gpu {
             // The previous copy out of this staging buffer must be done before it is rewritten.
             stage.done.synchronize().map_err(|e| drv_err(OP, e))?;
             let p = stage.host.as_mut_ptr().map_err(|e| drv_err(OP, e))?;
-            // SAFETY: the staging buffer holds STAGE >= chunk.len() values, no copy reads it
-            // (waited above), and host memory never overlaps it.
-            let staged = unsafe {
-                std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len());
-                std::slice::from_raw_parts(p as *const f32, chunk.len())
-            };
-            let at = base + (i * STAGE * 4) as u64;
-            // SAFETY: `dst` holds host.len() values (checked), so this chunk fits at its
-            // offset; the staging memory is pinned and stays untouched until `done` passes.
-            unsafe { drv::memcpy_htod_async(at, staged, self.inner.stream.cu_stream()) }
+            let at = base.at(i * STAGE).addr;
+            let cu = self.inner.stream.cu_stream();
+            if base.bf16 {
+                // SAFETY: the staging buffer holds STAGE f32 values, room for as many bf16 ones;
+                // no copy reads it (waited above), host memory never overlaps it. `dst` holds
+                // host.len() values (checked), so the chunk fits at its offset; the staging
+                // memory is pinned and stays untouched until `done` passes.
+                unsafe {
+                    let q = p as *mut u16;
+                    for (j, v) in chunk.iter().enumerate() {
+                        *q.add(j) = bf16_bits(*v);
+                    }
+                    let staged = std::slice::from_raw_parts(q as *const u16, chunk.len());
+                    drv::memcpy_htod_async(at, staged, cu)
+                }
                 .map_err(|e| drv_err(OP, e))?;
+            } else {
+                // SAFETY: as above, with f32 values.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len());
+                    let staged = std::slice::from_raw_parts(p as *const f32, chunk.len());
+                    drv::memcpy_htod_async(at, staged, cu)
+                }
+                .map_err(|e| drv_err(OP, e))?;
+            }
             stage
                 .done
                 .record(&self.inner.stream)
@@ -535,12 +760,23 @@ impl Kernels for Gpu {
     fn download(&self, src: &GpuBuf, len: usize) -> Result<Vec<f32>> {
         const OP: &str = "download";
         let p = self.src(OP, "src", src, len)?;
+        self.not_recording(OP)?;
         self.bind(OP)?;
+        let cu = self.inner.stream.cu_stream();
+        if p.bf16 {
+            let mut bits = vec![0u16; len];
+            if len > 0 {
+                // SAFETY: `src` holds at least `len` bf16 values (checked), `bits` exactly `len`.
+                unsafe { drv::memcpy_dtoh_async(&mut bits, p.addr, cu) }
+                    .map_err(|e| drv_err(OP, e))?;
+            }
+            self.synchronize()?;
+            return Ok(bits.into_iter().map(f32_from_bf16).collect());
+        }
         let mut out = vec![0.0f32; len];
         if len > 0 {
             // SAFETY: `src` holds at least `len` values (checked) and `out` exactly `len`.
-            unsafe { drv::memcpy_dtoh_async(&mut out, p, self.inner.stream.cu_stream()) }
-                .map_err(|e| drv_err(OP, e))?;
+            unsafe { drv::memcpy_dtoh_async(&mut out, p.addr, cu) }.map_err(|e| drv_err(OP, e))?;
         }
         self.synchronize()?;
         Ok(out)
@@ -548,6 +784,7 @@ impl Kernels for Gpu {
 
     fn synchronize(&self) -> Result<()> {
         const OP: &str = "synchronize";
+        self.not_recording(OP)?;
         self.bind(OP)?;
         self.inner.stream.synchronize().map_err(|e| {
             drv_err(
@@ -580,6 +817,118 @@ impl Kernels for Gpu {
         let c = &self.inner.counters;
         c.peak
             .store(c.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Capture> {
+        const OP: &str = "capture";
+        self.bind(OP)?;
+        {
+            let mut r = self
+                .inner
+                .recording
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if r.active {
+                return Err(DtlError::Device(format!(
+                    "cuda:{}: capture inside a capture",
+                    self.inner.ordinal
+                )));
+            }
+            *r = Recording {
+                active: true,
+                broken: None,
+            };
+        }
+        // buffers dropped from here on are kept: the graph may hold their pointers
+        self.inner.keep.hold();
+        let stream = &self.inner.stream;
+        let recorded: std::result::Result<CudaGraph, String> = match stream
+            .begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            Err(e) => Err(format!("beginning the capture: {}", driver_text(e))),
+            Ok(()) => {
+                let ran = work();
+                // the capture always ends, whatever happened in the work
+                let ended = stream.end_capture(dsys::CUgraphInstantiate_flags(0));
+                let broken = self
+                    .inner
+                    .recording
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .broken
+                    .take();
+                match (broken, ran, ended) {
+                    (Some(why), _, _) => Err(why),
+                    (None, Err(e), _) => Err(e.to_string()),
+                    (None, Ok(()), Err(e)) => {
+                        Err(format!("ending the capture: {}", driver_text(e)))
+                    }
+                    (None, Ok(()), Ok(None)) => Err("the capture recorded nothing".to_string()),
+                    (None, Ok(()), Ok(Some(g))) => Ok(g),
+                }
+            }
+        };
+        self.inner
+            .recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .active = false;
+        match recorded {
+            Ok(graph) => {
+                // during the capture nothing ran: run it once now
+                if let Err(e) = graph.launch() {
+                    drop(graph);
+                    self.inner.keep.unhold();
+                    return Err(drv_err(
+                        &format!("cuda:{}: launching a recorded graph", self.inner.ordinal),
+                        e,
+                    ));
+                }
+                let mut g = self.inner.graphs.lock().unwrap_or_else(|p| p.into_inner());
+                g.next += 1;
+                let id = g.next;
+                g.map.insert(id, Graph(graph));
+                Ok(Capture::Graph(GraphId(id)))
+            }
+            Err(reason) => {
+                self.inner.keep.unhold();
+                work()?;
+                Ok(Capture::Plain(reason))
+            }
+        }
+    }
+
+    fn replay(&self, graph: &GraphId) -> Result<()> {
+        let g = self.inner.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        let found = g.map.get(&graph.0).ok_or_else(|| {
+            DtlError::Device(format!(
+                "cuda:{}: no recorded graph {} (released, or made by another device)",
+                self.inner.ordinal, graph.0
+            ))
+        })?;
+        found.0.launch().map_err(|e| {
+            drv_err(
+                &format!("cuda:{}: replaying graph {}", self.inner.ordinal, graph.0),
+                e,
+            )
+        })
+    }
+
+    fn release(&self, graph: GraphId) {
+        let removed = self
+            .inner
+            .graphs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(&graph.0);
+        if let Some(g) = removed {
+            // an executable graph still running is freed by the driver when it completes; the
+            // memory kept for it is freed in stream order, after it
+            let _ = self.bind("release");
+            drop(g);
+            self.inner.keep.unhold();
+        }
     }
 
     crate::ops::kernel_ops!();

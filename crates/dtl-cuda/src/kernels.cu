@@ -1,6 +1,10 @@
-// The f32 kernels of dtl's GPU device, compiled at run time with NVRTC (no CUDA header needed).
+// The kernels of dtl's GPU device, compiled at run time with NVRTC (no CUDA header needed).
 //
 // Conventions:
+// - every buffer a kernel reads or writes holds f32 or bf16 values: bit j of the last parameter
+//   `st` is set when parameter j points to bf16 (the host sets it from the buffers). Values are
+//   read and written through `dtl_ref` only, which converts; all arithmetic is f32 (f64 where
+//   noted), whatever the storage;
 // - matrices are row-major; token tensors are (batch, tokens, width) with the width fastest;
 // - the host checks every size against the buffers before a launch and that every element
 //   count fits a 32-bit int, so `int` indices are exact; loop counters that step by the whole
@@ -21,6 +25,43 @@ typedef long long i64;
 
 #define GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
+
+// ---- storage ------------------------------------------------------------------------------
+
+// bf16 is the upper half of an f32: widening is a shift, narrowing rounds to nearest even and
+// keeps a NaN a (quiet) NaN. Bit operations only, so that no CUDA header is needed.
+__device__ __forceinline__ float dtl_bf16_to_f32(unsigned short h) {
+    return __int_as_float((int)((unsigned)h << 16));
+}
+
+__device__ __forceinline__ unsigned short dtl_f32_to_bf16(float v) {
+    const unsigned u = (unsigned)__float_as_int(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A buffer of f32 or bf16 values: `ld` widens to f32, `st` rounds to the storage, `+` moves by
+// values.
+struct dtl_ref {
+    void* p;
+    int bf;
+    __device__ __forceinline__ float ld(i64 i) const {
+        return bf ? dtl_bf16_to_f32(((const unsigned short*)p)[i]) : ((const float*)p)[i];
+    }
+    __device__ __forceinline__ void st(i64 i, float v) const {
+        if (bf) {
+            ((unsigned short*)p)[i] = dtl_f32_to_bf16(v);
+        } else {
+            ((float*)p)[i] = v;
+        }
+    }
+    __device__ __forceinline__ dtl_ref operator+(i64 i) const {
+        return dtl_ref{(void*)((char*)p + i * (bf ? 2 : 4)), bf};
+    }
+};
+
+// Parameter `ptr` (parameter number `j` of the kernel) with its storage from `st`.
+#define REF(ptr, j) (dtl_ref{(void*)(ptr), (st >> (j)) & 1})
 
 // ---- reductions ---------------------------------------------------------------------------
 
@@ -60,40 +101,50 @@ __device__ float dtl_block_sum(float v, float* scratch) {
 // ---- elementwise --------------------------------------------------------------------------
 
 // y[..n] = value.
-extern "C" __global__ void dtl_fill(float* y, int n, float value) {
-    GRID_STRIDE(i, n) y[i] = value;
+extern "C" __global__ void dtl_fill(float* y, int n, float value, int st) {
+    const dtl_ref Y = REF(y, 0);
+    GRID_STRIDE(i, n) Y.st(i, value);
+}
+
+// y[..n] = x[..n], each in its own storage.
+extern "C" __global__ void dtl_convert(const float* x, float* y, int n, int st) {
+    const dtl_ref X = REF(x, 0), Y = REF(y, 1);
+    GRID_STRIDE(i, n) Y.st(i, X.ld(i));
 }
 
 // y[..n] += x[..n].
-extern "C" __global__ void dtl_add(float* y, const float* x, int n) {
-    GRID_STRIDE(i, n) y[i] += x[i];
+extern "C" __global__ void dtl_add(float* y, const float* x, int n, int st) {
+    const dtl_ref Y = REF(y, 0), X = REF(x, 1);
+    GRID_STRIDE(i, n) Y.st(i, Y.ld(i) + X.ld(i));
 }
 
 // y (m x n) = bias broadcast over the rows, or y += bias with `accumulate`.
-extern "C" __global__ void dtl_bias_rows(float* y, const float* bias, int m, int n, int accumulate) {
+extern "C" __global__ void dtl_bias_rows(float* y, const float* bias, int m, int n, int accumulate, int st) {
+    const dtl_ref Y = REF(y, 0), B = REF(bias, 1);
     const i64 total = (i64)m * n;
     GRID_STRIDE(i, total) {
-        const float b = bias[(int)(i % n)];
-        y[i] = accumulate ? y[i] + b : b;
+        const float b = B.ld((int)(i % n));
+        Y.st(i, accumulate ? Y.ld(i) + b : b);
     }
 }
 
 // db (n) (=|+=) column sums of dy (m x n). Block (32, 32): 32 columns, 32 row lanes; grid:
 // ceil(n / 32) blocks. Each lane sums every 32nd row, then the lanes are added in order.
 extern "C" __global__ void __launch_bounds__(1024)
-    dtl_sum_rows(const float* dy, float* db, int m, int n, int accumulate) {
+    dtl_sum_rows(const float* dy, float* db, int m, int n, int accumulate, int st) {
     __shared__ float part[32][33];
+    const dtl_ref G = REF(dy, 0), D = REF(db, 1);
     const int col = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
     if (col < n) {
-        for (int r = threadIdx.y; r < m; r += blockDim.y) s += dy[(i64)r * n + col];
+        for (int r = threadIdx.y; r < m; r += blockDim.y) s += G.ld((i64)r * n + col);
     }
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && col < n) {
         float t = 0.0f;
         for (int j = 0; j < (int)blockDim.y; ++j) t += part[j][threadIdx.x];
-        db[col] = accumulate ? db[col] + t : t;
+        D.st(col, accumulate ? D.ld(col) + t : t);
     }
 }
 
@@ -106,13 +157,15 @@ __device__ __forceinline__ float dtl_gelu_grad(float x) {
 }
 
 // y = gelu(x), erf form.
-extern "C" __global__ void dtl_gelu(const float* x, float* y, int n) {
-    GRID_STRIDE(i, n) y[i] = dtl_gelu_f(x[i]);
+extern "C" __global__ void dtl_gelu(const float* x, float* y, int n, int st) {
+    const dtl_ref X = REF(x, 0), Y = REF(y, 1);
+    GRID_STRIDE(i, n) Y.st(i, dtl_gelu_f(X.ld(i)));
 }
 
 // g *= gelu'(u).
-extern "C" __global__ void dtl_gelu_vjp(const float* u, float* g, int n) {
-    GRID_STRIDE(i, n) g[i] *= dtl_gelu_grad(u[i]);
+extern "C" __global__ void dtl_gelu_vjp(const float* u, float* g, int n, int st) {
+    const dtl_ref U = REF(u, 0), G = REF(g, 1);
+    GRID_STRIDE(i, n) G.st(i, G.ld(i) * dtl_gelu_grad(U.ld(i)));
 }
 
 __device__ __forceinline__ float dtl_sigmoid(float x) {
@@ -120,49 +173,54 @@ __device__ __forceinline__ float dtl_sigmoid(float x) {
 }
 
 // y = z * sigmoid(beta * z).
-extern "C" __global__ void dtl_swish(const float* z, float* y, int n, float beta) {
+extern "C" __global__ void dtl_swish(const float* z, float* y, int n, float beta, int st) {
+    const dtl_ref Z = REF(z, 0), Y = REF(y, 1);
     GRID_STRIDE(i, n) {
-        const float v = z[i];
-        y[i] = v * dtl_sigmoid(beta * v);
+        const float v = Z.ld(i);
+        Y.st(i, v * dtl_sigmoid(beta * v));
     }
 }
 
 // dz (=|+=) dy * (s + beta z s (1 - s)), s = sigmoid(beta z).
 extern "C" __global__ void dtl_swish_vjp(const float* z, const float* dy, float* dz, int n, float beta,
-                                         int accumulate) {
+                                         int accumulate, int st) {
+    const dtl_ref Z = REF(z, 0), G = REF(dy, 1), D = REF(dz, 2);
     GRID_STRIDE(i, n) {
-        const float v = z[i];
+        const float v = Z.ld(i);
         const float s = dtl_sigmoid(beta * v);
-        const float g = dy[i] * (s + beta * v * s * (1.0f - s));
-        dz[i] = accumulate ? dz[i] + g : g;
+        const float g = G.ld(i) * (s + beta * v * s * (1.0f - s));
+        D.st(i, accumulate ? D.ld(i) + g : g);
     }
 }
 
 // x += scales[sample] * branch, each sample spanning `per_sample` values; a sample whose scale
 // is 0 (dropped by stochastic depth) is left as it is, whatever its branch holds.
 extern "C" __global__ void dtl_add_scaled(float* x, const float* branch, const float* scales, int n,
-                                          int per_sample) {
+                                          int per_sample, int st) {
+    const dtl_ref X = REF(x, 0), B = REF(branch, 1), S = REF(scales, 2);
     GRID_STRIDE(i, n) {
-        const float s = scales[(int)i / per_sample];
-        if (s != 0.0f) x[i] += s * branch[i];
+        const float s = S.ld((int)i / per_sample);
+        if (s != 0.0f) X.st(i, X.ld(i) + s * B.ld(i));
     }
 }
 
 // out = scales[sample] * g.
-extern "C" __global__ void dtl_scaled(const float* g, const float* scales, float* out, int n, int per_sample) {
-    GRID_STRIDE(i, n) out[i] = scales[(int)i / per_sample] * g[i];
+extern "C" __global__ void dtl_scaled(const float* g, const float* scales, float* out, int n, int per_sample,
+                                      int st) {
+    const dtl_ref G = REF(g, 0), S = REF(scales, 1), O = REF(out, 2);
+    GRID_STRIDE(i, n) O.st(i, S.ld((int)i / per_sample) * G.ld(i));
 }
 
 // ---- LayerNorm (one block per row) --------------------------------------------------------
 
 // Mean and reciprocal standard deviation of one row (biased variance, two passes).
-__device__ void dtl_row_moments(const float* r, int d, float eps, float* scratch, float* mean, float* rstd) {
+__device__ void dtl_row_moments(dtl_ref r, int d, float eps, float* scratch, float* mean, float* rstd) {
     float s = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += r[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += r.ld(i);
     const float m = dtl_block_sum(s, scratch) / (float)d;
     float v = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float c = r[i] - m;
+        const float c = r.ld(i) - m;
         v += c * c;
     }
     const float var = dtl_block_sum(v, scratch) / (float)d;
@@ -172,39 +230,41 @@ __device__ void dtl_row_moments(const float* r, int d, float eps, float* scratch
 
 // y = (x - mean) * rstd * gamma + beta, row by row. Grid: rows.
 extern "C" __global__ void dtl_layer_norm(const float* x, const float* gamma, const float* beta, float* y,
-                                          int d, float eps) {
+                                          int d, float eps, int st) {
     __shared__ float scratch[33];
+    const dtl_ref Ga = REF(gamma, 1), Be = REF(beta, 2);
     const i64 row = blockIdx.x;
-    const float* r = x + row * d;
-    float* o = y + row * d;
+    const dtl_ref r = REF(x, 0) + row * d;
+    const dtl_ref o = REF(y, 3) + row * d;
     float mean, rstd;
     dtl_row_moments(r, d, eps, scratch, &mean, &rstd);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = (r[i] - mean) * rstd * gamma[i] + beta[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o.st(i, (r.ld(i) - mean) * rstd * Ga.ld(i) + Be.ld(i));
 }
 
 // Input-only VJP: dx (=|+=) rstd * (dy*gamma - mean(dy*gamma) - xhat * mean(dy*gamma*xhat)).
 // Grid: rows.
 extern "C" __global__ void dtl_layer_norm_vjp(const float* x, const float* gamma, const float* dy, float* dx,
-                                              int d, float eps, int accumulate) {
+                                              int d, float eps, int accumulate, int st) {
     __shared__ float scratch[33];
+    const dtl_ref Ga = REF(gamma, 1);
     const i64 row = blockIdx.x;
-    const float* r = x + row * d;
-    const float* g = dy + row * d;
-    float* o = dx + row * d;
+    const dtl_ref r = REF(x, 0) + row * d;
+    const dtl_ref g = REF(dy, 2) + row * d;
+    const dtl_ref o = REF(dx, 3) + row * d;
     float mean, rstd;
     dtl_row_moments(r, d, eps, scratch, &mean, &rstd);
     float a = 0.0f, c = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float gg = g[i] * gamma[i];
+        const float gg = g.ld(i) * Ga.ld(i);
         a += gg;
-        c += gg * (r[i] - mean) * rstd;
+        c += gg * (r.ld(i) - mean) * rstd;
     }
     a = dtl_block_sum(a, scratch) / (float)d;
     c = dtl_block_sum(c, scratch) / (float)d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float xhat = (r[i] - mean) * rstd;
-        const float v = rstd * (g[i] * gamma[i] - a - xhat * c);
-        o[i] = accumulate ? o[i] + v : v;
+        const float xhat = (r.ld(i) - mean) * rstd;
+        const float v = rstd * (g.ld(i) * Ga.ld(i) - a - xhat * c);
+        o.st(i, accumulate ? o.ld(i) + v : v);
     }
 }
 
@@ -212,7 +272,8 @@ extern "C" __global__ void dtl_layer_norm_vjp(const float* x, const float* gamma
 
 // q, k, v (b, h, n, hd) <- the fused rows qkv (b * n, 3 h hd), timm's [q | k | v] order.
 extern "C" __global__ void dtl_split_qkv(const float* qkv, float* q, float* k, float* v, int b, int n, int h,
-                                         int hd) {
+                                         int hd, int st) {
+    const dtl_ref S = REF(qkv, 0), Q = REF(q, 1), K = REF(k, 2), V = REF(v, 3);
     const int width = h * hd;
     const i64 total = (i64)b * n * width;
     GRID_STRIDE(i, total) {
@@ -222,15 +283,16 @@ extern "C" __global__ void dtl_split_qkv(const float* qkv, float* q, float* k, f
         const int head = (j / (hd * n)) % h;
         const int s = j / (hd * n * h);
         const i64 src = ((i64)s * n + t) * 3 * width + head * hd + e;
-        q[j] = qkv[src];
-        k[j] = qkv[src + width];
-        v[j] = qkv[src + 2 * width];
+        Q.st(j, S.ld(src));
+        K.st(j, S.ld(src + width));
+        V.st(j, S.ld(src + 2 * width));
     }
 }
 
 // dst (b, h, n, hd) <- columns offset + head * hd + e of the rows of src (b * n, stride).
 extern "C" __global__ void dtl_split_heads(const float* src, float* dst, int b, int n, int h, int hd, int stride,
-                                           int offset) {
+                                           int offset, int st) {
+    const dtl_ref S = REF(src, 0), D = REF(dst, 1);
     const i64 total = (i64)b * h * n * hd;
     GRID_STRIDE(i, total) {
         const int j = (int)i;
@@ -238,13 +300,14 @@ extern "C" __global__ void dtl_split_heads(const float* src, float* dst, int b, 
         const int t = (j / hd) % n;
         const int head = (j / (hd * n)) % h;
         const int s = j / (hd * n * h);
-        dst[j] = src[((i64)s * n + t) * stride + offset + head * hd + e];
+        D.st(j, S.ld(((i64)s * n + t) * stride + offset + head * hd + e));
     }
 }
 
 // The inverse of dtl_split_heads: src (b, h, n, hd) -> columns of the rows of dst (b * n, stride).
 extern "C" __global__ void dtl_merge_heads(const float* src, float* dst, int b, int n, int h, int hd, int stride,
-                                           int offset) {
+                                           int offset, int st) {
+    const dtl_ref S = REF(src, 0), D = REF(dst, 1);
     const i64 total = (i64)b * h * n * hd;
     GRID_STRIDE(i, total) {
         const int j = (int)i;
@@ -252,13 +315,14 @@ extern "C" __global__ void dtl_merge_heads(const float* src, float* dst, int b, 
         const int t = (j / hd) % n;
         const int head = (j / (hd * n)) % h;
         const int s = j / (hd * n * h);
-        dst[((i64)s * n + t) * stride + offset + head * hd + e] = src[j];
+        D.st(((i64)s * n + t) * stride + offset + head * hd + e, S.ld(j));
     }
 }
 
 // The inverse of dtl_split_qkv: dqkv (b * n, 3 h hd) <- dq, dk, dv (b, h, n, hd), every value written.
 extern "C" __global__ void dtl_merge_qkv(const float* dq, const float* dk, const float* dv, float* dqkv, int b,
-                                         int n, int h, int hd) {
+                                         int n, int h, int hd, int st) {
+    const dtl_ref Q = REF(dq, 0), K = REF(dk, 1), V = REF(dv, 2), D = REF(dqkv, 3);
     const int width = h * hd;
     const i64 total = (i64)b * n * width;
     GRID_STRIDE(i, total) {
@@ -268,57 +332,52 @@ extern "C" __global__ void dtl_merge_qkv(const float* dq, const float* dk, const
         const int head = (j / (hd * n)) % h;
         const int s = j / (hd * n * h);
         const i64 dst = ((i64)s * n + t) * 3 * width + head * hd + e;
-        dqkv[dst] = dq[j];
-        dqkv[dst + width] = dk[j];
-        dqkv[dst + 2 * width] = dv[j];
+        D.st(dst, Q.ld(j));
+        D.st(dst + width, K.ld(j));
+        D.st(dst + 2 * width, V.ld(j));
     }
 }
 
 // In place, one warp per row of n values: s = softmax(s). Grid: ceil(rows / warps per block).
 // With a `bias` (null for none), its row `row % bias_rows` (n values) is first added to the
 // row: the attention's scores (b, h, n, n) get the bias (groups, h, n, n) of group b % groups
-// when bias_rows = groups * h * n.
-extern "C" __global__ void dtl_softmax_rows(float* s, const float* bias, int rows, int n, int bias_rows) {
+// when bias_rows = groups * h * n. The row is written once, at the end (one rounding in bf16).
+extern "C" __global__ void dtl_softmax_rows(float* s, const float* bias, int rows, int n, int bias_rows, int st) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // the whole warp leaves together
-    float* r = s + row * n;
-    if (bias != nullptr) {
-        const float* br = bias + (row % bias_rows) * n;
-        for (int j = lane; j < n; j += 32) r[j] += br[j];
-    }
+    const dtl_ref r = REF(s, 0) + row * n;
+    const bool has_bias = bias != nullptr;
+    const dtl_ref br = has_bias ? REF(bias, 1) + (row % bias_rows) * n : REF(bias, 1);
     float m = -DTL_INF;
-    for (int j = lane; j < n; j += 32) m = fmaxf(m, r[j]);
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, has_bias ? r.ld(j) + br.ld(j) : r.ld(j));
     m = dtl_warp_max(m);
     float z = 0.0f;
-    for (int j = lane; j < n; j += 32) {
-        const float e = expf(r[j] - m);
-        r[j] = e;
-        z += e;
-    }
+    for (int j = lane; j < n; j += 32) z += expf((has_bias ? r.ld(j) + br.ld(j) : r.ld(j)) - m);
     z = dtl_warp_sum(z);
     const float inv = 1.0f / z;
-    for (int j = lane; j < n; j += 32) r[j] *= inv;
+    for (int j = lane; j < n; j += 32) r.st(j, expf((has_bias ? r.ld(j) + br.ld(j) : r.ld(j)) - m) * inv);
 }
 
 // In place, one warp per row: g = scale * p * (g - sum(g * p)), the VJP of softmax(scale * s) wrt s.
-extern "C" __global__ void dtl_softmax_rows_vjp(const float* p, float* g, int rows, int n, float scale) {
+extern "C" __global__ void dtl_softmax_rows_vjp(const float* p, float* g, int rows, int n, float scale, int st) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
-    const float* pr = p + row * n;
-    float* gr = g + row * n;
+    const dtl_ref pr = REF(p, 0) + row * n;
+    const dtl_ref gr = REF(g, 1) + row * n;
     float dot = 0.0f;
-    for (int j = lane; j < n; j += 32) dot += pr[j] * gr[j];
+    for (int j = lane; j < n; j += 32) dot += pr.ld(j) * gr.ld(j);
     dot = dtl_warp_sum(dot);
-    for (int j = lane; j < n; j += 32) gr[j] = scale * pr[j] * (gr[j] - dot);
+    for (int j = lane; j < n; j += 32) gr.st(j, scale * pr.ld(j) * (gr.ld(j) - dot));
 }
 
 // ---- patch embedding ----------------------------------------------------------------------
 
 // cols (b * g * g, c * p * p) <- img (b, c, size, size), g = size / p; one row per patch in row-major
 // grid order, columns ordered (channel, row, column) like a flattened conv kernel.
-extern "C" __global__ void dtl_patchify(const float* img, float* cols, int b, int c, int size, int p) {
+extern "C" __global__ void dtl_patchify(const float* img, float* cols, int b, int c, int size, int p, int st) {
+    const dtl_ref I = REF(img, 0), C = REF(cols, 1);
     const int g = size / p;
     const int width = c * p * p;
     const i64 total = (i64)b * g * g * width;
@@ -331,22 +390,24 @@ extern "C" __global__ void dtl_patchify(const float* img, float* cols, int b, in
         const int gx = (int)(row % g);
         const int gy = (int)((row / g) % g);
         const i64 s = row / ((i64)g * g);
-        cols[i] = img[((s * c + ch) * size + (i64)gy * p + ky) * size + (i64)gx * p + kx];
+        C.st(i, I.ld(((s * c + ch) * size + (i64)gy * p + ky) * size + (i64)gx * p + kx));
     }
 }
 
 // out (b, prefix + patches, d): prefix_tok[t] + pos[t] for t < prefix, else patches[s, t - prefix] + pos[t].
 extern "C" __global__ void dtl_assemble_tokens(const float* patches, const float* prefix_tok, const float* pos,
-                                               float* out, int b, int prefix, int patches_per_sample, int d) {
+                                               float* out, int b, int prefix, int patches_per_sample, int d,
+                                               int st) {
+    const dtl_ref P = REF(patches, 0), T = REF(prefix_tok, 1), Pos = REF(pos, 2), O = REF(out, 3);
     const int tokens = prefix + patches_per_sample;
     const i64 total = (i64)b * tokens * d;
     GRID_STRIDE(i, total) {
         const int col = (int)(i % d);
         const int t = (int)((i / d) % tokens);
         const i64 s = i / ((i64)d * tokens);
-        const float v = t < prefix ? prefix_tok[(i64)t * d + col]
-                                   : patches[(s * patches_per_sample + (t - prefix)) * d + col];
-        out[i] = v + pos[(i64)t * d + col];
+        const float v = t < prefix ? T.ld((i64)t * d + col)
+                                   : P.ld((s * patches_per_sample + (t - prefix)) * d + col);
+        O.st(i, v + Pos.ld((i64)t * d + col));
     }
 }
 
@@ -360,7 +421,8 @@ extern "C" __global__ void dtl_assemble_tokens(const float* patches, const float
 // row-major inside a window: window token (tr, tc) of window (wr, wc) is grid token
 // ((wr * wh + tr + sh) % gh, (wc * ww + tc + sw) % gw).
 extern "C" __global__ void dtl_window_partition(const float* src, float* dst, int b, int gh, int gw, int c, int wh,
-                                                int ww, int sh, int sw, int inverse) {
+                                                int ww, int sh, int sw, int inverse, int st) {
+    const dtl_ref S = REF(src, 0), D = REF(dst, 1);
     const int across = gw / ww;
     const int per_window = wh * ww;
     const int windows = (gh / wh) * across;
@@ -375,9 +437,9 @@ extern "C" __global__ void dtl_window_partition(const float* src, float* dst, in
         const int q = ((w % across) * ww + t % ww + sw) % gw;
         const int g = ((s * gh + r) * gw + q) * c + ch;
         if (inverse) {
-            dst[g] = src[j];
+            D.st(g, S.ld(j));
         } else {
-            dst[j] = src[g];
+            D.st(j, S.ld(g));
         }
     }
 }
@@ -385,7 +447,8 @@ extern "C" __global__ void dtl_window_partition(const float* src, float* dst, in
 // Patch merging: the (b, gh / 2, gw / 2, 4 c) grid whose token (r, q) is the concatenation of
 // grid tokens (2r, 2q), (2r + 1, 2q), (2r, 2q + 1), (2r + 1, 2q + 1) of (b, gh, gw, c).
 extern "C" __global__ void dtl_patch_merge(const float* src, float* dst, int b, int gh, int gw, int c,
-                                           int inverse) {
+                                           int inverse, int st) {
+    const dtl_ref S = REF(src, 0), D = REF(dst, 1);
     const int oh = gh / 2;
     const int ow = gw / 2;
     const int oc = 4 * c;
@@ -401,9 +464,9 @@ extern "C" __global__ void dtl_patch_merge(const float* src, float* dst, int b, 
         const int col = 2 * q + (part >> 1);
         const int g = ((s * gh + row) * gw + col) * c + k % c;
         if (inverse) {
-            dst[g] = src[j];
+            D.st(g, S.ld(j));
         } else {
-            dst[j] = src[g];
+            D.st(j, S.ld(g));
         }
     }
 }
@@ -413,7 +476,8 @@ extern "C" __global__ void dtl_patch_merge(const float* src, float* dst, int b, 
 // k / 2 after; cross-correlation like conv2d. Prefix tokens pass through.
 
 extern "C" __global__ void dtl_dwconv(const float* x, const float* w, float* y, int b, int prefix, int gh, int gw,
-                                      int c, int k) {
+                                      int c, int k, int st) {
+    const dtl_ref X = REF(x, 0), W = REF(w, 1), Y = REF(y, 2);
     const int tokens = prefix + gh * gw;
     const int before = (k - 1) / 2;
     const i64 total = (i64)b * tokens * c;
@@ -421,14 +485,14 @@ extern "C" __global__ void dtl_dwconv(const float* x, const float* w, float* y, 
         const int ch = (int)(i % c);
         const int t = (int)((i / c) % tokens);
         if (t < prefix) {
-            y[i] = x[i];
+            Y.st(i, X.ld(i));
             continue;
         }
-        const float* xs = x + (i / ((i64)c * tokens)) * tokens * c;
+        const dtl_ref xs = X + (i / ((i64)c * tokens)) * tokens * c;
         const int p = t - prefix;
         const int row = p / gw;
         const int col = p % gw;
-        const float* wc = w + ch * k * k;
+        const dtl_ref wc = W + ch * k * k;
         float acc = 0.0f;
         for (int u = 0; u < k; ++u) {
             const int rr = row + u - before;
@@ -436,16 +500,17 @@ extern "C" __global__ void dtl_dwconv(const float* x, const float* w, float* y, 
             for (int v = 0; v < k; ++v) {
                 const int cc = col + v - before;
                 if (cc < 0 || cc >= gw) continue;
-                acc += wc[u * k + v] * xs[(i64)(prefix + rr * gw + cc) * c + ch];
+                acc += wc.ld(u * k + v) * xs.ld((i64)(prefix + rr * gw + cc) * c + ch);
             }
         }
-        y[i] = acc;
+        Y.st(i, acc);
     }
 }
 
 // dx (overwritten): prefix tokens get dy; patch (r, q) gets sum_{u,v} w[u, v] dy[r - u + before, q - v + before].
 extern "C" __global__ void dtl_dwconv_dx(const float* dy, const float* w, float* dx, int b, int prefix, int gh,
-                                         int gw, int c, int k) {
+                                         int gw, int c, int k, int st) {
+    const dtl_ref G = REF(dy, 0), W = REF(w, 1), D = REF(dx, 2);
     const int tokens = prefix + gh * gw;
     const int before = (k - 1) / 2;
     const i64 total = (i64)b * tokens * c;
@@ -453,14 +518,14 @@ extern "C" __global__ void dtl_dwconv_dx(const float* dy, const float* w, float*
         const int ch = (int)(i % c);
         const int t = (int)((i / c) % tokens);
         if (t < prefix) {
-            dx[i] = dy[i];
+            D.st(i, G.ld(i));
             continue;
         }
-        const float* gs = dy + (i / ((i64)c * tokens)) * tokens * c;
+        const dtl_ref gs = G + (i / ((i64)c * tokens)) * tokens * c;
         const int p = t - prefix;
         const int row = p / gw;
         const int col = p % gw;
-        const float* wc = w + ch * k * k;
+        const dtl_ref wc = W + ch * k * k;
         float acc = 0.0f;
         for (int u = 0; u < k; ++u) {
             const int rr = row - u + before;
@@ -468,10 +533,10 @@ extern "C" __global__ void dtl_dwconv_dx(const float* dy, const float* w, float*
             for (int v = 0; v < k; ++v) {
                 const int cc = col - v + before;
                 if (cc < 0 || cc >= gw) continue;
-                acc += wc[u * k + v] * gs[(i64)(prefix + rr * gw + cc) * c + ch];
+                acc += wc.ld(u * k + v) * gs.ld((i64)(prefix + rr * gw + cc) * c + ch);
             }
         }
-        dx[i] = acc;
+        D.st(i, acc);
     }
 }
 
@@ -479,8 +544,9 @@ extern "C" __global__ void dtl_dwconv_dx(const float* dy, const float* w, float*
 // Block (32, 16): 32 channels, 16 lanes over the positions; grid (ceil(c / 32), k * k). The lanes'
 // partial sums are added in order: no atomics, the same result on every run.
 extern "C" __global__ void dtl_dwconv_dw(const float* x, const float* dy, float* dw, int b, int prefix, int gh,
-                                         int gw, int c, int k, int accumulate) {
+                                         int gw, int c, int k, int accumulate, int st) {
     __shared__ float part[16][33];
+    const dtl_ref X = REF(x, 0), G = REF(dy, 1), D = REF(dw, 2);
     const int ch = blockIdx.x * 32 + threadIdx.x;
     const int u = blockIdx.y / k;
     const int v = blockIdx.y % k;
@@ -497,7 +563,7 @@ extern "C" __global__ void dtl_dwconv_dw(const float* x, const float* dy, float*
             const int cc = p % gw + v - before;
             if (rr < 0 || rr >= gh || cc < 0 || cc >= gw) continue;
             const i64 base = (i64)s * tokens + prefix;
-            acc += dy[(base + p) * c + ch] * x[(base + rr * gw + cc) * c + ch];
+            acc += G.ld((base + p) * c + ch) * X.ld((base + rr * gw + cc) * c + ch);
         }
     }
     part[threadIdx.y][threadIdx.x] = acc;
@@ -505,37 +571,40 @@ extern "C" __global__ void dtl_dwconv_dw(const float* x, const float* dy, float*
     if (threadIdx.y == 0 && ch < c) {
         float t = 0.0f;
         for (int j = 0; j < (int)blockDim.y; ++j) t += part[j][threadIdx.x];
-        float* o = dw + (ch * k + u) * k + v;
-        *o = accumulate ? *o + t : t;
+        const i64 o = ((i64)ch * k + u) * k + v;
+        D.st(o, accumulate ? D.ld(o) + t : t);
     }
 }
 
 // ---- pooling ------------------------------------------------------------------------------
 
 // out (b, d) = mean of tokens from..to of x (b, tokens, d).
-extern "C" __global__ void dtl_mean_tokens(const float* x, float* out, int b, int tokens, int d, int from, int to) {
+extern "C" __global__ void dtl_mean_tokens(const float* x, float* out, int b, int tokens, int d, int from, int to,
+                                           int st) {
+    const dtl_ref X = REF(x, 0), O = REF(out, 1);
     const i64 total = (i64)b * d;
     const float inv = 1.0f / (float)(to - from);
     GRID_STRIDE(i, total) {
         const int col = (int)(i % d);
         const i64 s = i / d;
-        const float* xs = x + s * tokens * d + col;
+        const dtl_ref xs = X + (s * tokens * d + col);
         float acc = 0.0f;
-        for (int t = from; t < to; ++t) acc += xs[(i64)t * d];
-        out[i] = acc * inv;
+        for (int t = from; t < to; ++t) acc += xs.ld((i64)t * d);
+        O.st(i, acc * inv);
     }
 }
 
 // dx (b, tokens, d) = g / (to - from) at tokens from..to, zero elsewhere.
 extern "C" __global__ void dtl_mean_tokens_vjp(const float* g, float* dx, int b, int tokens, int d, int from,
-                                               int to) {
+                                               int to, int st) {
+    const dtl_ref G = REF(g, 0), D = REF(dx, 1);
     const i64 total = (i64)b * tokens * d;
     const float inv = 1.0f / (float)(to - from);
     GRID_STRIDE(i, total) {
         const int col = (int)(i % d);
         const int t = (int)((i / d) % tokens);
         const i64 s = i / ((i64)d * tokens);
-        dx[i] = (t >= from && t < to) ? g[s * d + col] * inv : 0.0f;
+        D.st(i, (t >= from && t < to) ? G.ld(s * d + col) * inv : 0.0f);
     }
 }
 
@@ -546,31 +615,33 @@ extern "C" __global__ void dtl_mean_tokens_vjp(const float* g, float* dx, int b,
 // One block of whole warps, warp w takes rows w, w + warps, ...; the per-warp sums are added in
 // order by the first thread, so the loss does not depend on timing. Grid: 1.
 extern "C" __global__ void __launch_bounds__(1024)
-    dtl_soft_cross_entropy(const float* logits, const float* targets, float* loss, float* grad, int b, int classes) {
+    dtl_soft_cross_entropy(const float* logits, const float* targets, float* loss, float* grad, int b, int classes,
+                           int st) {
     __shared__ float warp_loss[32];
+    const dtl_ref L = REF(logits, 0), T = REF(targets, 1), Loss = REF(loss, 2), Gr = REF(grad, 3);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
     const float inv_b = 1.0f / (float)b;
     float mine = 0.0f;
     for (int row = warp; row < b; row += warps) {
-        const float* l = logits + (i64)row * classes;
-        const float* t = targets + (i64)row * classes;
-        float* g = grad + (i64)row * classes;
+        const dtl_ref l = L + (i64)row * classes;
+        const dtl_ref t = T + (i64)row * classes;
+        const dtl_ref g = Gr + (i64)row * classes;
         float m = -DTL_INF;
-        for (int j = lane; j < classes; j += 32) m = fmaxf(m, l[j]);
+        for (int j = lane; j < classes; j += 32) m = fmaxf(m, l.ld(j));
         m = dtl_warp_max(m);
         float z = 0.0f, ts = 0.0f, tl = 0.0f;
         for (int j = lane; j < classes; j += 32) {
-            z += expf(l[j] - m);
-            ts += t[j];
-            tl += t[j] * l[j];
+            z += expf(l.ld(j) - m);
+            ts += t.ld(j);
+            tl += t.ld(j) * l.ld(j);
         }
         z = dtl_warp_sum(z);
         ts = dtl_warp_sum(ts);
         tl = dtl_warp_sum(tl);
         const float lse = m + logf(z);
-        for (int j = lane; j < classes; j += 32) g[j] = (expf(l[j] - lse) * ts - t[j]) * inv_b;
+        for (int j = lane; j < classes; j += 32) g.st(j, (expf(l.ld(j) - lse) * ts - t.ld(j)) * inv_b);
         mine += lse * ts - tl;
     }
     if (lane == 0) warp_loss[warp] = mine;
@@ -578,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) {
         float total = 0.0f;
         for (int w = 0; w < warps; ++w) total += warp_loss[w];
-        loss[0] = total * inv_b;
+        Loss.st(0, total * inv_b);
     }
 }
 
@@ -587,23 +658,24 @@ extern "C" __global__ void __launch_bounds__(1024)
 // and its loss is infinite. A row is a top-k hit when fewer than k logits are strictly greater than its
 // label's. Grid: 1.
 extern "C" __global__ void __launch_bounds__(1024)
-    dtl_eval_stats(const float* logits, const float* labels, float* stats, int b, int classes) {
+    dtl_eval_stats(const float* logits, const float* labels, float* stats, int b, int classes, int st) {
     __shared__ float warp_stats[32][4];
+    const dtl_ref L = REF(logits, 0), Y = REF(labels, 1), S = REF(stats, 2);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
     float top1 = 0.0f, top5 = 0.0f, ce = 0.0f, bad = 0.0f;
     for (int row = warp; row < b; row += warps) {
-        const float* l = logits + (i64)row * classes;
-        const float label = labels[row];
+        const dtl_ref l = L + (i64)row * classes;
+        const float label = Y.ld(row);
         const bool valid = label >= 0.0f && label < (float)classes && label == floorf(label);
         const int y = valid ? (int)label : 0;
-        const float ly = valid ? l[y] : 0.0f;
+        const float ly = valid ? l.ld(y) : 0.0f;
         float m = -DTL_INF;
         int nonfinite = 0;
         int rank = 0;
         for (int j = lane; j < classes; j += 32) {
-            const float v = l[j];
+            const float v = l.ld(j);
             if (!(fabsf(v) < DTL_INF)) nonfinite += 1;
             m = fmaxf(m, v);
             if (v > ly) rank += 1;
@@ -612,7 +684,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         nonfinite = dtl_warp_sum_int(nonfinite);
         rank = dtl_warp_sum_int(rank);
         float z = 0.0f;
-        for (int j = lane; j < classes; j += 32) z += expf(l[j] - m);
+        for (int j = lane; j < classes; j += 32) z += expf(l.ld(j) - m);
         z = dtl_warp_sum(z);
         if (valid) {
             top1 += rank < 1 ? 1.0f : 0.0f;
@@ -633,7 +705,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x < 4) {
         float total = 0.0f;
         for (int w = 0; w < warps; ++w) total += warp_stats[w][threadIdx.x];
-        stats[threadIdx.x] += total;
+        S.st(threadIdx.x, S.ld(threadIdx.x) + total);
     }
 }
 
@@ -659,11 +731,12 @@ __device__ double dtl_block_sum_f64(double v, double* scratch) {
 
 // partials[block] = sum of x^2 (in f64) over the block's grid-stride share of x[..n]. Grid: at
 // most the number of partials.
-extern "C" __global__ void dtl_sum_squares_partial(const float* x, double* partials, int n) {
+extern "C" __global__ void dtl_sum_squares_partial(const float* x, double* partials, int n, int st) {
     __shared__ double scratch[33];
+    const dtl_ref X = REF(x, 0);
     double s = 0.0;
     GRID_STRIDE(i, n) {
-        const double v = x[i];
+        const double v = X.ld(i);
         s += v * v;
     }
     s = dtl_block_sum_f64(s, scratch);
@@ -672,12 +745,13 @@ extern "C" __global__ void dtl_sum_squares_partial(const float* x, double* parti
 
 // acc[0] += sum of partials[..parts], added in f64 by one block in a fixed order. Grid: 1.
 extern "C" __global__ void __launch_bounds__(1024)
-    dtl_sum_squares_final(const double* partials, float* acc, int parts) {
+    dtl_sum_squares_final(const double* partials, float* acc, int parts, int st) {
     __shared__ double scratch[33];
+    const dtl_ref A = REF(acc, 1);
     double s = 0.0;
     for (int i = threadIdx.x; i < parts; i += blockDim.x) s += partials[i];
     s = dtl_block_sum_f64(s, scratch);
-    if (threadIdx.x == 0) acc[0] = (float)((double)acc[0] + s);
+    if (threadIdx.x == 0) A.st(0, (float)((double)A.ld(0) + s));
 }
 
 // One AdamW step (PyTorch's, amsgrad off), term by term as the CPU computes it:
@@ -687,21 +761,22 @@ extern "C" __global__ void __launch_bounds__(1024)
 // read on the device.
 extern "C" __global__ void dtl_adamw(float* param, const float* grad, float* m, float* v, int n, float beta1,
                                      float beta2, float eps, float decay, float step_size, float bc2_sqrt,
-                                     const float* sq, float max_norm, int has_clip) {
+                                     const float* sq, float max_norm, int has_clip, int st) {
+    const dtl_ref P = REF(param, 0), G = REF(grad, 1), M = REF(m, 2), V = REF(v, 3);
     float factor = 1.0f;
     if (has_clip) {
-        const double coef = (double)max_norm / (sqrt((double)sq[0]) + 1e-6);
+        const double coef = (double)max_norm / (sqrt((double)REF(sq, 11).ld(0)) + 1e-6);
         if (coef < 1.0) factor = (float)coef;
     }
     const float one_b1 = 1.0f - beta1;
     const float one_b2 = 1.0f - beta2;
     GRID_STRIDE(i, n) {
-        const float g = has_clip ? grad[i] * factor : grad[i];
-        const float mi = m[i] * beta1 + g * one_b1;
-        const float vi = v[i] * beta2 + g * g * one_b2;
-        m[i] = mi;
-        v[i] = vi;
+        const float g = has_clip ? G.ld(i) * factor : G.ld(i);
+        const float mi = M.ld(i) * beta1 + g * one_b1;
+        const float vi = V.ld(i) * beta2 + g * g * one_b2;
+        M.st(i, mi);
+        V.st(i, vi);
         const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        param[i] = param[i] * decay - mi * step_size / denom;
+        P.st(i, P.ld(i) * decay - mi * step_size / denom);
     }
 }

@@ -1,9 +1,10 @@
 //! The CUDA device of dtl.
 //!
 //! With the `cuda` feature this crate implements the kernel set [`dtl_kernels::Kernels`] on an
-//! NVIDIA GPU: [`Gpu`] (one device, one stream) over [`GpuBuf`] buffers, with the project's own
-//! f32 kernels ([`KERNEL_SOURCE`], compiled at run time with NVRTC for the device) and cuBLAS
-//! products with f32 compute. It builds without any CUDA software: the driver, NVRTC and
+//! NVIDIA GPU: [`Gpu`] (one device, one stream) over [`GpuBuf`] buffers of f32 or bf16 values,
+//! with the project's own kernels ([`KERNEL_SOURCE`], compiled at run time with NVRTC for the
+//! device; f32 arithmetic whatever the storage) and cuBLAS products with f32 compute, and CUDA
+//! graphs ([`dtl_kernels::Kernels::capture`]). It builds without any CUDA software: the driver, NVRTC and
 //! cuBLAS are found and loaded when first needed ([`libs`]), and anything missing is an error
 //! naming it, never a panic. Every function is safe; all `unsafe` code stays in this crate.
 //!
@@ -28,6 +29,8 @@ mod blas;
 #[cfg(feature = "cuda")]
 mod emulator;
 #[cfg(feature = "cuda")]
+mod fused;
+#[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
 pub mod libs;
@@ -38,6 +41,8 @@ mod ops;
 
 #[cfg(feature = "cuda")]
 pub use emulator::{EmuBuf, Emulator};
+#[cfg(feature = "cuda")]
+pub use fused::AttentionKernels;
 #[cfg(feature = "cuda")]
 pub use gpu::{Gpu, GpuBuf};
 #[cfg(feature = "cuda")]

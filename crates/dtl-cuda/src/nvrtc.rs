@@ -8,12 +8,18 @@ use dtl_core::{DtlError, Result};
 
 use crate::libs;
 
-/// CUDA C source of the f32 kernels of [`crate::Gpu`].
+/// CUDA C source of the f32 kernels of [`crate::Gpu`]: `kernels.cu`, then the fused attention
+/// of `attention.cu`.
 ///
 /// ```
 /// assert!(dtl_cuda::KERNEL_SOURCE.contains("dtl_layer_norm"));
+/// assert!(dtl_cuda::KERNEL_SOURCE.contains("dtl_attn_fused"));
 /// ```
-pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+pub const KERNEL_SOURCE: &str = concat!(
+    include_str!("kernels.cu"),
+    "\n",
+    include_str!("attention.cu")
+);
 
 /// Every kernel entry point of [`KERNEL_SOURCE`], in the order [`crate::Gpu`] loads them.
 ///
@@ -53,7 +59,31 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dtl_sum_squares_partial",
     "dtl_sum_squares_final",
     "dtl_adamw",
+    "dtl_convert",
+    "dtl_attn_fused",
+    "dtl_attn_fused_dq",
+    "dtl_attn_fused_dkv",
 ];
+
+/// For each kernel of [`KERNEL_NAMES`], whether its last parameter is `int st`, the storage
+/// of its buffers (see `kernels.cu`); a kernel without it takes f32 buffers only.
+pub(crate) fn takes_storage() -> &'static [bool] {
+    static FLAGS: OnceLock<Vec<bool>> = OnceLock::new();
+    FLAGS.get_or_init(|| {
+        KERNEL_NAMES
+            .iter()
+            .map(|name| {
+                let Some(at) = KERNEL_SOURCE.find(&format!(" {name}(")) else {
+                    return false;
+                };
+                let rest = &KERNEL_SOURCE[at + name.len() + 2..];
+                let params = &rest[..rest.find(')').unwrap_or(0)];
+                let last = params.rsplit(',').next().unwrap_or("");
+                last.split_whitespace().collect::<Vec<_>>() == ["int", "st"]
+            })
+            .collect()
+    })
+}
 
 fn nvrtc_err(what: &str, e: NvrtcError) -> DtlError {
     DtlError::Device(format!("{what}: NVRTC error {:?}", e.0))

@@ -8,10 +8,12 @@
 #![allow(clippy::too_many_arguments)]
 
 use cudarc::driver::LaunchConfig;
+use dtl_core::choice::Precision;
 use dtl_core::{DtlError, Result};
 use dtl_kernels::{checked_product, AdamwStep, AttnShape, ConvShape, MergeShape, WindowShape};
 
 use crate::blas::{Blas, Gemm};
+use crate::fused::AttentionKernels;
 
 /// Threads per block of the elementwise kernels.
 pub(crate) const THREADS: u32 = 256;
@@ -58,14 +60,85 @@ pub(crate) enum K {
     SumSquaresPartial,
     SumSquaresFinal,
     Adamw,
+    Convert,
+    AttnFused,
+    AttnFusedDq,
+    AttnFusedDkv,
 }
 
-/// A kernel argument: a device pointer, an `int` or a `float`.
+/// A device pointer and the storage of the values it points to (f32, or bf16 with `bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dp {
+    pub addr: u64,
+    pub bf16: bool,
+}
+
+impl Dp {
+    /// A pointer to f32 values (or to anything that is not a buffer's values, or null).
+    pub fn f32(addr: u64) -> Dp {
+        Dp { addr, bf16: false }
+    }
+
+    /// A pointer to bf16 values.
+    pub fn bf16(addr: u64) -> Dp {
+        Dp { addr, bf16: true }
+    }
+
+    /// Bytes per value.
+    pub fn elem(&self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// The pointer `values` values further on.
+    pub fn at(&self, values: usize) -> Dp {
+        Dp {
+            addr: self.addr + (values * self.elem()) as u64,
+            ..*self
+        }
+    }
+}
+
+/// The pointer `bytes` bytes further on, in the same storage.
+impl std::ops::Add<u64> for Dp {
+    type Output = Dp;
+    fn add(self, bytes: u64) -> Dp {
+        Dp {
+            addr: self.addr + bytes,
+            ..self
+        }
+    }
+}
+
+/// A kernel argument: a device pointer (with its storage), an `int` or a `float`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Arg {
-    P(u64),
+    P(Dp),
     I(i32),
     F(f32),
+}
+
+/// The last argument, `st`, of a kernel that takes one: bit `j` set when argument `j` points
+/// to bf16 values.
+pub(crate) fn storage_mask(args: &[Arg]) -> Arg {
+    Arg::I(args.iter().enumerate().fold(0, |m, (j, a)| match a {
+        Arg::P(p) if p.bf16 => m | 1 << j,
+        _ => m,
+    }))
+}
+
+/// Checks a launch's pointers against the kernel: one without an `st` parameter (`storage`
+/// false) reads and writes f32 only, and is refused a bf16 buffer.
+pub(crate) fn check_storage(op: &str, name: &str, storage: bool, args: &[Arg]) -> Result<()> {
+    if !storage && args.iter().any(|a| matches!(a, Arg::P(p) if p.bf16)) {
+        return Err(DtlError::invalid(format!(
+            "{op}: {name} takes f32 buffers only, and was given a bf16 one"
+        )));
+    }
+    Ok(())
 }
 
 /// What the operations need from a device.
@@ -75,38 +148,62 @@ pub(crate) trait Exec {
 
     /// The device pointer of `b` after checking that it belongs to this device and holds
     /// at least `need` values.
-    fn ptr(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<u64>;
+    fn ptr(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<Dp>;
 
-    /// Launches kernel `k`, in order after all earlier work.
+    /// Launches kernel `k`, in order after all earlier work. A kernel whose last parameter is
+    /// `int st` gets the [`storage_mask`] of `args` there; any other is refused bf16 pointers
+    /// ([`check_storage`]).
     ///
     /// # Safety
-    /// `args` must match the kernel's parameters in number and type, and every pointer must
-    /// hold at least the values the kernel touches for the sizes passed and `cfg`.
+    /// `args` must match the kernel's parameters (but `st`) in number and type, and every
+    /// pointer must hold at least the values the kernel touches for the sizes passed and
+    /// `cfg`, in the storage it says.
     unsafe fn launch(&self, op: &str, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
 
-    /// Runs one column-major product on raw pointers.
+    /// Runs one column-major product on raw pointers: `a` and `b` both f32 (`c` f32 too) or
+    /// both bf16 (`c` either), f32 compute.
     ///
     /// # Safety
     /// As [`Blas::run`]: the pointers hold [`Gemm::extents`] values, `c` apart from `a`, `b`.
-    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()>;
+    unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()>;
 
-    /// Copies `n` values from `src` to `dst`.
+    /// Copies `bytes` bytes from `src` to `dst`.
     ///
     /// # Safety
-    /// Both pointers must hold `n` values and not overlap.
-    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, n: usize) -> Result<()>;
+    /// Both pointers must hold `bytes` bytes and not overlap.
+    unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, bytes: usize) -> Result<()>;
+
+    /// Runs `f` with the device pointer of the device's conversion scratch, grown to at least
+    /// `bytes` first (which fails while a graph is being recorded), no other call of
+    /// `with_scratch` on this device running meanwhile.
+    fn with_scratch(
+        &self,
+        op: &str,
+        bytes: usize,
+        f: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<()>;
 
     /// Runs `f` with the device pointer of its [`PARTIALS`] f64 partial sums, no other call
     /// of `with_partials` on this device running meanwhile.
     fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()>;
 
+    /// The attention kernels selected on this device.
+    fn attention_kernels(&self) -> AttentionKernels {
+        AttentionKernels::Unfused
+    }
+
+    /// Whether the attention of `s` runs the fused kernels (in either storage).
+    fn fused_attention(&self, s: &AttnShape) -> bool {
+        self.attention_kernels() == AttentionKernels::Fused && crate::fused::supports(s)
+    }
+
     /// The pointer of a buffer an operation reads.
-    fn src(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<u64> {
+    fn src(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<Dp> {
         self.ptr(op, name, b, need)
     }
 
     /// The pointer of a buffer an operation writes.
-    fn dst(&self, op: &str, name: &str, b: &mut Self::Buf, need: usize) -> Result<u64> {
+    fn dst(&self, op: &str, name: &str, b: &mut Self::Buf, need: usize) -> Result<Dp> {
         self.ptr(op, name, b, need)
     }
 
@@ -114,15 +211,20 @@ pub(crate) trait Exec {
     /// each given as (device pointer, values it holds), and that the output overlaps neither
     /// input.
     ///
+    /// When every operand is f32 this is one f32 product (f32 compute, TF32 off). When any is
+    /// bf16, the f32 ones among `a` and `b` are first rounded to bf16 in the device's
+    /// conversion scratch, and the product takes bf16 `a` and `b` with f32 compute and writes
+    /// `c` in its own storage (PyTorch autocast's rule).
+    ///
     /// # Safety
     /// Each pointer must hold the values given with it, `c` apart from `a` and `b`.
     unsafe fn gemm(
         &self,
         op: &str,
         g: &Gemm,
-        a: (u64, usize),
-        b: (u64, usize),
-        c: (u64, usize),
+        a: (Dp, usize),
+        b: (Dp, usize),
+        c: (Dp, usize),
     ) -> Result<()> {
         Blas::check(op, g)?;
         let (ea, eb, ec) = g.extents();
@@ -132,15 +234,132 @@ pub(crate) trait Exec {
                 a.1, b.1, c.1
             )));
         }
-        let overlaps = |x: u64, nx: usize, y: u64, ny: usize| {
-            nx > 0 && ny > 0 && x < y + 4 * ny as u64 && y < x + 4 * nx as u64
+        let overlaps = |x: Dp, nx: usize, y: Dp, ny: usize| {
+            nx > 0
+                && ny > 0
+                && x.addr < y.addr + (y.elem() * ny) as u64
+                && y.addr < x.addr + (x.elem() * nx) as u64
         };
         if overlaps(c.0, ec, a.0, ea) || overlaps(c.0, ec, b.0, eb) {
             return Err(DtlError::Device(format!(
                 "{op}: internal error: a matrix product would write over one of its operands"
             )));
         }
-        self.gemm_raw(op, g, a.0, b.0, c.0)
+        let (a, b, c) = (a.0, b.0, c.0);
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        if !(a.bf16 || b.bf16 || c.bf16) || (a.bf16 && b.bf16) {
+            return self.gemm_raw(op, g, a, b, c);
+        }
+        // The f32 operands, rounded to bf16 in the scratch: `a`'s values first, then `b`'s.
+        let need_a = if a.bf16 { 0 } else { ea };
+        let need_b = if b.bf16 { 0 } else { eb };
+        self.with_scratch(op, 2 * (need_a + need_b), &mut |scratch| {
+            let sa = Dp::bf16(scratch);
+            let sb = sa.at(need_a);
+            for (from, to, n) in [(a, sa, need_a), (b, sb, need_b)] {
+                if n > 0 {
+                    let ni = n32(op, "the operand values", n)?;
+                    // SAFETY: `from` holds n values (checked above); the scratch holds
+                    // need_a + need_b bf16 values, and `to` is followed by n of them.
+                    unsafe {
+                        self.launch(
+                            op,
+                            K::Convert,
+                            elementwise(n),
+                            &[Arg::P(from), Arg::P(to), Arg::I(ni)],
+                        )
+                    }?;
+                }
+            }
+            let a16 = if a.bf16 { a } else { sa };
+            let b16 = if b.bf16 { b } else { sb };
+            // SAFETY: as above; the scratch is the device's own, apart from `c`.
+            unsafe { self.gemm_raw(op, g, a16, b16, c) }
+        })
+    }
+}
+
+/// The memory of dropped buffers a device keeps while graphs (which hold raw device pointers)
+/// exist: [`Keep::hold`] for each graph (and each recording under way), [`Keep::unhold`]
+/// when it goes; memory dropped meanwhile is kept until the last one goes.
+pub(crate) struct Keep<M> {
+    state: std::sync::Mutex<(usize, Vec<M>)>,
+}
+
+impl<M> Keep<M> {
+    pub fn new() -> Keep<M> {
+        Keep {
+            state: std::sync::Mutex::new((0, Vec::new())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Vec<M>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees `m` now, or keeps it while a graph exists.
+    pub fn drop_or_keep(&self, m: M) {
+        let mut s = self.lock();
+        if s.0 > 0 {
+            s.1.push(m);
+        } else {
+            drop(s);
+            drop(m);
+        }
+    }
+
+    /// One more graph holds pointers.
+    pub fn hold(&self) {
+        self.lock().0 += 1;
+    }
+
+    /// One graph fewer; after the last, the memory kept is freed (outside the lock).
+    pub fn unhold(&self) {
+        let freed = {
+            let mut s = self.lock();
+            s.0 = s.0.saturating_sub(1);
+            if s.0 == 0 {
+                std::mem::take(&mut s.1)
+            } else {
+                Vec::new()
+            }
+        };
+        drop(freed);
+    }
+
+    /// Frees everything kept, whatever the graphs (the device is going).
+    pub fn clear(&self) {
+        let freed = {
+            let mut s = self.lock();
+            s.0 = 0;
+            std::mem::take(&mut s.1)
+        };
+        drop(freed);
+    }
+}
+
+/// `v` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet NaN of the same sign),
+/// as its 16 bits: what the kernels' `dtl_f32_to_bf16` computes.
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits (exact).
+pub(crate) fn f32_from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// The precision a device is opened at: `Auto` (which a caller resolves first) is bf16.
+pub(crate) fn resolve(p: Precision) -> Precision {
+    match p {
+        Precision::Auto => Precision::Bf16,
+        p => p,
     }
 }
 
@@ -238,7 +457,16 @@ pub(crate) fn attention_scratch(shape: AttnShape) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-fn fill_ptr<E: Exec>(e: &E, op: &str, p: u64, n: usize, value: f32) -> Result<()> {
+/// Values of the attention scratch for `shape` on `e`: the fused path's when it runs it.
+pub(crate) fn attention_scratch_on<E: Exec>(e: &E, shape: AttnShape) -> usize {
+    if e.fused_attention(&shape) {
+        crate::fused::scratch(&shape)
+    } else {
+        attention_scratch(shape)
+    }
+}
+
+fn fill_ptr<E: Exec>(e: &E, op: &str, p: Dp, n: usize, value: f32) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
@@ -254,12 +482,25 @@ fn fill_ptr<E: Exec>(e: &E, op: &str, p: u64, n: usize, value: f32) -> Result<()
     }
 }
 
-fn copy_ptr<E: Exec>(e: &E, op: &str, src: u64, dst: u64, n: usize) -> Result<()> {
+/// Copies `n` values, converting when the storages differ.
+fn copy_ptr<E: Exec>(e: &E, op: &str, src: Dp, dst: Dp, n: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
+    if src.bf16 == dst.bf16 {
+        // SAFETY: callers pass pointers holding `n` values each, not overlapping.
+        return unsafe { e.copy_raw(op, src.addr, dst.addr, n * src.elem()) };
+    }
+    let ni = n32(op, "the values", n)?;
     // SAFETY: callers pass pointers holding `n` values each, not overlapping.
-    unsafe { e.copy_raw(op, src, dst, n) }
+    unsafe {
+        e.launch(
+            op,
+            K::Convert,
+            elementwise(n),
+            &[Arg::P(src), Arg::P(dst), Arg::I(ni)],
+        )
+    }
 }
 
 /// `y (m x n) [+]= x (m x k) w^T [+ bias]` on checked pointers.
@@ -267,11 +508,11 @@ fn copy_ptr<E: Exec>(e: &E, op: &str, src: u64, dst: u64, n: usize) -> Result<()
 fn linear_ptr<E: Exec>(
     e: &E,
     op: &str,
-    x: u64,
-    w: u64,
-    bias: Option<u64>,
+    x: Dp,
+    w: Dp,
+    bias: Option<Dp>,
     (m, k, n): (usize, usize, usize),
-    y: u64,
+    y: Dp,
     accumulate: bool,
 ) -> Result<()> {
     let len = m * n;
@@ -635,9 +876,9 @@ fn score_bias<E: Exec>(
     op: &str,
     s: &AttnShape,
     bias: Option<(&E::Buf, usize)>,
-) -> Result<(u64, i32)> {
+) -> Result<(Dp, i32)> {
     let Some((b, groups)) = bias else {
-        return Ok((0, 1));
+        return Ok((Dp::f32(0), 1));
     };
     if groups == 0 {
         return Err(invalid(op, "the bias has 0 groups; it needs at least 1"));
@@ -663,6 +904,9 @@ fn attention_with<E: Exec>(
     out: &mut E::Buf,
     scratch: &mut E::Buf,
 ) -> Result<()> {
+    if e.fused_attention(&shape) {
+        return crate::fused::attention(op, e, qkv, shape, bias, out, scratch);
+    }
     let (plan, nqkv) = attn_plan(op, &shape)?;
     let qp = e.src(op, "qkv", qkv, nqkv)?;
     let (bp, bias_rows) = score_bias(e, op, &shape, bias)?;
@@ -674,7 +918,7 @@ fn attention_with<E: Exec>(
     if plan.slot == 0 {
         return Ok(());
     }
-    let at = |i: usize| sp + (plan.offsets()[i] * 4) as u64;
+    let at = |i: usize| sp.at(plan.offsets()[i]);
     let (q, k, v, o, p) = (at(0), at(1), at(2), at(3), at(4));
     let AttnShape {
         batch: b,
@@ -794,6 +1038,9 @@ fn attention_vjp_with<E: Exec>(
     dqkv: &mut E::Buf,
     scratch: &mut E::Buf,
 ) -> Result<()> {
+    if e.fused_attention(&shape) {
+        return crate::fused::attention_vjp(op, e, qkv, dout, shape, bias, dqkv, scratch);
+    }
     let (plan, nqkv) = attn_plan(op, &shape)?;
     let qp = e.src(op, "qkv", qkv, nqkv)?;
     let dop = e.src(op, "dout", dout, plan.slot)?;
@@ -806,7 +1053,7 @@ fn attention_vjp_with<E: Exec>(
     if plan.slot == 0 {
         return Ok(());
     }
-    let at = |i: usize| sp + (plan.offsets()[i] * 4) as u64;
+    let at = |i: usize| sp.at(plan.offsets()[i]);
     let (q, k, v, go, p, dp) = (at(0), at(1), at(2), at(3), at(4), at(5));
     let AttnShape {
         batch: b,
@@ -1570,13 +1817,13 @@ pub(crate) fn sum_squares<E: Exec>(e: &E, x: &E::Buf, len: usize, acc: &mut E::B
                 OP,
                 K::SumSquaresPartial,
                 cfg,
-                &[Arg::P(xp), Arg::P(pp), Arg::I(n)],
+                &[Arg::P(xp), Arg::P(Dp::f32(pp)), Arg::I(n)],
             )?;
             e.launch(
                 OP,
                 K::SumSquaresFinal,
                 single_block(1024),
-                &[Arg::P(pp), Arg::P(ap), Arg::I(parts as i32)],
+                &[Arg::P(Dp::f32(pp)), Arg::P(ap), Arg::I(parts as i32)],
             )
         }
     })
@@ -1676,7 +1923,7 @@ fn conv_lens(op: &str, s: &ConvShape) -> Result<(usize, usize)> {
     Ok((len, nw))
 }
 
-fn conv_args(ptrs: &[u64; 3], s: &ConvShape) -> Vec<Arg> {
+fn conv_args(ptrs: &[Dp; 3], s: &ConvShape) -> Vec<Arg> {
     vec![
         Arg::P(ptrs[0]),
         Arg::P(ptrs[1]),
@@ -1888,7 +2135,7 @@ macro_rules! kernel_ops {
         }
 
         fn attention_scratch(&self, shape: dtl_kernels::AttnShape) -> usize {
-            $crate::ops::attention_scratch(shape)
+            $crate::ops::attention_scratch_on(self, shape)
         }
 
         fn add_scaled(
@@ -2096,6 +2343,10 @@ mod tests {
             K::SumSquaresPartial,
             K::SumSquaresFinal,
             K::Adamw,
+            K::Convert,
+            K::AttnFused,
+            K::AttnFusedDq,
+            K::AttnFusedDkv,
         ];
         assert_eq!(all.len(), crate::KERNEL_NAMES.len());
         for (i, k) in all.iter().enumerate() {
@@ -2112,6 +2363,68 @@ mod tests {
             };
             assert_eq!(name, variant, "entry {i}");
         }
+    }
+
+    #[test]
+    fn bf16_rounding_storage_masks_and_f32_only_kernels() {
+        // to nearest, ties to even, NaN kept quiet, overflow to infinity
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80); // tie, even below
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82); // tie, even above
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80);
+        assert_eq!(bf16_bits(-0.0), 0x8000);
+        assert!(f32_from_bf16(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(f32_from_bf16(0xbf80), -1.0);
+        // bit j for argument j, pointers only
+        let args = [
+            Arg::P(Dp::bf16(8)),
+            Arg::I(3),
+            Arg::P(Dp::f32(16)),
+            Arg::P(Dp::bf16(24)),
+        ];
+        assert_eq!(storage_mask(&args), Arg::I(0b1001));
+        assert_eq!(Dp::bf16(100).at(3).addr, 106);
+        assert_eq!(Dp::f32(100).at(3).addr, 112);
+        assert!(check_storage("op", "k", true, &args).is_ok());
+        let e = check_storage("op", "k", false, &args)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("op: k") && e.contains("f32"), "{e}");
+        assert!(check_storage("op", "k", false, &[Arg::P(Dp::f32(8))]).is_ok());
+        // every kernel of kernels.cu takes the storage
+        let flags = crate::nvrtc::takes_storage();
+        for (i, name) in crate::KERNEL_NAMES.iter().enumerate() {
+            if !name.starts_with("dtl_attn_fused") {
+                assert!(flags[i], "{name} has no `int st` parameter");
+            }
+        }
+    }
+
+    #[test]
+    fn kept_memory_waits_for_the_last_graph() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static FREED: AtomicUsize = AtomicUsize::new(0);
+        struct M;
+        impl Drop for M {
+            fn drop(&mut self) {
+                FREED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let keep = Keep::new();
+        keep.drop_or_keep(M);
+        assert_eq!(FREED.load(Ordering::Relaxed), 1);
+        keep.hold();
+        keep.hold();
+        keep.drop_or_keep(M);
+        keep.unhold();
+        assert_eq!(FREED.load(Ordering::Relaxed), 1);
+        keep.unhold();
+        assert_eq!(FREED.load(Ordering::Relaxed), 2);
+        keep.hold();
+        keep.drop_or_keep(M);
+        keep.clear();
+        assert_eq!(FREED.load(Ordering::Relaxed), 3);
     }
 
     #[test]

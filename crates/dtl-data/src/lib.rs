@@ -26,6 +26,8 @@ pub mod ops;
 pub mod params;
 pub mod randaug;
 pub mod resample;
+#[cfg(test)]
+mod testdata;
 pub mod text;
 
 pub use loader::{Batch, DataPipeline, Loader};

@@ -34,6 +34,7 @@
 // Unsafe code lives in `cpu::strided` (the gemm call) and the SIMD dispatch of `cpu::ops` only.
 #![deny(unsafe_code)]
 
+use dtl_core::choice::Precision;
 use dtl_core::{BackboneSpec, DropPath, DtlError, Result};
 
 pub mod cpu;
@@ -261,6 +262,44 @@ impl AdamwStep {
     }
 }
 
+/// A graph recorded by [`Kernels::capture`], named by the device that holds it.
+///
+/// ```
+/// let g = dtl_kernels::GraphId(3);
+/// assert_eq!(g.0, 3);
+/// ```
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct GraphId(pub u64);
+
+/// What [`Kernels::capture`] did with the work it ran.
+///
+/// ```
+/// let c = dtl_kernels::Capture::Plain("the CPU does not record graphs".into());
+/// assert!(c.reason().is_some());
+/// ```
+#[derive(Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// Recorded: [`Kernels::replay`] issues it again.
+    Graph(GraphId),
+    /// Ran as plain operations and was not recorded, for the reason given.
+    Plain(String),
+}
+
+impl Capture {
+    /// Why the work was not recorded, if it was not.
+    ///
+    /// ```
+    /// let c = dtl_kernels::Capture::Graph(dtl_kernels::GraphId(1));
+    /// assert_eq!(c.reason(), None);
+    /// ```
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Capture::Graph(_) => None,
+            Capture::Plain(r) => Some(r),
+        }
+    }
+}
+
 /// What a device says about its memory, in bytes.
 ///
 /// ```
@@ -439,6 +478,93 @@ pub trait Kernels: Send + Sync + 'static {
     /// k.reset_peak();
     /// ```
     fn reset_peak(&self) {}
+
+    // ---- precision ----------------------------------------------------------------------
+
+    /// The precision this device stores activations and frozen weights at: `F32` unless the
+    /// device was opened for bf16 (a GPU only). Parameters, gradients, optimizer state and
+    /// every reduction stay f32 whatever this says.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels};
+    /// assert_eq!(CpuKernels::new().precision(), dtl_core::choice::Precision::F32);
+    /// ```
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+    /// A zero-filled buffer of `len` activations (a backbone block's inputs and internals,
+    /// and their gradients), stored at [`Kernels::precision`]. The operations read and write
+    /// it as any other buffer; [`Kernels::upload`] and [`Kernels::download`] convert.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// assert_eq!(k.download(&k.alloc_act(2).unwrap(), 2).unwrap(), vec![0.0; 2]);
+    /// ```
+    fn alloc_act(&self, len: usize) -> Result<Self::Buf> {
+        self.alloc(len)
+    }
+    /// A new buffer holding frozen weights `host`, stored at [`Kernels::precision`] (so in
+    /// bf16 mode they are rounded to bf16 once, at upload).
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// let w = k.upload_frozen(&[0.5, 1.0]).unwrap();
+    /// assert_eq!(k.download(&w, 2).unwrap(), vec![0.5, 1.0]);
+    /// ```
+    fn upload_frozen(&self, host: &[f32]) -> Result<Self::Buf> {
+        self.upload_new(host)
+    }
+
+    // ---- graphs -------------------------------------------------------------------------
+
+    /// Runs `work` once and, on a device that can, records the operations it issues into a
+    /// graph that [`Kernels::replay`] issues again with one launch (CUDA graphs). The work must
+    /// be a fixed sequence: no allocation, no download, the same buffers and sizes every time;
+    /// what changes between replays must live in device buffers (written with
+    /// [`Kernels::upload`] before the replay). A device without graphs, or work that cannot
+    /// be recorded, returns [`Capture::Plain`] with the reason, after running the work as plain
+    /// operations.
+    ///
+    /// ```
+    /// use dtl_kernels::{Capture, CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// let mut y = k.alloc(2).unwrap();
+    /// let c = k.capture(&mut || k.fill(&mut y, 2, 1.0)).unwrap();
+    /// assert!(matches!(c, Capture::Plain(_)));
+    /// assert_eq!(k.download(&y, 2).unwrap(), vec![1.0; 2]);
+    /// ```
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Capture> {
+        work()?;
+        Ok(Capture::Plain(format!(
+            "{} does not record graphs",
+            self.describe()
+        )))
+    }
+    /// Issues the operations recorded by [`Kernels::capture`] again.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, GraphId, Kernels};
+    /// let k = CpuKernels::new();
+    /// assert!(k.replay(&GraphId(0)).is_err());
+    /// ```
+    fn replay(&self, graph: &GraphId) -> Result<()> {
+        Err(DtlError::Device(format!(
+            "{}: no recorded graph {}",
+            self.describe(),
+            graph.0
+        )))
+    }
+    /// Frees a graph recorded by [`Kernels::capture`] (replaying it afterwards is an error).
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, GraphId, Kernels};
+    /// CpuKernels::new().release(GraphId(0));
+    /// ```
+    fn release(&self, graph: GraphId) {
+        let _ = graph;
+    }
 
     // ---- products -----------------------------------------------------------------------
 

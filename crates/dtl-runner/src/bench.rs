@@ -199,7 +199,8 @@ fn naive_for(
 }
 
 /// Runs the benchmark described by `opts` (`what`: `train`, `forward`, `vjp`) on `dev` and
-/// returns one JSON row per measurement: `what`, `side`, `batch`, `img_per_s`,
+/// returns the report: `backbone`, `image_size`, `device`, `precision` (always
+/// [`CPU_PRECISION`]) and one JSON row per measurement: `what`, `side`, `batch`, `img_per_s`,
 /// `peak_rss_mib`, `peak_gpu_mib`.
 ///
 /// `train` measures a full step (forward, backward, AdamW) of `dtl`, `dtl+` and `linear`
@@ -295,11 +296,22 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
             }
         }
     }
-    Ok(BenchReport {
+    let mut report = BenchReport {
         backbone: Some(spec.name.clone()),
         image_size: Some(s),
         device: Some(cfg.run.device.to_string()),
         rows,
     }
-    .to_json())
+    .to_json();
+    // The CPU path computes in f32 whatever `run.precision` says (`auto` is f32 here and bf16
+    // is refused up front), and tables of several runs tell them apart by this field.
+    report["precision"] = serde_json::json!(CPU_PRECISION);
+    Ok(report)
 }
+
+/// The precision every `dtl bench` measurement on the CPU runs in (the report's `precision`).
+///
+/// ```
+/// assert_eq!(dtl_runner::bench::CPU_PRECISION, "f32");
+/// ```
+pub const CPU_PRECISION: &str = "f32";

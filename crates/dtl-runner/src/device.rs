@@ -75,7 +75,7 @@ pub trait TrainDevice:
         prefix: usize,
         cls: bool,
     ) -> Result<Tensor<(usize, usize), f32, Self, T>>;
-    /// Soft-target cross entropy (see [`crate::model::soft_cross_entropy`]).
+    /// Soft-target cross entropy (see [`crate::ops::soft_cross_entropy`]).
     fn soft_cross_entropy(
         logits: Matrix<Self>,
         targets: &[f32],
@@ -128,6 +128,6 @@ impl TrainDevice for Cpu {
         logits: Matrix<Self>,
         targets: &[f32],
     ) -> Result<Tensor<Rank0, f32, Self, TapeOf<Self>>> {
-        crate::model::soft_cross_entropy(logits, targets)
+        crate::ops::soft_cross_entropy(logits, targets)
     }
 }

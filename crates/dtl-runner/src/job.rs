@@ -152,6 +152,15 @@ pub trait Engine {
     }
     /// The device, in words.
     fn device(&self) -> String;
+    /// The precision the engine trains at (`f32` or `bf16`: `run.precision` resolved).
+    fn precision(&self) -> String {
+        "f32".to_string()
+    }
+    /// Whether the training step replays a recorded graph: `captured`, or why not; `None`
+    /// for an engine that never records one (the tape-based CPU path).
+    fn graph(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What makes the [`Engine`] of a pipeline once its class count is known, and benchmarks it.
@@ -653,273 +662,415 @@ fn set_threads(n: usize) {
     }
 }
 
-impl<S: EngineSource> Job for Trainer<S> {
-    fn train(&mut self, env: &RunEnv) -> Result<Value> {
-        let wall = Instant::now();
-        set_threads(self.cfg.run.threads);
+/// What one call of [`Job::train`] carries from phase to phase: the engine, where training
+/// stands, the open metrics file and the clocks.
+struct TrainRun<E> {
+    /// The model and its optimizer on the training device.
+    engine: E,
+    /// Classes of the head.
+    classes: usize,
+    /// Blocks of the backbone (one stochastic-depth mask each).
+    depth: usize,
+    /// `schedule.epochs`.
+    epochs: usize,
+    /// The learning rate of every step.
+    sched: Schedule,
+    /// Where training stands; saved in every checkpoint.
+    pos: Position,
+    /// `metrics.jsonl`, open for appending.
+    metrics: Metrics,
+    /// The run directory and the two checkpoints in it.
+    run_dir: PathBuf,
+    last_path: PathBuf,
+    best_path: PathBuf,
+    /// Show progress bars and epoch summaries.
+    progress: bool,
+    bar_style: ProgressStyle,
+    /// Started with this call; `wall_before` is the wall time of the calls before it (resume).
+    wall: Instant,
+    wall_before: f64,
+    /// When `last.safetensors` was last written.
+    last_save: Instant,
+    /// The last evaluation on the test split (none with a validation split).
+    last_eval: Option<EvalResult>,
+    /// The last loss the engine reported.
+    last_loss: Option<f32>,
+}
+
+impl<E> TrainRun<E> {
+    /// The wall time of the run so far, this call and the ones it resumes.
+    fn wall_seconds(&self) -> f64 {
+        self.wall_before + self.wall.elapsed().as_secs_f64()
+    }
+}
+
+/// The targets of a training batch, `(n, classes)`: its soft targets (mixup, cutmix) when it
+/// has them, else its labels one-hot with label smoothing `smoothing`.
+fn batch_targets(batch: &Batch, classes: usize, smoothing: f64) -> Result<Vec<f32>> {
+    match &batch.soft_targets {
+        Some(s) if s.len() == batch.n * classes => Ok(s.clone()),
+        Some(s) => Err(DtlError::invalid(format!(
+            "soft targets hold {} values, expected {} images x {classes} classes",
+            s.len(),
+            batch.n
+        ))),
+        None => {
+            if let Some(&l) = batch.labels.iter().find(|&&l| l >= classes) {
+                return Err(DtlError::invalid(format!(
+                    "label {l} is out of range for {classes} classes (head.classes)"
+                )));
+            }
+            Ok(smoothed_targets(&batch.labels, classes, smoothing))
+        }
+    }
+}
+
+/// Warns that the checkpoint `path` is resumed with `what` (`"inputs that differ from the
+/// ones"`) it was trained with, one line per difference; silent when there is none.
+fn warn_differences(path: &Path, what: &str, differences: &[String]) {
+    if differences.is_empty() {
+        return;
+    }
+    eprintln!(
+        "warning: resuming {} with {what} it was trained with:",
+        path.display()
+    );
+    for c in differences {
+        eprintln!("  {c}");
+    }
+}
+
+/// The phases of [`Job::train`], in the order a run goes through them: [`Trainer::start`]
+/// (with [`Trainer::resume`]), [`Trainer::evaluate_at_start`], then per epoch
+/// [`Trainer::epoch`], which runs [`Trainer::step`] per batch and ends with
+/// [`Trainer::evaluate_epoch`] and [`Trainer::checkpoint`], and last [`Trainer::finish`].
+impl<S: EngineSource> Trainer<S> {
+    /// Start phase: the run directory, the data, a fresh engine, the schedule, the
+    /// validation split and the extra test sets (refused now rather than at the first
+    /// evaluation), the position (from `env.resume` when set, see [`Trainer::resume`]) and the
+    /// metrics file.
+    fn start(&mut self, env: &RunEnv, wall: Instant) -> Result<TrainRun<S::Engine>> {
         let run_dir = env.run_dir.clone();
         std::fs::create_dir_all(&run_dir).map_err(|e| DtlError::io(&run_dir, e))?;
-        let cfg = self.cfg.clone();
-        let spec = self.source.spec().clone();
-        let classes = cfg.classes(self.data()?.num_classes());
-        let mut engine = self.source.engine(&cfg, classes)?;
+        let found = self.data()?.num_classes();
+        let classes = self.cfg.classes(found);
+        let mut engine = self.source.engine(&self.cfg, classes)?;
         let spe = self.steps_per_epoch()?;
         if spe == 0 {
             return Err(DtlError::invalid(format!(
                 "the training split has {} images, fewer than one batch of {}; lower data.batch_size or set data.drop_last = false",
                 self.data()?.train_len(),
-                cfg.data.batch_size
+                self.cfg.data.batch_size
             )));
         }
-        if let Some(val) = &cfg.eval.val {
+        if let Some(val) = self.cfg.eval.val.clone() {
             // Refused now rather than at the first evaluation.
-            self.open_val(val)?;
+            self.open_val(&val)?;
         }
         self.open_tests(classes)?;
-        let sched = Schedule::new(&cfg.schedule, cfg.optim.lr, spe);
-        let epochs = cfg.schedule.epochs;
-        let inputs =
-            crate::inputs::fingerprint(cfg.backbone.weights.as_deref(), &self.data()?.sources());
-        let mut pos = Position::default();
-        if let Some(r) = &env.resume {
-            let path = checkpoint::resolve(r, true)?;
-            let ck = checkpoint::load(&path)?;
-            let changes = checkpoint::pipeline_changes(&ck.pipeline, &cfg.to_toml());
-            if !changes.is_empty() {
-                eprintln!(
-                    "warning: resuming {} with a pipeline that differs from the one it was trained with:",
-                    path.display()
-                );
-                for c in &changes {
-                    eprintln!("  {c}");
-                }
-            }
-            engine.load(&ck, true)?;
-            pos = serde_json::from_value(ck.state.clone()).map_err(|e| {
-                DtlError::file(
-                    &path,
-                    format!("metadata `state` is not a training position: {e}"),
-                )
-            })?;
-            check_position(&path, &pos, spe)?;
-            let changed = crate::inputs::changes(&pos.inputs, &inputs);
-            if !changed.is_empty() {
-                eprintln!(
-                    "warning: resuming {} with inputs that differ from the ones it was trained with:",
-                    path.display()
-                );
-                for c in &changed {
-                    eprintln!("  {c}");
-                }
-            }
-            if pos.epoch >= epochs {
-                eprintln!(
-                    "notice: {} has trained {} epochs already, schedule.epochs is {epochs}: nothing is trained, the checkpoint is evaluated",
-                    path.display(),
-                    pos.epoch
-                );
-            }
-            Metrics::truncate_after(&run_dir, pos.epoch, pos.step)?;
-        }
+        let sched = Schedule::new(&self.cfg.schedule, self.cfg.optim.lr, spe);
+        let epochs = self.cfg.schedule.epochs;
+        let sources = self.data()?.sources();
+        let inputs = crate::inputs::fingerprint(self.cfg.backbone.weights.as_deref(), &sources);
+        let mut pos = match &env.resume {
+            Some(r) => self.resume(r, &run_dir, &mut engine, spe, &inputs)?,
+            None => Position::default(),
+        };
         pos.inputs = inputs;
-        let mut metrics = Metrics::open(&run_dir)?;
-        let last_path = run_dir.join("last.safetensors");
-        let best_path = run_dir.join("best.safetensors");
-        if cfg.eval.at_start && env.resume.is_none() {
-            let r = self.evaluate_during_training(&mut engine)?;
-            if cfg.eval.val.is_some() {
-                metrics.write(&json!({"kind": "eval", "epoch": 0, "val_top1": r.top1, "val_top5": r.top5, "val_loss": r.loss}))?;
-            } else {
-                metrics.write(&json!({"kind": "eval", "epoch": 0, "top1": r.top1, "top5": r.top5, "test_loss": r.loss}))?;
-            }
-        }
-        let depth = spec.depth;
-        let mut last_eval: Option<EvalResult> = None;
-        let mut last_save = Instant::now();
-        let wall_before = pos.wall_seconds;
+        let metrics = Metrics::open(&run_dir)?;
         let bar_style =
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
                 .map_err(|e| DtlError::invalid(e.to_string()))?
                 .progress_chars("=> ");
-        let mut last_loss: Option<f32> = None;
-        for epoch in pos.epoch..epochs {
-            let skip = if epoch == pos.epoch { pos.batch } else { 0 };
-            if skip == 0 {
-                pos.epoch_loss_sum = 0.0;
-                pos.epoch_loss_count = 0;
+        Ok(TrainRun {
+            engine,
+            classes,
+            depth: self.source.spec().depth,
+            epochs,
+            sched,
+            wall_before: pos.wall_seconds,
+            pos,
+            metrics,
+            last_path: run_dir.join("last.safetensors"),
+            best_path: run_dir.join("best.safetensors"),
+            run_dir,
+            progress: env.progress,
+            bar_style,
+            wall,
+            last_save: Instant::now(),
+            last_eval: None,
+            last_loss: None,
+        })
+    }
+
+    /// Resume phase: loads the checkpoint `from` (a file or a run directory) into `engine`,
+    /// parameters and optimizer state, and returns its position after checking that it fits
+    /// `steps_per_epoch`. A pipeline or inputs (weights, data files) that differ from the
+    /// ones it was trained with are warnings; `metrics.jsonl` loses the lines after the
+    /// position.
+    fn resume(
+        &self,
+        from: &Path,
+        run_dir: &Path,
+        engine: &mut S::Engine,
+        steps_per_epoch: usize,
+        inputs: &Value,
+    ) -> Result<Position> {
+        let path = checkpoint::resolve(from, true)?;
+        let ck = checkpoint::load(&path)?;
+        let changes = checkpoint::pipeline_changes(&ck.pipeline, &self.cfg.to_toml());
+        warn_differences(&path, "a pipeline that differs from the one", &changes);
+        engine.load(&ck, true)?;
+        let pos: Position = serde_json::from_value(ck.state.clone()).map_err(|e| {
+            DtlError::file(
+                &path,
+                format!("metadata `state` is not a training position: {e}"),
+            )
+        })?;
+        check_position(&path, &pos, steps_per_epoch)?;
+        let changed = crate::inputs::changes(&pos.inputs, inputs);
+        warn_differences(&path, "inputs that differ from the ones", &changed);
+        let epochs = self.cfg.schedule.epochs;
+        if pos.epoch >= epochs {
+            eprintln!(
+                "notice: {} has trained {} epochs already, schedule.epochs is {epochs}: nothing is trained, the checkpoint is evaluated",
+                path.display(),
+                pos.epoch
+            );
+        }
+        Metrics::truncate_after(run_dir, pos.epoch, pos.step)?;
+        Ok(pos)
+    }
+
+    /// `eval.at_start`: evaluates the freshly initialised engine before the first epoch
+    /// (epoch 0 of the metrics).
+    fn evaluate_at_start(&mut self, run: &mut TrainRun<S::Engine>) -> Result<()> {
+        let r = self.evaluate_during_training(&mut run.engine)?;
+        if self.cfg.eval.val.is_some() {
+            run.metrics.write(&json!({"kind": "eval", "epoch": 0, "val_top1": r.top1, "val_top5": r.top5, "val_loss": r.loss}))?;
+        } else {
+            run.metrics.write(&json!({"kind": "eval", "epoch": 0, "top1": r.top1, "top5": r.top5, "test_loss": r.loss}))?;
+        }
+        Ok(())
+    }
+
+    /// Epoch phase: trains the batches of `epoch` from where the position stands (a resumed
+    /// run skips the batches its checkpoint had trained), one [`Trainer::step`] each, then
+    /// writes the epoch's line: the mean training loss, the evaluation when one is due
+    /// ([`Trainer::evaluate_epoch`]) and the wall time, and refreshes `last.safetensors`.
+    /// Returns the stop report when the step limit ends the run inside the epoch.
+    fn epoch(&mut self, run: &mut TrainRun<S::Engine>, epoch: usize) -> Result<Option<Value>> {
+        let epochs = run.epochs;
+        let skip = if epoch == run.pos.epoch {
+            run.pos.batch
+        } else {
+            0
+        };
+        if skip == 0 {
+            run.pos.epoch_loss_sum = 0.0;
+            run.pos.epoch_loss_count = 0;
+        }
+        run.engine.set_loss_sum(run.pos.epoch_loss_sum)?;
+        let loader = self.data()?.train_epoch(epoch, skip)?;
+        let bar = if run.progress {
+            ProgressBar::new((skip + loader.batches()) as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(run.bar_style.clone());
+        bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        bar.set_position(skip as u64);
+        let mut lr = run.sched.lr(epoch, skip);
+        for (i, batch) in loader.enumerate() {
+            let bi = skip + i;
+            let batch = batch?;
+            lr = run.sched.lr(epoch, bi);
+            if let Some(stopped) = self.step(run, &bar, epoch, bi, &batch, lr)? {
+                bar.finish_and_clear();
+                return Ok(Some(stopped));
             }
-            engine.set_loss_sum(pos.epoch_loss_sum)?;
-            let loader = self.data()?.train_epoch(epoch, skip)?;
-            let bar = if env.progress {
-                ProgressBar::new((skip + loader.batches()) as u64)
-            } else {
-                ProgressBar::hidden()
-            };
-            bar.set_style(bar_style.clone());
-            bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
-            bar.set_position(skip as u64);
-            let mut lr = sched.lr(epoch, skip);
-            for (i, batch) in loader.enumerate() {
-                let bi = skip + i;
-                let batch = batch?;
-                let t = Instant::now();
-                let targets = match &batch.soft_targets {
-                    Some(s) if s.len() == batch.n * classes => s.clone(),
-                    Some(s) => {
-                        return Err(DtlError::invalid(format!(
-                            "soft targets hold {} values, expected {} images x {classes} classes",
-                            s.len(),
-                            batch.n
-                        )))
-                    }
-                    None => {
-                        if let Some(&l) = batch.labels.iter().find(|&&l| l >= classes) {
-                            return Err(DtlError::invalid(format!(
-                                "label {l} is out of range for {classes} classes (head.classes)"
-                            )));
-                        }
-                        smoothed_targets(&batch.labels, classes, cfg.optim.label_smoothing)
-                    }
-                };
-                lr = sched.lr(epoch, bi);
-                let drops = drop_masks(
-                    cfg.backbone.drop_path,
-                    depth,
-                    batch.n,
-                    cfg.run.seed,
-                    pos.step,
-                );
-                let logging = (pos.step + 1) % cfg.run.log_every as u64 == 0;
-                let loss = engine.train_step(
-                    &batch,
-                    &targets,
-                    &drops,
-                    lr,
-                    cfg.optim.clip_grad,
-                    logging,
-                )?;
-                if let Some(loss) = loss {
-                    if !loss.is_finite() {
-                        return Err(DtlError::invalid(format!(
-                            "the loss became {loss} at epoch {} step {}; lower optim.lr or set optim.clip_grad",
-                            epoch + 1,
-                            pos.step + 1
-                        )));
-                    }
-                    last_loss = Some(loss);
-                }
-                let dt = t.elapsed().as_secs_f64();
-                pos.step += 1;
-                pos.optim_steps = engine.optim_steps();
-                pos.batch = bi + 1;
-                pos.epoch = epoch;
-                pos.epoch_loss_count += 1;
-                pos.images_trained += batch.n as u64;
-                pos.train_seconds += dt;
-                let ips = batch.n as f64 / dt.max(1e-9);
-                let shown = last_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
-                bar.set_message(format!("loss {shown} lr {lr:.2e} {ips:.1} img/s"));
-                bar.inc(1);
-                if logging {
-                    let loss = last_loss.unwrap_or(f32::NAN);
-                    metrics.write(&json!({
-                        "kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": loss,
-                        "lr": lr, "img_per_s": ips, "time_s": wall_before + wall.elapsed().as_secs_f64()
-                    }))?;
-                }
-                let stop = self.step_limit.map(|l| pos.step >= l).unwrap_or(false);
-                if stop || last_save.elapsed() >= self.checkpoint_every {
-                    pos.wall_seconds = wall_before + wall.elapsed().as_secs_f64();
-                    pos.epoch_loss_sum = engine.loss_sum()?;
-                    self.save(&last_path, &engine, true, &pos)?;
-                    last_save = Instant::now();
-                }
-                if stop {
-                    bar.finish_and_clear();
-                    return Ok(
-                        json!({"stopped": true, "step": pos.step, "epoch": epoch, "batch": pos.batch,
-                                     "run_dir": run_dir.display().to_string(),
-                                     "last": last_path.display().to_string()}),
-                    );
-                }
+        }
+        bar.finish_and_clear();
+        run.pos.epoch_loss_sum = run.engine.loss_sum()?;
+        let train_loss = run.pos.epoch_loss_sum / run.pos.epoch_loss_count.max(1) as f64;
+        if !train_loss.is_finite() {
+            return Err(DtlError::invalid(format!(
+                "the mean training loss of epoch {} is {train_loss}; lower optim.lr or set optim.clip_grad",
+                epoch + 1
+            )));
+        }
+        let mut line =
+            json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": train_loss, "lr": lr});
+        let is_last = epoch + 1 == epochs;
+        if (epoch + 1) % self.cfg.eval.every == 0 || is_last {
+            let top1 = self.evaluate_epoch(run, &mut line)?;
+            if run.pos.best_top1.map(|b| top1 > b).unwrap_or(true) {
+                run.pos.best_top1 = Some(top1);
+                run.pos.best_epoch = Some(epoch + 1);
+                self.checkpoint_best(run, epoch)?;
             }
-            bar.finish_and_clear();
-            pos.epoch_loss_sum = engine.loss_sum()?;
-            let train_loss = pos.epoch_loss_sum / pos.epoch_loss_count.max(1) as f64;
-            if !train_loss.is_finite() {
+        }
+        run.pos.epoch = epoch + 1;
+        run.pos.batch = 0;
+        run.pos.wall_seconds = run.wall_seconds();
+        line["wall_s"] = json!(run.pos.wall_seconds);
+        run.metrics.write(&line)?;
+        if run.progress {
+            eprintln!("{}", epoch_summary(&line));
+        }
+        self.checkpoint(run)?;
+        Ok(None)
+    }
+
+    /// Step phase: one optimizer step on `batch`, batch `bi` of `epoch`, at learning rate
+    /// `lr`: the targets ([`batch_targets`]), the step's drop-path masks ([`drop_masks`]),
+    /// [`Engine::train_step`] (forward, loss, backward, AdamW), then the position, the
+    /// progress bar, a `step` line of the metrics every `run.log_every` steps and
+    /// `last.safetensors` when the checkpoint interval has passed. Returns the stop report
+    /// when the step limit is reached.
+    fn step(
+        &mut self,
+        run: &mut TrainRun<S::Engine>,
+        bar: &ProgressBar,
+        epoch: usize,
+        bi: usize,
+        batch: &Batch,
+        lr: f64,
+    ) -> Result<Option<Value>> {
+        let cfg = &self.cfg;
+        let t = Instant::now();
+        let targets = batch_targets(batch, run.classes, cfg.optim.label_smoothing)?;
+        let drops = drop_masks(
+            cfg.backbone.drop_path,
+            run.depth,
+            batch.n,
+            cfg.run.seed,
+            run.pos.step,
+        );
+        let logging = (run.pos.step + 1) % cfg.run.log_every as u64 == 0;
+        let loss =
+            run.engine
+                .train_step(batch, &targets, &drops, lr, cfg.optim.clip_grad, logging)?;
+        if let Some(loss) = loss {
+            if !loss.is_finite() {
                 return Err(DtlError::invalid(format!(
-                    "the mean training loss of epoch {} is {train_loss}; lower optim.lr or set optim.clip_grad",
-                    epoch + 1
+                    "the loss became {loss} at epoch {} step {}; lower optim.lr or set optim.clip_grad",
+                    epoch + 1,
+                    run.pos.step + 1
                 )));
             }
-            let mut line =
-                json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": train_loss, "lr": lr});
-            let is_last = epoch + 1 == epochs;
-            if (epoch + 1) % cfg.eval.every == 0 || is_last {
-                let r = self.evaluate_during_training(&mut engine)?;
-                let tracked = self.evaluate_tests(&mut engine, true)?;
-                if !tracked.is_empty() {
-                    line["tests"] = tracked
-                        .iter()
-                        .map(|(n, t, _)| {
-                            (
-                                n.clone(),
-                                json!({"top1": t.top1, "top5": t.top5, "loss": t.loss}),
-                            )
-                        })
-                        .collect::<serde_json::Map<_, _>>()
-                        .into();
-                }
-                if cfg.eval.val.is_some() {
-                    line["val_top1"] = json!(r.top1);
-                    line["val_top5"] = json!(r.top5);
-                    line["val_loss"] = json!(r.loss);
-                } else {
-                    line["top1"] = json!(r.top1);
-                    line["top5"] = json!(r.top5);
-                    line["test_loss"] = json!(r.loss);
-                    last_eval = Some(r);
-                }
-                if pos.best_top1.map(|b| r.top1 > b).unwrap_or(true) {
-                    pos.best_top1 = Some(r.top1);
-                    pos.best_epoch = Some(epoch + 1);
-                    let mut bp = pos.clone();
-                    bp.epoch = epoch + 1;
-                    bp.batch = 0;
-                    self.save(&best_path, &engine, false, &bp)?;
-                }
-            }
-            pos.epoch = epoch + 1;
-            pos.batch = 0;
-            pos.wall_seconds = wall_before + wall.elapsed().as_secs_f64();
-            line["wall_s"] = json!(pos.wall_seconds);
-            metrics.write(&line)?;
-            if env.progress {
-                eprintln!("{}", epoch_summary(&line));
-            }
-            self.save(&last_path, &engine, true, &pos)?;
-            last_save = Instant::now();
+            run.last_loss = Some(loss);
         }
-        // With a validation split, the test split is evaluated once, with the checkpoint of
-        // the best validation top-1 (the one training selected).
-        let selected = cfg.eval.val.is_some() && best_path.is_file();
+        let dt = t.elapsed().as_secs_f64();
+        let pos = &mut run.pos;
+        pos.step += 1;
+        pos.optim_steps = run.engine.optim_steps();
+        pos.batch = bi + 1;
+        pos.epoch = epoch;
+        pos.epoch_loss_count += 1;
+        pos.images_trained += batch.n as u64;
+        pos.train_seconds += dt;
+        let ips = batch.n as f64 / dt.max(1e-9);
+        let shown = run.last_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+        bar.set_message(format!("loss {shown} lr {lr:.2e} {ips:.1} img/s"));
+        bar.inc(1);
+        if logging {
+            let loss = run.last_loss.unwrap_or(f32::NAN);
+            let time_s = run.wall_seconds();
+            run.metrics.write(&json!({
+                "kind": "step", "epoch": epoch + 1, "step": run.pos.step, "loss": loss,
+                "lr": lr, "img_per_s": ips, "time_s": time_s
+            }))?;
+        }
+        let stop = self.step_limit.map(|l| run.pos.step >= l).unwrap_or(false);
+        if stop || run.last_save.elapsed() >= self.checkpoint_every {
+            run.pos.wall_seconds = run.wall_seconds();
+            run.pos.epoch_loss_sum = run.engine.loss_sum()?;
+            self.checkpoint(run)?;
+        }
+        if stop {
+            return Ok(Some(
+                json!({"stopped": true, "step": run.pos.step, "epoch": epoch, "batch": run.pos.batch,
+                       "run_dir": run.run_dir.display().to_string(),
+                       "last": run.last_path.display().to_string()}),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Evaluation phase of an epoch: evaluates where training evaluates
+    /// ([`Trainer::evaluate_during_training`]: the validation split, else the test split)
+    /// and the extra test sets that ask for it, and writes the results into the epoch's
+    /// metrics `line`. Returns the top-1 that selects the best checkpoint.
+    fn evaluate_epoch(&mut self, run: &mut TrainRun<S::Engine>, line: &mut Value) -> Result<f64> {
+        let r = self.evaluate_during_training(&mut run.engine)?;
+        let tracked = self.evaluate_tests(&mut run.engine, true)?;
+        if !tracked.is_empty() {
+            line["tests"] = tracked
+                .iter()
+                .map(|(n, t, _)| {
+                    (
+                        n.clone(),
+                        json!({"top1": t.top1, "top5": t.top5, "loss": t.loss}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        if self.cfg.eval.val.is_some() {
+            line["val_top1"] = json!(r.top1);
+            line["val_top5"] = json!(r.top5);
+            line["val_loss"] = json!(r.loss);
+        } else {
+            line["top1"] = json!(r.top1);
+            line["top5"] = json!(r.top5);
+            line["test_loss"] = json!(r.loss);
+            run.last_eval = Some(r);
+        }
+        Ok(r.top1)
+    }
+
+    /// Checkpoint phase: writes `last.safetensors` (parameters, optimizer state and the
+    /// position as it stands), from which [`RunEnv::resume`] picks up.
+    fn checkpoint(&self, run: &mut TrainRun<S::Engine>) -> Result<()> {
+        self.save(&run.last_path, &run.engine, true, &run.pos)?;
+        run.last_save = Instant::now();
+        Ok(())
+    }
+
+    /// Writes `best.safetensors` (parameters only) at the end of `epoch`, whose evaluation
+    /// is the best so far.
+    fn checkpoint_best(&self, run: &TrainRun<S::Engine>, epoch: usize) -> Result<()> {
+        let mut bp = run.pos.clone();
+        bp.epoch = epoch + 1;
+        bp.batch = 0;
+        self.save(&run.best_path, &run.engine, false, &bp)
+    }
+
+    /// Finish phase: with a validation split, loads the best checkpoint (the one training
+    /// selected) and evaluates the test split once; evaluates the extra test sets; writes
+    /// `report.json`, the report's text and the curves, and returns the report.
+    fn finish(&mut self, mut run: TrainRun<S::Engine>) -> Result<Value> {
+        let cfg = self.cfg.clone();
+        let selected = cfg.eval.val.is_some() && run.best_path.is_file();
         if selected {
-            let ck = checkpoint::load(&best_path)?;
-            engine.load(&ck, false)?;
+            let ck = checkpoint::load(&run.best_path)?;
+            run.engine.load(&ck, false)?;
         }
-        let last_eval = match last_eval {
+        let last_eval = match run.last_eval {
             Some(r) => r,
-            None => self.evaluate_engine(&mut engine)?,
+            None => self.evaluate_engine(&mut run.engine)?,
         };
         let mut tests = std::collections::BTreeMap::new();
-        for (name, r, scored) in self.evaluate_tests(&mut engine, false)? {
-            metrics.write(
+        for (name, r, scored) in self.evaluate_tests(&mut run.engine, false)? {
+            run.metrics.write(
                 &json!({"kind": "test", "name": name, "top1": r.top1, "top5": r.top5,
                                   "loss": r.loss, "images": r.images, "classes": scored}),
             )?;
             tests.insert(name, report::TestSetReport::of(&r, scored));
         }
-        let epochs_lines: Vec<Value> = report::read_metrics(&run_dir)?
+        let run_dir = &run.run_dir;
+        let epochs_lines: Vec<Value> = report::read_metrics(run_dir)?
             .into_iter()
             .filter(|v| v["kind"] == "epoch")
             .collect();
@@ -933,7 +1084,8 @@ impl<S: EngineSource> Job for Trainer<S> {
                 )
             })
             .collect();
-        let wall_s = wall_before + wall.elapsed().as_secs_f64();
+        let wall_s = run.wall_seconds();
+        let (pos, classes, engine) = (&run.pos, run.classes, &run.engine);
         let report = report::TrainReport {
             name: Some(cfg.run.name.clone()),
             backbone: Some(cfg.backbone.kind.clone()),
@@ -965,13 +1117,15 @@ impl<S: EngineSource> Job for Trainer<S> {
             },
             tested_checkpoint: Some(if selected { "best" } else { "last" }.to_string()),
             trainable_params: Some(engine.trainable_params()),
-            backbone_params: Some(spec.parameter_count()),
-            epochs: Some(epochs),
+            backbone_params: Some(self.source.spec().parameter_count()),
+            epochs: Some(run.epochs),
             epochs_trained: Some(pos.epoch),
             steps: Some(pos.step),
             wall_s: Some(wall_s),
             train_img_per_s: Some(pos.images_trained as f64 / pos.train_seconds.max(1e-9)),
             device: Some(engine.device()),
+            precision: Some(engine.precision()),
+            graph: engine.graph(),
             peak_rss_mib: report::peak_rss_mib(),
             gpu_mib: engine.memory_mib(),
             run_dir: Some(run_dir.display().to_string()),
@@ -984,12 +1138,12 @@ impl<S: EngineSource> Job for Trainer<S> {
                 options: json!(cfg.data.options),
             }),
             checkpoints: Some(report::CheckpointsReport {
-                best: Some(best_path.display().to_string()),
-                last: Some(last_path.display().to_string()),
+                best: Some(run.best_path.display().to_string()),
+                last: Some(run.last_path.display().to_string()),
             }),
         }
         .to_json();
-        report::write_report(&run_dir, &report, &epochs_lines)?;
+        report::write_report(run_dir, &report, &epochs_lines)?;
         let split = if cfg.eval.val.is_some() {
             "val"
         } else {
@@ -997,6 +1151,29 @@ impl<S: EngineSource> Job for Trainer<S> {
         };
         report::plot_curves_of(&run_dir.join("curves.svg"), &points, split)?;
         Ok(report)
+    }
+}
+
+impl<S: EngineSource> Job for Trainer<S> {
+    /// Trains the pipeline: `Trainer::start` (resuming when `env.resume` is set), the
+    /// evaluation before training when `eval.at_start` asks for it, one `Trainer::epoch`
+    /// per remaining epoch, then `Trainer::finish`. With a step limit the run may stop
+    /// inside an epoch, leaving `last.safetensors` to resume from.
+    fn train(&mut self, env: &RunEnv) -> Result<Value> {
+        let wall = Instant::now();
+        set_threads(self.cfg.run.threads);
+        let mut run = self.start(env, wall)?;
+        if self.cfg.eval.at_start && env.resume.is_none() {
+            self.evaluate_at_start(&mut run)?;
+        }
+        // The checkpoint interval counts from the first step.
+        run.last_save = Instant::now();
+        for epoch in run.pos.epoch..run.epochs {
+            if let Some(stopped) = self.epoch(&mut run, epoch)? {
+                return Ok(stopped);
+            }
+        }
+        self.finish(run)
     }
 
     fn evaluate(&mut self, env: &RunEnv, checkpoint_path: &Path) -> Result<Value> {
@@ -1037,6 +1214,7 @@ impl<S: EngineSource> Job for Trainer<S> {
             img_per_s: Some(r.images as f64 / secs.max(1e-9)),
             tests: Some(tests),
             device: Some(engine.device()),
+            precision: Some(engine.precision()),
         }
         .to_json())
     }

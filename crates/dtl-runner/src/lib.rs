@@ -10,7 +10,7 @@
 //! - [`optim`]: AdamW with parameter groups, gradient clipping and the cosine schedule.
 //! - [`job`]: the training loop over an [`job::Engine`] (training, resuming, evaluation);
 //!   [`checkpoint`] and [`report`] write the files.
-//! - [`bench`]: throughput and peak memory.
+//! - [`bench`](mod@bench): throughput and peak memory.
 //! - [`toy`]: a tiny backbone for tests and examples.
 
 #![warn(missing_docs)]
@@ -36,6 +36,7 @@ pub mod sweep;
 pub mod toy;
 
 use dfdx::prelude::Cpu;
+use dtl_core::choice::Precision;
 use dtl_core::config::DeviceSpec;
 use dtl_core::{Backbone, BuildContext, DtlError, Job, PipelineConfig, Result};
 
@@ -79,7 +80,7 @@ where
             backbone.spec().name
         )));
     }
-    if cfg.run.precision != "f32" {
+    if cfg.run.precision.on_device(false) != "f32" {
         return Err(DtlError::config(
             "pipeline",
             "run.precision",
@@ -96,9 +97,12 @@ where
 /// Instantiates the training job of a backbone written over the kernel set on device `k`:
 /// the device step of [`resident`], from the uploaded batch to the AdamW update in the
 /// device's memory. A backbone plugin calls this for `run.device = "cuda:N"` with the GPU
-/// (`dtl_cuda::Gpu`) and its weights uploaded there; it runs on the CPU's kernels as well.
+/// (`dtl_cuda::Gpu`, opened at the resolved `run.precision`) and its weights uploaded there;
+/// it runs on the CPU's kernels as well.
 ///
-/// The step trains in f32: `run.precision = "bf16"` is refused.
+/// The step trains at the device's precision ([`dtl_kernels::Kernels::precision`]):
+/// `run.precision = "auto"` takes it as it is; `"f32"` and `"bf16"` must match it, so
+/// `"bf16"` on the CPU (which trains in f32) is refused with an error naming the key.
 ///
 /// ```no_run
 /// # fn demo<K: dtl_kernels::Kernels + Clone, B: dtl_kernels::KernelBackbone<K>>(
@@ -116,20 +120,41 @@ where
     K: dtl_kernels::Kernels + Clone,
     B: dtl_kernels::KernelBackbone<K>,
 {
-    if cfg.run.precision != "f32" {
-        return Err(DtlError::config(
-            "pipeline",
-            "run.precision",
-            None,
-            format!(
-                "\"{}\" is not available yet: the device step trains in f32 (set run.precision = \"f32\")",
-                cfg.run.precision
-            ),
-        ));
-    }
+    check_precision(cfg.run.precision, &k)?;
     Ok(Box::new(Trainer::with_source(
         cfg,
         cx,
         resident::ResidentSource::new(k, backbone),
     )))
+}
+
+/// Checks that `run.precision = wanted` fits device `k`: `auto` fits every device, `f32` and
+/// `bf16` the device whose [`dtl_kernels::Kernels::precision`] they name.
+///
+/// ```
+/// use dtl_core::choice::Precision;
+/// let cpu = dtl_kernels::CpuKernels::new();
+/// assert!(dtl_runner::check_precision(Precision::Auto, &cpu).is_ok());
+/// assert!(dtl_runner::check_precision(Precision::F32, &cpu).is_ok());
+/// let e = dtl_runner::check_precision(Precision::Bf16, &cpu).unwrap_err().to_string();
+/// assert!(e.contains("run.precision") && e.contains("\"f32\""), "{e}");
+/// ```
+pub fn check_precision<K: dtl_kernels::Kernels>(wanted: Precision, k: &K) -> Result<()> {
+    let have = k.precision();
+    if wanted == Precision::Auto || wanted == have {
+        return Ok(());
+    }
+    let why = match wanted {
+        Precision::Bf16 => format!(
+            "\"bf16\" needs a CUDA device (`run.device = \"cuda:N\"` in a build with the `cuda` \
+             feature); {} trains in {have}: set run.precision = \"f32\" or \"auto\"",
+            k.describe()
+        ),
+        _ => format!(
+            "\"{wanted}\" asked for, but {} was opened for {have}: open it at the precision the \
+             pipeline names (`run.precision = \"auto\"` takes the device's)",
+            k.describe()
+        ),
+    };
+    Err(DtlError::config("pipeline", "run.precision", None, why))
 }

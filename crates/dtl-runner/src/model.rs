@@ -8,7 +8,8 @@ use dtl_core::{
     SideNetwork,
 };
 
-use crate::device::{dev_err, TapeOf, TrainDevice};
+use crate::device::{TapeOf, TrainDevice};
+pub use crate::ops::soft_cross_entropy;
 
 /// A backbone's tokens with the tape of a training step.
 type TracedTokens<D, B> =
@@ -171,8 +172,43 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
         self.head.forward(to2(f))
     }
 
+    /// The block loop both forward passes run: for each block of `blocks`, the side
+    /// network's tap when the block is tapped (`tap(i, &x, z)` returns the new side state),
+    /// the block itself (`block(i, x)`), then g(z) added when the block is one of `injects`
+    /// (`inject(i, x, z)`). Returns the tokens after the last block and the side state.
+    ///
+    /// The passes differ only in what each step keeps for a backward pass, so they pass the
+    /// steps in and share the order of operations.
+    #[allow(clippy::too_many_arguments)]
+    fn block_loop<X>(
+        &self,
+        blocks: impl IntoIterator<Item = usize>,
+        injects: &[usize],
+        mut x: X,
+        mut z: Option<Act<D>>,
+        mut tap: impl FnMut(usize, &X, Option<Act<D>>) -> Result<Act<D>>,
+        mut block: impl FnMut(usize, X) -> Result<X>,
+        mut inject: impl FnMut(usize, X, Option<Act<D>>) -> Result<(X, Option<Act<D>>)>,
+    ) -> Result<(X, Option<Act<D>>)> {
+        let taps = self.side.taps();
+        for i in blocks {
+            if taps.contains(&i) {
+                z = Some(tap(i, &x, z)?);
+            }
+            x = block(i, x)?;
+            if injects.contains(&i) {
+                (x, z) = inject(i, x, z)?;
+            }
+        }
+        Ok((x, z))
+    }
+
     /// Logits of a training step, with the tape for the backward pass. `drops[i]` holds
     /// block `i`'s stochastic-depth masks (or `None`).
+    ///
+    /// The blocks up to the first inject run without a tape (their taps see untraced
+    /// tokens); from there on the tokens carry the tape and each block is a
+    /// [`frozen_block`], which keeps only its input for the backward pass.
     pub fn forward_train(
         &self,
         images: &Images<D>,
@@ -188,48 +224,51 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
             }
             return self.head_on(to3(x).put_tape(TapeOf::<D>::default()));
         }
-        let taps = self.side.taps().to_vec();
-        let injects = self.side.injects().to_vec();
+        let injects = self.side.injects();
         let first = *injects
             .first()
             .ok_or_else(|| DtlError::invalid("the side network injects into no block"))?;
-        let mut z: Option<Act<D>> = None;
-        for i in 0..=first.min(depth - 1) {
-            if taps.contains(&i) {
-                z = Some(self.side.tap_frozen(i, &to3(x.clone()), z)?);
-            }
-            x = bb.block_forward(i, &x, drop(i).as_deref())?;
-        }
-        let (inj, rest) = self.inject(first, z)?;
-        z = rest;
-        let mut xt: Act<D> = inj + to3(x);
-        for i in first + 1..depth {
-            if taps.contains(&i) {
-                z = Some(self.side.tap(i, xt.with_empty_tape(), z)?);
-            }
-            xt = to3(frozen_block(bb, i, self.tokens(xt)?, drop(i))?);
-            if injects.contains(&i) {
+        // Up to and including the first inject block: no tape, no inject inside the loop.
+        let (x, z) = self.block_loop(
+            0..=first.min(depth - 1),
+            &[],
+            x,
+            None,
+            |i, x, z| self.side.tap_frozen(i, &to3(x.clone()), z),
+            |i, x| bb.block_forward(i, &x, drop(i).as_deref()),
+            |_, x, z| Ok((x, z)),
+        )?;
+        // The first inject starts the tape of the tokens (the tape rides on the left operand).
+        let (inj, z) = self.inject(first, z)?;
+        let xt: Act<D> = inj + to3(x);
+        let (xt, _) = self.block_loop(
+            first + 1..depth,
+            injects,
+            xt,
+            z,
+            |i, xt, z| self.side.tap(i, xt.with_empty_tape(), z),
+            |i, xt| Ok(to3(frozen_block(bb, i, self.tokens(xt)?, drop(i))?)),
+            |i, xt, z| {
                 let (inj, rest) = self.inject(i, z)?;
-                z = rest;
-                xt = xt + inj;
-            }
-        }
+                Ok((xt + inj, rest))
+            },
+        )?;
         self.head_on(xt)
     }
 
     /// Logits without any tape kept (evaluation).
     pub fn forward_eval(&self, images: &Images<D>) -> Result<Tensor<(usize, usize), f32, D>> {
         let bb = &self.backbone;
-        let mut x = bb.embed(images)?;
-        let mut z: Option<Act<D>> = None;
-        let taps = self.side.taps().to_vec();
-        let injects = self.side.injects().to_vec();
-        for i in 0..bb.depth() {
-            if taps.contains(&i) {
-                z = Some(strip(self.side.tap_frozen(i, &to3(x.clone()), z)?));
-            }
-            x = bb.block_forward(i, &x, None)?;
-            if injects.contains(&i) {
+        let x = bb.embed(images)?;
+        let injects = self.side.injects();
+        let (x, _) = self.block_loop(
+            0..bb.depth(),
+            injects,
+            x,
+            None,
+            |i, x, z| Ok(strip(self.side.tap_frozen(i, &to3(x.clone()), z)?)),
+            |i, x| bb.block_forward(i, &x, None),
+            |i, x, z| {
                 let zz = z.as_ref().ok_or_else(|| {
                     DtlError::invalid(format!("block {i} is injected before any block is tapped"))
                 })?;
@@ -237,15 +276,16 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
                 let x3 = to3(x);
                 check_inject(i, inj.shape(), x3.shape())?;
                 let sum = x3 + inj;
-                x = sum
+                let x = sum
                     .try_realize::<(usize, B::Tokens, B::Width)>()
                     .map_err(|_| {
                         DtlError::invalid(
                             "side network output does not match the backbone's tokens",
                         )
                     })?;
-            }
-        }
+                Ok((x, z))
+            },
+        )?;
         let prefix = bb.spec().prefix_tokens;
         let pooled = D::pool(to3(x), prefix, self.cls_pool)?
             .try_realize::<(usize, B::Width)>()
@@ -257,63 +297,6 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
             .split_tape()
             .0)
     }
-}
-
-/// Soft-target cross entropy averaged over the batch: `-sum(targets * log_softmax(logits)) / B`.
-///
-/// `targets` is (batch, classes) row-major; computed in f64.
-///
-/// ```
-/// use dfdx::prelude::*;
-/// let dev = Cpu::default();
-/// let logits = dev.tensor_from_vec(vec![0.0f32, 0.0], (1, 2)).leaky_traced();
-/// let loss = dtl_runner::model::soft_cross_entropy(logits, &[1.0, 0.0]).unwrap();
-/// assert!((loss.array() - std::f32::consts::LN_2).abs() < 1e-6);
-/// ```
-pub fn soft_cross_entropy(
-    logits: Logits,
-    targets: &[f32],
-) -> Result<Tensor<Rank0, f32, Cpu, TapeOf<Cpu>>> {
-    let (bs, c) = *logits.shape();
-    if targets.len() != bs * c {
-        return Err(DtlError::invalid(format!(
-            "targets hold {} values, logits are {bs}x{c}",
-            targets.len()
-        )));
-    }
-    let (l, mut tape) = logits.split_tape();
-    let lv = l.as_vec();
-    let mut loss = 0f64;
-    let mut grad = vec![0f32; bs * c];
-    for ((row, t), g) in lv
-        .chunks_exact(c)
-        .zip(targets.chunks_exact(c))
-        .zip(grad.chunks_exact_mut(c))
-    {
-        let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
-        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        let tsum: f64 = t.iter().map(|&v| v as f64).sum();
-        for j in 0..c {
-            let logp = row[j] as f64 - lse;
-            loss -= t[j] as f64 * logp;
-            g[j] = ((logp.exp() * tsum - t[j] as f64) / bs as f64) as f32;
-        }
-    }
-    let dev = l.device().clone();
-    let mut out: Tensor<Rank0, f32, Cpu> = dev.try_zeros().map_err(dev_err)?;
-    out.copy_from(&[(loss / bs as f64) as f32]);
-    let out_ghost = out.ghost();
-    let l_ghost = l.ghost();
-    tape.add_backward_op(move |grads| {
-        grads.try_alloc_for(&out_ghost)?;
-        let go = grads.get(&out_ghost).as_vec()[0];
-        let gl = grads.get_or_alloc_mut(&l_ghost)?;
-        for (o, g) in gl.iter_mut().zip(&grad) {
-            *o += go * g;
-        }
-        Ok(())
-    });
-    Ok(out.put_tape(tape))
 }
 
 /// Targets for hard labels with label smoothing `s`: `(1 - s) * onehot + s / C`.

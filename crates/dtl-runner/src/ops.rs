@@ -466,6 +466,65 @@ pub fn pool<T: Tape<f32, Cpu>>(
     out.put_tape(tape)
 }
 
+/// Soft-target cross entropy averaged over the batch: `-sum(targets * log_softmax(logits)) / B`.
+///
+/// `targets` is (batch, classes) row-major; computed in f64.
+///
+/// ```
+/// use dfdx::prelude::*;
+/// let dev = Cpu::default();
+/// let logits = dev.tensor_from_vec(vec![0.0f32, 0.0], (1, 2)).leaky_traced();
+/// let loss = dtl_runner::ops::soft_cross_entropy(logits, &[1.0, 0.0]).unwrap();
+/// assert!((loss.array() - std::f32::consts::LN_2).abs() < 1e-6);
+/// ```
+pub fn soft_cross_entropy(
+    logits: Tensor<(usize, usize), f32, Cpu, CpuTape>,
+    targets: &[f32],
+) -> Result<Tensor<Rank0, f32, Cpu, CpuTape>> {
+    let (bs, c) = *logits.shape();
+    if targets.len() != bs * c {
+        return Err(DtlError::invalid(format!(
+            "targets hold {} values, logits are {bs}x{c}",
+            targets.len()
+        )));
+    }
+    let (l, mut tape) = logits.split_tape();
+    let lv = l.as_vec();
+    let mut loss = 0f64;
+    let mut grad = vec![0f32; bs * c];
+    for ((row, t), g) in lv
+        .chunks_exact(c)
+        .zip(targets.chunks_exact(c))
+        .zip(grad.chunks_exact_mut(c))
+    {
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        let tsum: f64 = t.iter().map(|&v| v as f64).sum();
+        for j in 0..c {
+            let logp = row[j] as f64 - lse;
+            loss -= t[j] as f64 * logp;
+            g[j] = ((logp.exp() * tsum - t[j] as f64) / bs as f64) as f32;
+        }
+    }
+    let dev = l.device().clone();
+    let mut out: Tensor<Rank0, f32, Cpu> = dev
+        .try_zeros()
+        .map_err(|e| DtlError::Device(format!("{e:?}")))?;
+    out.copy_from(&[(loss / bs as f64) as f32]);
+    let out_ghost = out.ghost();
+    let l_ghost = l.ghost();
+    tape.add_backward_op(move |grads| {
+        grads.try_alloc_for(&out_ghost)?;
+        let go = grads.get(&out_ghost).as_vec()[0];
+        let gl = grads.get_or_alloc_mut(&l_ghost)?;
+        for (o, g) in gl.iter_mut().zip(&grad) {
+            *o += go * g;
+        }
+        Ok(())
+    });
+    Ok(out.put_tape(tape))
+}
+
 #[cfg(test)]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 mod tests {

@@ -150,6 +150,11 @@ pub fn write_report(run_dir: &Path, report: &Value, epochs: &[Value]) -> Result<
         "| device | `{}` |\n",
         report["device"].as_str().unwrap_or("cpu")
     ));
+    for (key, label) in [("precision", "precision"), ("graph", "CUDA graph")] {
+        if let Some(v) = report[key].as_str() {
+            md.push_str(&format!("| {label} | {v} |\n"));
+        }
+    }
     if f("best_val_top1").is_number() {
         // Selected on a validation split: the test figures are those of the best checkpoint.
         md.push_str(&format!(
@@ -522,6 +527,17 @@ pub struct TrainReport {
     /// The device the run trained on.
     #[serde(default, deserialize_with = "lenient")]
     pub device: Option<String>,
+    /// The precision it trained at (`f32` or `bf16`: `run.precision` resolved).
+    #[serde(default, deserialize_with = "lenient")]
+    pub precision: Option<String>,
+    /// Whether the training step replayed a recorded graph: `captured`, or why not (absent
+    /// for the tape-based CPU path, which records none).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub graph: Option<String>,
     /// Peak resident memory of the process in MiB.
     #[serde(default, deserialize_with = "lenient")]
     pub peak_rss_mib: Option<f64>,
@@ -595,6 +611,9 @@ pub struct EvalReport {
     /// The device evaluated on.
     #[serde(default, deserialize_with = "lenient")]
     pub device: Option<String>,
+    /// The precision it evaluated at (`f32` or `bf16`).
+    #[serde(default, deserialize_with = "lenient")]
+    pub precision: Option<String>,
 }
 
 impl EvalReport {
@@ -662,6 +681,21 @@ pub struct BenchRow {
         skip_serializing_if = "Option::is_none"
     )]
     pub trainable_params: Option<usize>,
+    /// The precision of the device step (`f32` or `bf16`; device rows only).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub precision: Option<String>,
+    /// Whether the timed training steps replayed a recorded graph: `captured`, or why not
+    /// (device training rows only).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub graph: Option<String>,
 }
 
 /// What `dtl bench` reports: the backbone, the device and one row per measurement.
@@ -760,6 +794,8 @@ mod typed_tests {
             wall_s: Some(1.25),
             train_img_per_s: Some(80.0),
             device: Some("cpu".into()),
+            precision: Some("f32".into()),
+            graph: Some("captured".into()),
             peak_rss_mib: None,
             gpu_mib: None,
             run_dir: Some("runs/n".into()),
@@ -783,7 +819,8 @@ mod typed_tests {
             "best_top1": null, "best_epoch": 2, "eval_split": "val", "best_val_top1": 0.625,
             "tested_checkpoint": "best", "trainable_params": 123, "backbone_params": 4567,
             "epochs": 3, "epochs_trained": 3, "steps": 30, "wall_s": 1.25,
-            "train_img_per_s": 80.0, "device": "cpu", "peak_rss_mib": null, "gpu_mib": null,
+            "train_img_per_s": 80.0, "device": "cpu", "precision": "f32", "graph": "captured",
+            "peak_rss_mib": null, "gpu_mib": null,
             "run_dir": "runs/n", "pipeline_file": "p.toml",
             "data": {"kind": "image-folder", "task": null, "train": "train", "test": "test",
                      "options": {"shots": 2}},

@@ -49,14 +49,46 @@
 //! zero gradient and is left out of the update entirely, as PyTorch's AdamW leaves a parameter
 //! whose `.grad` is None: no moment, no weight decay. (A single-stage backbone updates every
 //! tensor, as the tape-based CPU path does.)
+//!
+//! # Precision
+//!
+//! The step stores what the backbone computes at the device's precision
+//! ([`Kernels::precision`]; bf16 on a GPU opened for it, f32 on the CPU): the token
+//! activations, the block inputs kept for the backward pass, the kept `z` per inject, the
+//! blocks' stored internals and the gradient stream through the blocks are
+//! [`Kernels::alloc_act`] buffers, as are the backbone's workspaces. In training the forward
+//! pass takes `g(z)` from the kept copy of `z`, so that the forward and the backward pass see
+//! the same (rounded) `z`: with `beta = 100` the slope of `swish_beta` is sensitive to it. The side network and the
+//! head compute in f32 (`Kernels::alloc`): their parameters, gradients and AdamW moments, the
+//! running `z` and its gradient, `t_i`, `g(z)`, the images, the pooled features, the logits,
+//! the loss and every count. On the CPU all of it is f32, so the step is the same there.
+//!
+//! # Graphs
+//!
+//! The forward pass, the loss and the backward pass of a full batch (the planned batch size)
+//! are recorded once with [`Kernels::capture`] and replayed with [`Kernels::replay`] on the
+//! later steps of that size: the first full step runs as plain operations (so that every
+//! lazily made device resource exists), the second is recorded. Images, targets and drop-path
+//! scales are uploaded into the planned buffers before each replay; the recorded work reads
+//! them from there. A batch of another size (the last partial batch of an epoch), a
+//! different set of dropping blocks, and every evaluation run as plain operations. Gradient
+//! clipping and AdamW stay plain launches: their per-step scalars (learning rate, bias
+//! corrections) are arguments of the launch, not device values. A device that records
+//! nothing (the CPU) runs the work plainly and says why ([`GraphStatus::Plain`]);
+//! `DTL_GRAPHS=0` ([`graphs_from_env`]), [`ResidentModel::set_graphs`] and
+//! [`ResidentSource::with_graphs`] turn recording off. Replaying issues the recorded
+//! operations on the same buffers, so its results are those of the plain step.
 
 use std::sync::Arc;
 
 use dfdx::prelude::*;
+use dtl_core::choice::Precision;
 use dtl_core::config::PipelineConfig;
 use dtl_core::registry::{KernelHead, KernelSide};
 use dtl_core::{BackboneSpec, DropPath, DtlError, Param, Result};
-use dtl_kernels::{AdamwStep, ConvShape, DropScales, KernelBackbone, Kernels, MemoryStats};
+use dtl_kernels::{
+    AdamwStep, Capture, ConvShape, DropScales, GraphId, KernelBackbone, Kernels, MemoryStats,
+};
 
 use dtl_core::BenchOptions;
 use rand::SeedableRng;
@@ -258,6 +290,96 @@ pub struct ResidentModel<K: Kernels, B: KernelBackbone<K>> {
     /// (else all but the last, see [`KernelBackbone::saved_lens`]).
     store: bool,
     bufs: Option<Buffers<K, B>>,
+    /// Whether the step may be recorded as a graph, and whether it has been.
+    graph_status: GraphStatus,
+    /// The recorded step of the full batch, when there is one.
+    graph: Option<StepGraph>,
+    /// The drop-path pattern of the last plain step of the full batch: the next step of the
+    /// full batch with the same pattern is recorded.
+    warm: Option<Vec<bool>>,
+}
+
+impl<K: Kernels, B: KernelBackbone<K>> Drop for ResidentModel<K, B> {
+    fn drop(&mut self) {
+        if let Some(g) = self.graph.take() {
+            self.k.release(g.id);
+        }
+    }
+}
+
+/// A recorded forward and backward pass: for batches of `batch` samples whose blocks drop
+/// as `drops` says.
+struct StepGraph {
+    batch: usize,
+    drops: Vec<bool>,
+    id: GraphId,
+}
+
+/// Whether the training step runs as a recorded graph ([`Kernels::capture`]), as the reports
+/// give it ([`GraphStatus::describe`]).
+///
+/// ```
+/// use dtl_runner::resident::GraphStatus;
+/// assert_eq!(GraphStatus::Captured.describe(), "captured");
+/// assert_eq!(GraphStatus::Plain("cpu does not record graphs".into()).describe(), "cpu does not record graphs");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphStatus {
+    /// Graphs are turned off, for the reason given (`DTL_GRAPHS=0`,
+    /// [`ResidentModel::set_graphs`]).
+    Off(String),
+    /// Nothing recorded yet: the step of the full batch is recorded on its second run (the
+    /// first runs as plain operations, so that every lazily made device resource exists).
+    Pending,
+    /// The forward and backward pass of the full batch is recorded and replayed.
+    Captured,
+    /// The device ran the step as plain operations instead of recording it, for the reason
+    /// given ([`Capture::Plain`]).
+    Plain(String),
+}
+
+impl GraphStatus {
+    /// The words the reports carry under `graph`: `captured`, or why not.
+    ///
+    /// ```
+    /// use dtl_runner::resident::GraphStatus;
+    /// assert_eq!(GraphStatus::Off("DTL_GRAPHS=0".into()).describe(), "off (DTL_GRAPHS=0)");
+    /// assert!(GraphStatus::Pending.describe().starts_with("not recorded"));
+    /// ```
+    pub fn describe(&self) -> String {
+        match self {
+            GraphStatus::Off(why) => format!("off ({why})"),
+            GraphStatus::Pending => {
+                "not recorded: fewer than two steps ran at the full batch size".to_string()
+            }
+            GraphStatus::Captured => "captured".to_string(),
+            GraphStatus::Plain(why) => why.clone(),
+        }
+    }
+}
+
+/// Whether the environment allows the training step to be recorded as a graph:
+/// `DTL_GRAPHS` unset, empty, `1`, `on` or `true` allows it; `0`, `off` or `false` turns it
+/// off; anything else is an error naming the variable.
+///
+/// ```
+/// // unset in the doc tests' environment
+/// if std::env::var_os("DTL_GRAPHS").is_none() {
+///     assert!(dtl_runner::resident::graphs_from_env().unwrap());
+/// }
+/// ```
+pub fn graphs_from_env() -> Result<bool> {
+    match std::env::var("DTL_GRAPHS") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "" | "1" | "on" | "true" => Ok(true),
+            "0" | "off" | "false" => Ok(false),
+            other => Err(DtlError::invalid(format!(
+                "DTL_GRAPHS = `{other}`: use 1 (record the training step as a CUDA graph, the \
+                 default) or 0 (plain launches)"
+            ))),
+        },
+    }
 }
 
 fn unsupported(what: &str, name: &str) -> DtlError {
@@ -305,6 +427,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             eps: cfg.optim.eps,
             weight_decay: cfg.optim.weight_decay,
         };
+        let graphs = graphs_from_env()?;
         let mut model = Self::assemble(
             k,
             backbone,
@@ -317,6 +440,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             cfg.head.pool == "cls",
         )?;
         model.store = cfg.run.activations == "store";
+        if !graphs {
+            model.graph_status = GraphStatus::Off("DTL_GRAPHS=0".into());
+        }
         Ok(model)
     }
 
@@ -462,6 +588,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             steps: 0,
             store: false,
             bufs: None,
+            graph_status: GraphStatus::Pending,
+            graph: None,
+            warm: None,
         })
     }
 
@@ -500,6 +629,32 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         self.k.memory()
     }
 
+    /// The precision the device stores activations and frozen weights at
+    /// ([`Kernels::precision`]); parameters, gradients and optimizer state are f32 always.
+    pub fn precision(&self) -> Precision {
+        self.k.precision()
+    }
+
+    /// Allows (the default, unless `DTL_GRAPHS=0`) or forbids recording the training step as
+    /// a graph. Forbidding it releases a recorded graph; allowing it again records on the
+    /// second step of the full batch from then on.
+    pub fn set_graphs(&mut self, on: bool) {
+        if let Some(g) = self.graph.take() {
+            self.k.release(g.id);
+        }
+        self.warm = None;
+        self.graph_status = if on {
+            GraphStatus::Pending
+        } else {
+            GraphStatus::Off("turned off by the caller".into())
+        };
+    }
+
+    /// Whether the training step runs as a recorded graph.
+    pub fn graph_status(&self) -> &GraphStatus {
+        &self.graph_status
+    }
+
     /// Plans every buffer a step needs for batches of up to `batch` samples (done once; a
     /// larger batch later plans again).
     pub fn plan(&mut self, batch: usize) -> Result<()> {
@@ -509,7 +664,8 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         if self.bufs.as_ref().is_some_and(|b| b.cap >= batch) {
             return Ok(());
         }
-        // Free the old plan before making the new one.
+        // Free the old plan (and the graph that holds its buffers) before making the new one.
+        self.forget_graph();
         self.bufs = None;
         let k = &self.k;
         let s = &self.spec;
@@ -536,7 +692,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let saved = (0..s.depth)
             .map(|i| {
                 if keep(i) {
-                    k.alloc(stage_acts[s.stage_of(i)]).map(Some)
+                    k.alloc_act(stage_acts[s.stage_of(i)]).map(Some)
                 } else {
                     Ok(None)
                 }
@@ -545,7 +701,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let trans = (0..s.stages.len())
             .map(|si| match l.first_inject() {
                 Some(f) if si > 0 && f < s.stages[si].blocks.0 => {
-                    k.alloc(stage_acts[si - 1]).map(Some)
+                    k.alloc_act(stage_acts[si - 1]).map(Some)
                 }
                 _ => Ok(None),
             })
@@ -570,7 +726,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let zk = (0..s.depth)
             .map(|i| {
                 if l.injects.contains(&i) {
-                    k.alloc(stage_acts[s.stage_of(i)]).map(Some)
+                    k.alloc_act(stage_acts[s.stage_of(i)]).map(Some)
                 } else {
                     Ok(None)
                 }
@@ -578,7 +734,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             .collect::<Result<Vec<_>>>()?;
         let internals = (0..s.depth)
             .map(|i| match l.first_inject() {
-                Some(f) if i > f => lens.iter().map(|&len| k.alloc(len)).collect(),
+                Some(f) if i > f => lens.iter().map(|&len| k.alloc_act(len)).collect(),
                 _ => Ok(Vec::new()),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -591,8 +747,8 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             )?)?,
             targets: k.alloc(batch * c)?,
             labels: k.alloc(batch)?,
-            cur: k.alloc(act)?,
-            next: k.alloc(act)?,
+            cur: k.alloc_act(act)?,
+            next: k.alloc_act(act)?,
             saved,
             trans,
             normed: k.alloc(if self.norm_first() {
@@ -605,8 +761,8 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             zk,
             s: k.alloc(conv_act)?,
             inj: k.alloc(side_act)?,
-            gx: k.alloc(side_act)?,
-            gx2: k.alloc(side_act)?,
+            gx: k.alloc_act(side_act)?,
+            gx2: k.alloc_act(side_act)?,
             gz: k.alloc(side_act)?,
             ds: k.alloc(conv_act)?,
             dt: k.alloc(max_rows * l.rank)?,
@@ -754,12 +910,16 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 }
                 std::mem::swap(&mut bufs.cur, &mut bufs.next);
                 if l.injects.contains(&i) {
-                    if train {
-                        if let Some(zk) = bufs.zk[i].as_mut() {
+                    // In training, g(z) is taken from the copy the backward pass reads (at the
+                    // activations' precision), so that both passes see the same z.
+                    let kept = match bufs.zk[i].as_mut() {
+                        Some(zk) if train => {
                             k.copy(&bufs.z, zk, act)?;
+                            &*zk
                         }
-                    }
-                    self.side_out(bufs, n, si)?;
+                        _ => &bufs.z,
+                    };
+                    self.side_out(kept, &mut bufs.s, &mut bufs.inj, n, si)?;
                     k.add(&mut bufs.cur, &bufs.inj, act)?;
                 }
             }
@@ -786,22 +946,28 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         )
     }
 
-    /// `bufs.inj = g(z)` in stage `stage` from the running `z`.
-    fn side_out(&self, bufs: &mut Buffers<K, B>, n: usize, stage: usize) -> Result<()> {
+    /// `inj = g(z)` in stage `stage` (`s`: the swish output before the conv of DTL+).
+    fn side_out(
+        &self,
+        z: &K::Buf,
+        s: &mut K::Buf,
+        inj: &mut K::Buf,
+        n: usize,
+        stage: usize,
+    ) -> Result<()> {
         let k = &self.k;
         let l = &self.layout;
         let (tokens, d) = self.stage_dims(stage);
         let act = n * tokens * d;
-        let z = &bufs.z;
         match &l.conv {
-            None => k.swish(z, act, l.beta, &mut bufs.inj),
+            None => k.swish(z, act, l.beta, inj),
             Some((w, kernel)) => {
-                k.swish(z, act, l.beta, &mut bufs.s)?;
+                k.swish(z, act, l.beta, s)?;
                 k.depthwise_conv(
-                    &bufs.s,
+                    s,
                     &self.params[w[stage]].value,
                     self.conv_shape(n, *kernel, stage),
-                    &mut bufs.inj,
+                    inj,
                 )
             }
         }
@@ -1039,9 +1205,58 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     ) -> Result<()> {
         let on = self.upload_batch(images, n, Some(targets), drops)?;
         let mut bufs = self.bufs.take().expect("planned by upload_batch");
-        let r = self.forward_backward_planned(&mut bufs, n, &on);
+        let r = self.forward_backward_graphed(&mut bufs, n, &on);
         self.bufs = Some(bufs);
         r
+    }
+
+    /// Releases a recorded graph (its buffers are about to go); the next steps of the full
+    /// batch record again.
+    fn forget_graph(&mut self) {
+        if let Some(g) = self.graph.take() {
+            self.k.release(g.id);
+        }
+        self.warm = None;
+        if self.graph_status == GraphStatus::Captured {
+            self.graph_status = GraphStatus::Pending;
+        }
+    }
+
+    /// [`Self::forward_backward_planned`] on the uploaded batch: replayed when a recorded
+    /// graph fits it (the full batch, the same blocks dropping), recorded on the second step
+    /// of the full batch with one drop-path pattern, plain operations otherwise (another
+    /// batch size, graphs off or refused by the device).
+    fn forward_backward_graphed(
+        &mut self,
+        bufs: &mut Buffers<K, B>,
+        n: usize,
+        on: &[bool],
+    ) -> Result<()> {
+        if let Some(g) = &self.graph {
+            if g.batch == n && g.drops == on {
+                return self.k.replay(&g.id);
+            }
+        }
+        if n == bufs.cap && self.graph.is_none() && self.graph_status == GraphStatus::Pending {
+            if self.warm.as_deref() == Some(on) {
+                let k = self.k.clone();
+                let rec = k.capture(&mut || self.forward_backward_planned(bufs, n, on))?;
+                match rec {
+                    Capture::Graph(id) => {
+                        self.graph = Some(StepGraph {
+                            batch: n,
+                            drops: on.to_vec(),
+                            id,
+                        });
+                        self.graph_status = GraphStatus::Captured;
+                    }
+                    Capture::Plain(why) => self.graph_status = GraphStatus::Plain(why),
+                }
+                return Ok(());
+            }
+            self.warm = Some(on.to_vec());
+        }
+        self.forward_backward_planned(bufs, n, on)
     }
 
     fn forward_backward_planned(
@@ -1341,9 +1556,18 @@ fn split_value_grad<K: Kernels>(p: &mut DeviceParam<K>) -> (&K::Buf, &mut K::Buf
 }
 
 /// The frozen backbone of a device job and the device it trains on.
+///
+/// ```
+/// fn source<K: dtl_kernels::Kernels + Clone, B: dtl_kernels::KernelBackbone<K>>(k: K, backbone: B)
+///     -> dtl_runner::resident::ResidentSource<K, B> {
+///     // every step as plain operations, whatever `DTL_GRAPHS` says
+///     dtl_runner::resident::ResidentSource::new(k, backbone).with_graphs(false)
+/// }
+/// ```
 pub struct ResidentSource<K: Kernels + Clone, B: KernelBackbone<K>> {
     k: K,
     backbone: Arc<B>,
+    graphs: bool,
 }
 
 impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentSource<K, B> {
@@ -1352,7 +1576,16 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentSource<K, B> {
         ResidentSource {
             k,
             backbone: Arc::new(backbone),
+            graphs: true,
         }
+    }
+
+    /// With `false`, the engines it makes never record the training step as a graph (see
+    /// [`ResidentModel::set_graphs`]); with `true` (the default) they do where the device can,
+    /// unless `DTL_GRAPHS=0`.
+    pub fn with_graphs(mut self, on: bool) -> Self {
+        self.graphs = on;
+        self
     }
 }
 
@@ -1377,6 +1610,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> EngineSource for ResidentSource<K
     fn engine(&self, cfg: &PipelineConfig, classes: usize) -> Result<ResidentEngine<K, B>> {
         let mut model =
             ResidentModel::from_config(cfg, self.k.clone(), Arc::clone(&self.backbone), classes)?;
+        if !self.graphs {
+            model.set_graphs(false);
+        }
         model.plan(cfg.data.batch_size.max(1))?;
         let loss_acc = self.k.alloc(1)?;
         Ok(ResidentEngine { model, loss_acc })
@@ -1499,7 +1735,13 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
         self.model.memory().map(|m| m.peak_mib())
     }
     fn device(&self) -> String {
-        self.model.k.describe()
+        format!("{}, {}", self.model.k.describe(), self.model.precision())
+    }
+    fn precision(&self) -> String {
+        self.model.precision().to_string()
+    }
+    fn graph(&self) -> Option<String> {
+        Some(self.model.graph_status().describe())
     }
 }
 
@@ -1514,8 +1756,10 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
 /// first row; later rows reuse memory the allocator kept from earlier ones).
 /// Each row holds `what`, `side`, `batch`, `img_per_s`, `peak_gpu_mib` (the most the device's
 /// live buffers held during the timed steps, workspaces included), `gpu_driver_mib` (the
-/// driver's used-memory growth since the device was opened) and `peak_rss_mib`. The device
-/// is synchronised before each timing starts and ends.
+/// driver's used-memory growth since the device was opened), `peak_rss_mib` and `precision`
+/// (the device's); training rows also `graph` (`captured` when the timed steps replayed the
+/// recorded step, else why not: the step is recorded on its second run, before the timing).
+/// The device is synchronised before each timing starts and ends.
 pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
     cfg: &PipelineConfig,
     k: &K,
@@ -1565,7 +1809,7 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                         )?;
                         model.plan(batch)?;
                         let mut step = 0u64;
-                        let m = measure_device(k, opts, batch, || {
+                        let mut run = || {
                             let drops = crate::job::drop_masks(
                                 c.backbone.drop_path,
                                 spec.depth,
@@ -1575,11 +1819,18 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                             );
                             step += 1;
                             model.train_step(&images, batch, &targets, &drops, c.optim.lr, None)
-                        })?;
+                        };
+                        // The step is recorded on its second run: let that happen before the
+                        // timing, whatever the warm-up.
+                        for _ in opts.warmup..2 {
+                            run()?;
+                        }
+                        let m = measure_device(k, opts, batch, &mut run)?;
                         let mut r =
                             device_row("train", kind, batch, &m, Some(model.trainable_params()));
                         r["activations"] = serde_json::json!(mode);
                         r["idle_rss_mib"] = serde_json::json!(idle);
+                        r["graph"] = serde_json::json!(model.graph_status().describe());
                         rows.push(r);
                         drop(model);
                     }
@@ -1656,12 +1907,14 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
         }
     }
     Ok(
-        serde_json::json!({"backbone": spec.name, "image_size": s, "device": k.describe(), "rows": rows}),
+        serde_json::json!({"backbone": spec.name, "image_size": s, "device": k.describe(),
+            "precision": k.precision().to_string(), "rows": rows}),
     )
 }
 
 /// Throughput and memory of `steps` calls of `f` on a device after `warmup` calls.
 struct DeviceMeasured {
+    precision: Precision,
     img_per_s: f64,
     peak_gpu_mib: Option<f64>,
     gpu_driver_mib: Option<f64>,
@@ -1690,6 +1943,7 @@ fn measure_device<K: Kernels>(
     let mem = k.memory();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     Ok(DeviceMeasured {
+        precision: k.precision(),
         img_per_s: (steps * batch) as f64 / secs.max(1e-12),
         peak_gpu_mib: mem.map(|m| mib(m.peak)),
         gpu_driver_mib: mem.and_then(|m| m.driver_used).map(mib),
@@ -1705,7 +1959,8 @@ fn device_row(
     params: Option<usize>,
 ) -> Value {
     let mut r = serde_json::json!({"what": what, "side": side, "batch": batch, "img_per_s": m.img_per_s,
-        "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": m.peak_gpu_mib, "gpu_driver_mib": m.gpu_driver_mib});
+        "peak_rss_mib": m.peak_rss_mib, "peak_gpu_mib": m.peak_gpu_mib, "gpu_driver_mib": m.gpu_driver_mib,
+        "precision": m.precision.to_string()});
     if let Some(p) = params {
         r["trainable_params"] = serde_json::json!(p);
     }

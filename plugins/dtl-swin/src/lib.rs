@@ -160,8 +160,9 @@ pub trait SwinVariant: 'static {
 
 /// The registered constructor of variant `V`: loads `backbone.weights` (random weights seeded
 /// by `run.seed` when absent) and hands a [`SwinOn`] to the kernel-set training step: on the
-/// CPU kernels in f32, or, for `run.device = "cuda:N"` in a build with the `cuda` feature,
-/// uploaded to that GPU. The side network and head must have kernel-set descriptions (the
+/// CPU kernels in f32 (`run.precision = "bf16"` is refused there), or, for
+/// `run.device = "cuda:N"` in a build with the `cuda` feature, uploaded to that GPU opened at
+/// the resolved `run.precision` (`auto`: bf16). The side network and head must have kernel-set descriptions (the
 /// built-in `dtl`, `dtl+`, `linear` sides): the dfdx tape path's compile-time dims fit a
 /// single-stage backbone only.
 ///
@@ -207,7 +208,8 @@ pub fn build<V: SwinVariant>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<
     if let dtl_core::config::DeviceSpec::Cuda(_n) = cfg.device()? {
         #[cfg(feature = "cuda")]
         {
-            let gpu = dtl_cuda::Gpu::open(_n)?;
+            // `auto` is bf16 on a GPU
+            let gpu = dtl_cuda::Gpu::open_with(_n, cfg.run.precision.on_device(true))?;
             let on = SwinOn::upload(&gpu, &sc, &weights)?;
             return dtl_runner::build_resident_job(cfg, cx, on, gpu);
         }

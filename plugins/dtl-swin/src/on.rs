@@ -275,7 +275,12 @@ fn prepare(cfg: &SwinConfig, weights: SwinWeights) -> Result<(Prepared, SwinWeig
 
 impl<K: Kernels> SwinOn<K> {
     /// Uploads `weights` (checked against `cfg`) to the device of `k`, building each block's
-    /// dense score bias.
+    /// dense score bias. Every weight is frozen ([`Kernels::upload_frozen`]: rounded once to
+    /// bf16 on a device opened for bf16) but the score bias, which stays f32; the workspaces
+    /// hold activations ([`Kernels::alloc_act`]).
+    ///
+    /// [`Kernels::upload_frozen`]: dtl_kernels::Kernels::upload_frozen
+    /// [`Kernels::alloc_act`]: dtl_kernels::Kernels::alloc_act
     ///
     /// ```
     /// let cfg = dtl_swin::SwinConfig::new("toy", 16, 2, 8, &[2, 2], &[1, 2], 4);
@@ -288,7 +293,8 @@ impl<K: Kernels> SwinOn<K> {
     /// ```
     pub fn upload(k: &K, cfg: &SwinConfig, weights: &SwinWeights) -> Result<Self> {
         let (prep, w) = prepare(cfg, weights.clone())?;
-        let up = |v: &[f32]| k.upload_new(v);
+        // Frozen weights at the device's precision; the dense score bias stays f32 (below).
+        let up = |v: &[f32]| k.upload_frozen(v);
         let blocks = prep
             .blocks
             .into_iter()
@@ -306,7 +312,10 @@ impl<K: Kernels> SwinOn<K> {
                     fc1_b: up(&b.fc1_b)?,
                     fc2_w: up(&b.fc2_w)?,
                     fc2_b: up(&b.fc2_b)?,
-                    bias: up(&bias)?,
+                    // f32 whatever the precision: the bias is added to the scores before the
+                    // softmax, as PyTorch's autocast adds timm's f32 relative-position table to
+                    // the bf16 scores in f32; a bf16 bias would round the table to 3 digits.
+                    bias: k.upload_new(&bias)?,
                     groups,
                     table: b.rel_table,
                 })
@@ -742,15 +751,15 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         let cols = p(&[batch, patches, c.in_chans * c.patch_size * c.patch_size])?;
         Ok(SwinWorkspace {
             batch,
-            x1: k.alloc(act)?,
-            qkv: k.alloc(qkv)?,
-            u: k.alloc(u)?,
+            x1: k.alloc_act(act)?,
+            qkv: k.alloc_act(qkv)?,
+            u: k.alloc_act(u)?,
             s: Scratch {
-                h: k.alloc(act)?,
-                a: k.alloc(act)?,
-                t: k.alloc(act)?,
-                g: k.alloc(g.max(cols))?,
-                scratch: k.alloc(scratch)?,
+                h: k.alloc_act(act)?,
+                a: k.alloc_act(act)?,
+                t: k.alloc_act(act)?,
+                g: k.alloc_act(g.max(cols))?,
+                scratch: k.alloc_act(scratch)?,
             },
         })
     }

@@ -133,8 +133,9 @@ pub fn check_weights(variant: &str, path: &Path, format: &str) -> Result<LoadRep
 /// seeded by `run.seed` when absent) and hands the model to the runner: on the CPU as a
 /// [`VitOn`] on the CPU kernels to the device step when the side network and head have
 /// kernel-set descriptions (the built-in ones), else as a [`Vit`] to the dfdx-based runner;
-/// for `run.device = "cuda:N"` in a build with the
-/// `cuda` feature, as a [`VitOn`] uploaded to that GPU to the device-resident runner.
+/// for `run.device = "cuda:N"` in a build with the `cuda` feature, as a [`VitOn`] uploaded to
+/// that GPU, opened at the resolved `run.precision` (`auto`: bf16), to the device-resident
+/// runner. `run.precision = "bf16"` on the CPU is refused.
 ///
 /// ```
 /// use dtl_core::{BuildContext, Job, PipelineConfig, Result};
@@ -154,12 +155,14 @@ pub fn build<G: Geometry>(cfg: &PipelineConfig, cx: &BuildContext) -> Result<Box
     };
     #[cfg(feature = "cuda")]
     if let dtl_core::config::DeviceSpec::Cuda(n) = cfg.device()? {
-        let gpu = dtl_cuda::Gpu::open(n)?;
+        // `auto` is bf16 on a GPU
+        let gpu = dtl_cuda::Gpu::open_with(n, cfg.run.precision.on_device(true))?;
         let on = VitOn::upload(&gpu, &spec, &weights)?;
         return dtl_runner::build_resident_job(cfg, cx, on, gpu);
     }
     let on_cpu = !matches!(cfg.device()?, dtl_core::config::DeviceSpec::Cuda(_));
-    if on_cpu && cfg.run.precision == "f32" && has_kernel_description(cfg)? {
+    // On the CPU the device step trains in f32 (and refuses `run.precision = "bf16"`).
+    if on_cpu && has_kernel_description(cfg)? {
         let on = VitOn::from_weights(&spec, weights)?;
         return dtl_runner::build_resident_job(cfg, cx, on, dtl_kernels::CpuKernels::new());
     }

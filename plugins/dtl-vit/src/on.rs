@@ -25,18 +25,18 @@ struct BlockOn<K: Kernels> {
 impl<K: Kernels> BlockOn<K> {
     fn upload(k: &K, b: &BlockWeights) -> Result<Self> {
         Ok(BlockOn {
-            norm1_w: k.upload_new(&b.norm1_w)?,
-            norm1_b: k.upload_new(&b.norm1_b)?,
-            qkv_w: k.upload_new(&b.qkv_w)?,
-            qkv_b: k.upload_new(&b.qkv_b)?,
-            proj_w: k.upload_new(&b.proj_w)?,
-            proj_b: k.upload_new(&b.proj_b)?,
-            norm2_w: k.upload_new(&b.norm2_w)?,
-            norm2_b: k.upload_new(&b.norm2_b)?,
-            fc1_w: k.upload_new(&b.fc1_w)?,
-            fc1_b: k.upload_new(&b.fc1_b)?,
-            fc2_w: k.upload_new(&b.fc2_w)?,
-            fc2_b: k.upload_new(&b.fc2_b)?,
+            norm1_w: k.upload_frozen(&b.norm1_w)?,
+            norm1_b: k.upload_frozen(&b.norm1_b)?,
+            qkv_w: k.upload_frozen(&b.qkv_w)?,
+            qkv_b: k.upload_frozen(&b.qkv_b)?,
+            proj_w: k.upload_frozen(&b.proj_w)?,
+            proj_b: k.upload_frozen(&b.proj_b)?,
+            norm2_w: k.upload_frozen(&b.norm2_w)?,
+            norm2_b: k.upload_frozen(&b.norm2_b)?,
+            fc1_w: k.upload_frozen(&b.fc1_w)?,
+            fc1_b: k.upload_frozen(&b.fc1_b)?,
+            fc2_w: k.upload_frozen(&b.fc2_w)?,
+            fc2_b: k.upload_frozen(&b.fc2_b)?,
         })
     }
 
@@ -130,7 +130,10 @@ fn saved_count(spec: &BackboneSpec, got: usize) -> DtlError {
 }
 
 impl<K: Kernels> VitOn<K> {
-    /// Uploads `weights` (checked against `spec`) to the device of `k`.
+    /// Uploads `weights` (checked against `spec`) to the device of `k`, every tensor as a
+    /// frozen weight ([`Kernels::upload_frozen`]: rounded once to bf16 on a device opened for
+    /// bf16, f32 elsewhere). The workspaces it plans hold activations
+    /// ([`Kernels::alloc_act`]), stored at the same precision.
     ///
     /// ```
     /// use dtl_core::BackboneSpec;
@@ -152,13 +155,13 @@ impl<K: Kernels> VitOn<K> {
             .collect::<Result<Vec<_>>>()?;
         Ok(VitOn {
             spec: spec.clone(),
-            patch_w: k.upload_new(&weights.patch_w)?,
-            patch_b: k.upload_new(&weights.patch_b)?,
-            prefix_tokens: k.upload_new(&weights.cls_token)?,
-            pos_embed: k.upload_new(&weights.pos_embed)?,
+            patch_w: k.upload_frozen(&weights.patch_w)?,
+            patch_b: k.upload_frozen(&weights.patch_b)?,
+            prefix_tokens: k.upload_frozen(&weights.cls_token)?,
+            pos_embed: k.upload_frozen(&weights.pos_embed)?,
             blocks,
-            norm_w: k.upload_new(&weights.norm_w)?,
-            norm_b: k.upload_new(&weights.norm_b)?,
+            norm_w: k.upload_frozen(&weights.norm_w)?,
+            norm_b: k.upload_frozen(&weights.norm_b)?,
         })
     }
 
@@ -489,13 +492,13 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         let cols = p(&[batch, s.patches(), patch])?;
         Ok(VitWorkspace {
             batch,
-            x1: k.alloc(p(&[rows, d])?)?,
+            x1: k.alloc_act(p(&[rows, d])?)?,
             s: Scratch {
-                h: k.alloc(p(&[rows, d])?)?,
-                qkv: k.alloc(p(&[rows, 3, d])?)?,
-                a: k.alloc(p(&[rows, d])?)?,
-                u: k.alloc(p(&[rows, hidden])?.max(attn))?,
-                g: k.alloc(p(&[rows, hidden.max(3 * d)])?.max(cols))?,
+                h: k.alloc_act(p(&[rows, d])?)?,
+                qkv: k.alloc_act(p(&[rows, 3, d])?)?,
+                a: k.alloc_act(p(&[rows, d])?)?,
+                u: k.alloc_act(p(&[rows, hidden])?.max(attn))?,
+                g: k.alloc_act(p(&[rows, hidden.max(3 * d)])?.max(cols))?,
             },
         })
     }

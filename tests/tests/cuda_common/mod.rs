@@ -48,3 +48,23 @@ pub fn emulator() -> Option<&'static Emulator> {
     })
     .as_ref()
 }
+
+/// `cuda:0` opened for bf16 storage, once per test binary (when a GPU is there).
+pub fn gpu_bf16() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        gpu()?;
+        Some(Gpu::open_with(0, dtl_core::choice::Precision::Bf16).expect("cuda:0 for bf16"))
+    })
+    .as_ref()
+}
+
+/// The emulator with bf16 storage, made once per test binary (when the emulator is there).
+pub fn emulator_bf16() -> Option<&'static Emulator> {
+    static EMU: OnceLock<Option<Emulator>> = OnceLock::new();
+    EMU.get_or_init(|| {
+        emulator()?;
+        Some(Emulator::with_precision(dtl_core::choice::Precision::Bf16).expect("the emulator"))
+    })
+    .as_ref()
+}

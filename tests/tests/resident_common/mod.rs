@@ -222,23 +222,38 @@ pub fn adamw_trajectory<K: Kernels + Clone, B: KernelBackbone<K>>(
 
 /// Trains two epochs of a small DTL+ pipeline on generated data with the device step on `k`,
 /// then evaluates its last checkpoint on `k` and on the tape-based CPU path: both give the
-/// accuracy the run reported. Returns the report.
+/// accuracy the run reported. Returns the report (`report.json`).
 pub fn train_then_evaluate_on_the_cpu<K: Kernels + Clone>(k: K) -> serde_json::Value {
+    cross_device_run(k, 2, 24, 12)
+}
+
+/// [`train_then_evaluate_on_the_cpu`] for `epochs` epochs of `train` generated images in
+/// batches of 4 (drop path 0.1, clipping on), evaluated on `test` images; returns
+/// `report.json` as the run wrote it.
+pub fn cross_device_run<K: Kernels + Clone>(
+    k: K,
+    epochs: usize,
+    train: usize,
+    test: usize,
+) -> serde_json::Value {
     use dfdx::prelude::Cpu;
     use dtl_core::{BuildContext, Job, RunEnv};
     use dtl_runner::data::SyntheticData;
     use dtl_runner::resident::ResidentSource;
     use dtl_runner::{DtlJob, Trainer};
     use dtl_vit::variants::VitTestPatch8_32;
-    let text = "[run]\nname = \"cross\"\nseed = 5\n[backbone]\nkind = \"vit_test_patch8_32\"\ndrop_path = 0.1\n\
-                [side]\nkind = \"dtl+\"\ntaps = \"0-3\"\ninjects = \"2-3\"\n\
-                [data]\nkind = \"synthetic\"\nroot = \".\"\nbatch_size = 4\n\
-                [optim]\nlr = 0.02\nclip_grad = 5.0\n[schedule]\nepochs = 2\nwarmup_epochs = 1\n";
-    let cfg = PipelineConfig::from_str(text, "cross.toml".as_ref(), &[]).unwrap();
+    let text = format!(
+        "[run]\nname = \"cross\"\nseed = 5\n[backbone]\nkind = \"vit_test_patch8_32\"\ndrop_path = 0.1\n\
+         [side]\nkind = \"dtl+\"\ntaps = \"0-3\"\ninjects = \"2-3\"\n\
+         [data]\nkind = \"synthetic\"\nroot = \".\"\nbatch_size = 4\n\
+         [optim]\nlr = 0.02\nclip_grad = 5.0\n[schedule]\nepochs = {epochs}\nwarmup_epochs = {}\n",
+        usize::from(epochs > 1)
+    );
+    let cfg = PipelineConfig::from_str(&text, "cross.toml".as_ref(), &[]).unwrap();
     let cx = BuildContext {
         pipeline_file: "cross.toml".into(),
     };
-    let data = || Box::new(SyntheticData::new(3, 32, 24, 12, 4, 7));
+    let data = || Box::new(SyntheticData::new(3, 32, train, test, 4, 7));
     let vit = || dtl_vit::random::<VitTestPatch8_32>(9).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let env = RunEnv {
@@ -252,7 +267,10 @@ pub fn train_then_evaluate_on_the_cpu<K: Kernels + Clone>(k: K) -> serde_json::V
         let on = VitOn::upload(&k, &spec, v.weights()).unwrap();
         Trainer::with_source(&cfg, &cx, ResidentSource::new(k.clone(), on)).with_data(data())
     };
-    let report = device_job().train(&env).unwrap();
+    device_job().train(&env).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
     let last = dir.path().join("last.safetensors");
     let on_device = device_job().evaluate(&env, &last).unwrap();
     let on_cpu = DtlJob::new(&cfg, &cx, vit(), Cpu::default())
@@ -262,4 +280,164 @@ pub fn train_then_evaluate_on_the_cpu<K: Kernels + Clone>(k: K) -> serde_json::V
     assert_eq!(on_device["top1"], report["top1"], "{on_device} vs {report}");
     assert_eq!(on_cpu["top1"], report["top1"], "{on_cpu} vs {report}");
     report
+}
+
+/// Trains the fixture's case on batches of `sizes` images (the first images of its batch)
+/// with drop path `rate`, and returns every parameter and the loss of every step.
+pub fn train_on_sizes<K: Kernels + Clone, B: KernelBackbone<K>>(
+    case: &mut Case<K, B>,
+    sizes: &[usize],
+    rate: f64,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let lr = case.cfg["adamw"]["lr"].as_f64().unwrap();
+    let per_image = case.images.len() / case.n;
+    let classes = case.model.classes();
+    let depth = case.model.backbone().spec().depth;
+    let mut losses = Vec::new();
+    for (step, &m) in sizes.iter().enumerate() {
+        let drops = dtl_runner::job::drop_masks(rate, depth, m, 3, step as u64);
+        case.model
+            .train_step(
+                &case.images[..m * per_image],
+                m,
+                &case.targets[..m * classes],
+                &drops,
+                lr,
+                Some(1.0),
+            )
+            .unwrap();
+        losses.push(case.model.read_loss().unwrap());
+    }
+    let params = case
+        .model
+        .host_params()
+        .unwrap()
+        .iter()
+        .map(|p| p.value.as_vec())
+        .collect();
+    (params, losses)
+}
+
+/// Cosine similarity of `got` and `want` (1 when both are zero, 0 when only one is).
+pub fn cosine(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let dot: f64 = got.iter().zip(want).map(|(&g, &w)| g as f64 * w).sum();
+    let ng = got.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+    let nw = want.iter().map(|&w| w * w).sum::<f64>().sqrt();
+    match (ng == 0.0, nw == 0.0) {
+        (true, true) => 1.0,
+        (true, false) | (false, true) => 0.0,
+        _ => dot / (ng * nw),
+    }
+}
+
+/// The fixture's AdamW steps at a reduced precision: the first step's logits and loss within
+/// `tol` relative and every gradient at cosine similarity `cos` or more to the reference's,
+/// then the loss before each of the fixture's steps within `steps_tol` relative. One pass
+/// serves both checks (the first training step is the step the gradients are checked on).
+pub fn reduced_precision_trajectory<K: Kernels + Clone, B: KernelBackbone<K>>(
+    name: &str,
+    mut case: Case<K, B>,
+    tol: f64,
+    cos: f64,
+    steps_tol: f64,
+) {
+    let lr = case.cfg["adamw"]["lr"].as_f64().unwrap();
+    let want = case.fx["train_losses"].1.clone();
+    let n = case.n;
+    let mut got = Vec::new();
+    for i in 0..want.len() {
+        case.model
+            .train_step(&case.images, n, &case.targets, &[], lr, None)
+            .unwrap();
+        got.push(case.model.read_loss().unwrap() as f64);
+        if i > 0 {
+            continue;
+        }
+        let loss = got[0];
+        assert!(
+            ((loss - want[0]) / want[0]).abs() < tol,
+            "{name}: loss {loss} vs {}",
+            want[0]
+        );
+        let logits = case.model.read_logits(n).unwrap();
+        let e = rel_err(&logits, &case.fx["logits"].1);
+        assert!(e < tol, "{name}: logits differ by {e:e} relative");
+        let grads = case.model.read_grads().unwrap();
+        for (p, g) in case.model.params().iter().zip(&grads) {
+            let c = cosine(g, &case.fx[&format!("grad.{}", p.name)].1);
+            assert!(
+                c >= cos,
+                "{name}: gradient of {} has cosine similarity {c:.6} to the reference",
+                p.name
+            );
+        }
+    }
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| ((g - w) / w).abs())
+        .fold(0.0, f64::max);
+    eprintln!("{name}: losses {got:?}, reference {want:?}, worst {worst:.2e} relative");
+    assert!(
+        worst < steps_tol,
+        "{name}: losses {got:?} vs {want:?}: {worst:.2e} relative"
+    );
+}
+
+/// The Swin fixture `name` of `fixtures/swin-reference` on device `k` (its Swin uploaded
+/// there), with `run.activations = activations`.
+pub fn swin_setup<K: Kernels + Clone>(
+    name: &str,
+    activations: &str,
+    k: K,
+) -> Case<K, dtl_swin::SwinOn<K>> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/swin-reference");
+    let variant = "swin_test_patch2_window4_32";
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let sc = dtl_swin::variant(variant).unwrap();
+    assert_eq!(
+        cfg["swin"]["embed_dim"].as_u64().unwrap() as usize,
+        sc.embed_dim,
+        "{name}: the fixture's Swin is not `{variant}`"
+    );
+    let weights =
+        dtl_swin::load_weights(&sc, &dir.join(format!("{name}_swin.safetensors")), "auto").unwrap();
+    let swin = dtl_swin::SwinOn::upload(&k, &sc, &weights).unwrap();
+    let fx = read_at(&dir.join(format!("{name}_dtl.safetensors")));
+    let p = pipeline_for(&cfg, activations, variant);
+    case_from(p, cfg, fx, k, swin)
+}
+
+/// Every tensor of the safetensors file at `path` as (shape, f64 values).
+pub fn read_at(
+    path: &std::path::Path,
+) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+    use safetensors::tensor::{Dtype, SafeTensors};
+    let raw = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&raw).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let d = t.data();
+            let v: Vec<f64> = match t.dtype() {
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("unexpected dtype {other:?} of {n} in {}", path.display()),
+            };
+            (n, (t.shape().to_vec(), v))
+        })
+        .collect()
 }
