@@ -131,7 +131,7 @@ pub fn validate(cfg: &PipelineConfig, cx: &ValidationContext<'_>) -> Vec<DtlErro
     if cfg.run.precision == Precision::Bf16 && cfg.run.device == DeviceSpec::Cpu {
         err(
             "run.precision",
-            "bf16 needs a CUDA device; use \"f32\" on the CPU".into(),
+            "bf16 needs a CUDA device; use \"auto\" or \"f32\" on the CPU".into(),
         );
     }
     if !["recompute", "store"].contains(&cfg.run.activations.as_str()) {
