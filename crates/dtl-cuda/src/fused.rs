@@ -252,21 +252,41 @@ pub(crate) fn attention<E: Exec>(
         return Ok(());
     }
     let (lse, _, _) = plan.parts(sp);
-    let [b, n, h, d] = dims(&shape);
-    let scale = 1.0 / (shape.head_dim as f32).sqrt();
     // SAFETY: qkv holds batch * tokens rows of 3 width values, out batch * tokens rows of
     // width, the scratch the statistics at its start (`FusedPlan::parts`, checked above, in
     // bytes that fit f32 and bf16 storage alike); the bias, when not
     // null, bias_heads matrices of tokens x tokens; every count fits i32 (check).
+    unsafe { launch_forward(op, e, &shape, qp, bp, outp, lse, bias_heads) }
+}
+
+/// Launches the forward kernel: the output into `out` and the log-sum-exp of every row into
+/// `lse`.
+///
+/// # Safety
+/// The pointers hold what [`attention`] checks for `shape`; `bias_heads` is 1 without a bias.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_forward<E: Exec>(
+    op: &str,
+    e: &E,
+    shape: &AttnShape,
+    qp: Dp,
+    bp: Dp,
+    out: Dp,
+    lse: Dp,
+    bias_heads: i32,
+) -> Result<()> {
+    let [b, n, h, d] = dims(shape);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    // SAFETY: as the caller promises.
     unsafe {
         e.launch(
             op,
             K::AttnFused,
-            grid(&shape, FWD_ROWS),
+            grid(shape, FWD_ROWS),
             &[
                 Arg::P(qp),
                 Arg::P(bp),
-                Arg::P(outp),
+                Arg::P(out),
                 Arg::P(lse),
                 b,
                 n,
@@ -307,23 +327,7 @@ pub(crate) fn attention_vjp<E: Exec>(
     // SAFETY: as in `attention`, plus dout holds batch * tokens rows of width values, dqkv
     // rows of 3 width, and the scratch the output slot and both statistics (checked above).
     unsafe {
-        e.launch(
-            op,
-            K::AttnFused,
-            grid(&shape, FWD_ROWS),
-            &[
-                Arg::P(qp),
-                Arg::P(bp),
-                Arg::P(o),
-                Arg::P(lse),
-                b,
-                n,
-                h,
-                d,
-                Arg::I(bias_heads),
-                Arg::F(scale),
-            ],
-        )?;
+        launch_forward(op, e, &shape, qp, bp, o, lse, bias_heads)?;
         e.launch(
             op,
             K::AttnFusedDq,
