@@ -114,16 +114,21 @@ cat >"$out/run.sh" <<'EOF'
 #      run.activations recompute and store) and the linear probe, batch 32 and 128 (45 + 55 s)
 #   4. the PyTorch reference in one process: eager (f32 weights, bf16 autocast) and best (bf16
 #      weights, torch.compile per block), same methods and batches                (150 s)
+#  4b. where the GPU time goes: `dtl bench --profile` of DTL bf16 recompute at batch 32 and
+#      128, the per-kernel tables into profile-b32.md and profile-b128.md (CUDA events, graphs
+#      off meanwhile; docs/cuda.md)                                         (40 s for both)
 #   5. optional, while time is left: DTL b128 with DTL_GRAPHS=0, with DTL_ATTENTION=fused and
-#      =unfused, dtl in f32 (b32 and b128), PyTorch best with the whole step compiled (DTL b128)
+#      =unfused, with DTL_GEMM_EPILOGUE=lt and =plain, dtl in f32 (b32 and b128), PyTorch best
+#      with the whole step compiled (DTL b128)
 #   6. bench/reference/gpu_table.py: the ratio table with the targets, printed last (10 s)
 # Environment:
 #   DTL_DATA   a folder holding mnist/{train,test}.csv (laid out like the repository's data/),
 #              or the mnist folder itself; default: data/ of the tree, then the pack's copy
 #   PYTHON     the Python with torch and timm (default python3)
-#   OUT        when set (a folder), results go there as at most 5 files: gpu-table.md,
-#              gpu-rows.jsonl, summary.txt, run.log and files.tar.gz (every log and JSON output);
-#              else to .gpu/results (the same, and the folder files/ unpacked)
+#   OUT        when set (a folder), results go there as at most 7 files: gpu-table.md,
+#              gpu-rows.jsonl, summary.txt, run.log, files.tar.gz (every log and JSON output),
+#              profile-b32.md and profile-b128.md; else to .gpu/results (the same, and the
+#              folder files/ unpacked)
 set -uo pipefail
 root="$(pwd)"
 pack="$root/.gpu"
@@ -174,7 +179,7 @@ status_ref() {
     printf '{"phase": "pytorch", "label": %s, "file": %s, "ok": %s, "why": %s}\n' "$(jstr "$1")" "$(jstr "$2")" "$3" \
         "$([[ -n $4 ]] && jstr "$4" || echo null)" >>"$files/status.jsonl"
 }
-# Results: when OUT is set, at most 5 files come back; everything else goes into files.tar.gz.
+# Results: when OUT is set, at most 7 files come back; everything else goes into files.tar.gz.
 # shellcheck disable=SC2317 # called by the EXIT trap
 finish() {
     [[ -d "$files" ]] || return 0
@@ -413,11 +418,54 @@ else
     status=1
 fi
 
+# 4b. Where the GPU time goes: the per-kernel breakdown of DTL bf16 recompute (each kernel,
+#     product and copy of the timed steps between two CUDA events; graphs off meanwhile, so the
+#     img/s of these runs is no measurement). 40 s for both batches, ahead of the optional rows.
+# run_profile BATCH STEPS CAP MIN
+run_profile() {
+    local b=$1 steps=$2 cap=$3 min=$4 md="$results/profile-b$1.md" left lim rc
+    rm -f "$md"
+    if [[ $cuda_ok != 1 ]]; then
+        note "dtl bench --profile batch $b: not run (no dtl binary that accepts run.device=cuda:0)"
+        return
+    fi
+    left=$((profile_end - SECONDS))
+    ((left > deadline - SECONDS - 10)) && left=$((deadline - SECONDS - 10))
+    if ((left < min)); then
+        echo "== dtl bench --profile, batch $b: not run ($left s left, it needs $min)"
+        note "dtl bench --profile batch $b: not run (out of time)"
+        return
+    fi
+    lim=$(limit "$cap")
+    ((lim > left)) && lim=$left
+    echo "== dtl bench --profile on cuda:0, ViT-B/16, DTL bf16 recompute, batch $b ($steps steps, at most $lim s)"
+    timeout -k 3 "$lim" "$dtl" bench "$bench_pipeline" run.device=cuda:0 backbone.kind=vit_base_patch16_224 \
+        run.precision=bf16 side.kind=dtl run.activations=recompute --batch "$b" --steps "$steps" --warmup 2 \
+        --what train --profile --profile-md "$md" >"$files/profile-b$b.txt" 2>"$files/profile-b$b.log"
+    rc=$?
+    if [[ $rc == 0 && -s "$md" ]]; then
+        sed -n '1,14p' "$md"
+        note "dtl bench --profile batch $b: ok (profile-b$b.md)"
+    else
+        tail -n 5 "$files/profile-b$b.log"
+        echo "FAILED: dtl bench --profile batch $b ($(why_of $rc "$lim"))"
+        note "dtl bench --profile batch $b: FAILED ($(why_of $rc "$lim"); log profile-b$b.log)"
+        status=1
+    fi
+}
+profile_end=$((SECONDS + 40))
+run_profile 32 5 20 12
+run_profile 128 3 25 15
+
 # 5. Optional rows, while time is left (a row that does not fit is shown as not run).
 dtl_only='["dtl"]'
 run_dtl graphs-off-b128 "bf16, DTL_GRAPHS=0" 128 10 2 40 25 "$dtl_only" bf16 DTL_GRAPHS=0
 run_dtl fused-b128 "bf16, DTL_ATTENTION=fused" 128 10 2 40 25 "$dtl_only" bf16 DTL_ATTENTION=fused
 run_dtl unfused-b128 "bf16, DTL_ATTENTION=unfused" 128 10 2 40 25 "$dtl_only" bf16 DTL_ATTENTION=unfused
+# The bias in the product's epilogue (cuBLASLt) against BiasRows + cuBLAS: the two rows that
+# decide DTL_GEMM_EPILOGUE's default (docs/cuda.md, "Bias in the product's epilogue").
+run_dtl epilogue-lt-b128 "bf16, DTL_GEMM_EPILOGUE=lt" 128 10 2 40 25 "$dtl_only" bf16 DTL_GEMM_EPILOGUE=lt
+run_dtl epilogue-plain-b128 "bf16, DTL_GEMM_EPILOGUE=plain" 128 10 2 40 25 "$dtl_only" bf16 DTL_GEMM_EPILOGUE=plain
 run_dtl f32-b32 f32 32 10 2 40 25 "$all" f32
 run_dtl f32-b128 f32 128 5 2 45 25 "$all" f32
 left=$((deadline - SECONDS - 10))
@@ -468,5 +516,5 @@ cat <<EOF
 #   bash .gpu/run.sh
 # About 8 minutes at most (DTL_GPU_CHECK_BUDGET=470 s, plus a few seconds to unpack); results
 # print to stdout (summary, then the dtl / PyTorch table last) and are written to \$OUT when
-# set (5 files), else .gpu/results/.
+# set (at most 7 files), else .gpu/results/.
 EOF

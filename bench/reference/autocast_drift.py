@@ -43,11 +43,7 @@ def trajectory(ref, case, bf16_weights):
     x, labels = stored["input"].float(), stored["labels"]
     if bf16_weights:
         x = x.to(torch.bfloat16)
-    decay = [v for k, v in params.items() if not k.endswith(".bias")]
-    no_decay = [v for k, v in params.items() if k.endswith(".bias")]
-    optim = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=opt["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-        lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
+    optim = mf.adamw(params, opt)
     losses = []
     for _ in range(opt["steps"]):
         optim.zero_grad()

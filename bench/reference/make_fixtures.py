@@ -167,6 +167,16 @@ def init_params(cfg, kernel, d, seed):
     return p
 
 
+def adamw(params, opt):
+    """torch's AdamW over the named `params` with the fixture's settings `opt`: weight decay on
+    every tensor but the biases (names ending in .bias)."""
+    decay = [v for k, v in params.items() if not k.endswith(".bias")]
+    no_decay = [v for k, v in params.items() if k.endswith(".bias")]
+    return torch.optim.AdamW(
+        [dict(params=decay, weight_decay=opt["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
+        lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
+
+
 def expected(vit, init, x, labels, cfg, opt):
     """Every expected value, in float64, from float32 weights/init/input."""
     vit = vit.double().eval()
@@ -182,11 +192,7 @@ def expected(vit, init, x, labels, cfg, opt):
     out = {"backbone_tokens": tokens, "logits": logits.detach(), "loss": loss.detach().reshape(1)}
     for (k, _), gk in zip(params.items(), grads):
         out[f"grad.{k}"] = gk
-    decay = [v for k, v in params.items() if not k.endswith(".bias")]
-    no_decay = [v for k, v in params.items() if k.endswith(".bias")]
-    optim = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=opt["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-        lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
+    optim = adamw(params, opt)
     losses = []
     for _ in range(opt["steps"]):
         optim.zero_grad()

@@ -66,6 +66,7 @@ on_devices!(
     eval_stats,
     sum_squares,
     adamw,
+    adamw_from_scalars_equals_adamw,
     errors_name_the_operation_and_buffer,
     attention_bias_swin,
     window_partition_merge,
@@ -973,6 +974,59 @@ mod checks {
         }
     }
 
+    /// The step scalars of `steps`, one entry each, as [`Kernels::adamw_from`] reads them.
+    pub fn scalars_of(steps: &[AdamwStep]) -> Vec<f32> {
+        steps.iter().flat_map(|s| s.scalars()).collect()
+    }
+
+    pub fn adamw_from_scalars_equals_adamw<K: Kernels>(k: &K) {
+        let n = 10_007;
+        for (wd, clip) in [
+            (0.05, None),
+            (0.0, Some(0.5)),
+            (0.05, Some(0.5)),
+            (0.05, Some(1e6)),
+        ] {
+            let start = rand_vec(n, 160);
+            let (mut pa, mut pb) = (k.upload_new(&start).unwrap(), k.upload_new(&start).unwrap());
+            let (mut ma, mut mb) = (k.alloc(n).unwrap(), k.alloc(n).unwrap());
+            let (mut va, mut vb) = (k.alloc(n).unwrap(), k.alloc(n).unwrap());
+            let mut scalars = k.alloc(3 * AdamwStep::SCALARS).unwrap();
+            for t in 1..=4u64 {
+                let grad = k.upload_new(&scaled_vec(n, 160 + t, 0.1)).unwrap();
+                let mut sq = k.upload_new(&[0.0]).unwrap();
+                k.sum_squares(&grad, n, &mut sq).unwrap();
+                // a schedule: another learning rate every step; the entry used is the middle one
+                let lr = 1e-3 * (1.0 + t as f64 / 3.0);
+                let step = AdamwStep::new(lr, 0.9, 0.999, 1e-8, wd, t);
+                let other = AdamwStep::new(0.5, 0.5, 0.5, 0.5, 0.5, 1);
+                k.upload(&scalars_of(&[other, step, other]), &mut scalars)
+                    .unwrap();
+                let c = clip.map(|c| (&sq, c as f32));
+                k.adamw(&mut pa, &grad, &mut ma, &mut va, n, &step, c)
+                    .unwrap();
+                k.adamw_from(&mut pb, &grad, &mut mb, &mut vb, n, &scalars, 1, c)
+                    .unwrap();
+            }
+            let what = format!("adamw_from wd {wd} clip {clip:?}");
+            for (name, a, b) in [("param", &pa, &pb), ("m", &ma, &mb), ("v", &va, &vb)] {
+                let (a, b) = (k.download(a, n).unwrap(), k.download(b, n).unwrap());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&a) == bits(&b), "{what}: {name} differs from adamw's");
+            }
+        }
+        // an entry past the end of the buffer is refused, naming it
+        let (mut p, g) = (k.alloc(4).unwrap(), k.alloc(4).unwrap());
+        let (mut m, mut v) = (k.alloc(4).unwrap(), k.alloc(4).unwrap());
+        let scalars = k.alloc(2 * AdamwStep::SCALARS).unwrap();
+        let e = k
+            .adamw_from(&mut p, &g, &mut m, &mut v, 4, &scalars, 2, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adamw_from") && e.contains("`scalars`"), "{e}");
+        k.synchronize().unwrap();
+    }
+
     pub fn errors_name_the_operation_and_buffer<K: Kernels>(k: &K) {
         let short = k.alloc(3).unwrap();
         let mut out = k.alloc(16).unwrap();
@@ -1418,6 +1472,7 @@ macro_rules! on_own_devices {
 
 on_own_devices!(
     graph_replay_matches_plain_launches,
+    graph_replay_follows_new_adamw_scalars,
     graph_capture_that_uploads_runs_plain,
     graph_keeps_dropped_buffers,
 );
@@ -1459,6 +1514,22 @@ mod bf16_checks {
         tol: f64,
         op: &dyn Fn(&[K::Buf], &mut [K::Buf]) -> dtl_core::Result<()>,
     ) {
+        twin_outputs(k, what, ins, outs, outs.len(), tol, op)
+    }
+
+    /// [`twin`] comparing only the first `compared` of `outs`: the others are buffers the
+    /// operation works in (an attention scratch), whose contents depend on the kernels the
+    /// device selected and are no result.
+    #[allow(clippy::type_complexity)]
+    fn twin_outputs<K: Kernels>(
+        k: &K,
+        what: &str,
+        ins: &[Vec<f32>],
+        outs: &[Vec<f32>],
+        compared: usize,
+        tol: f64,
+        op: &dyn Fn(&[K::Buf], &mut [K::Buf]) -> dtl_core::Result<()>,
+    ) {
         assert_eq!(k.precision(), Precision::Bf16);
         let run = |bf16: bool| -> Vec<Vec<f32>> {
             let ib: Vec<K::Buf> = ins
@@ -1490,7 +1561,7 @@ mod bf16_checks {
                 .collect()
         };
         let (got, want) = (run(true), run(false));
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (i, (g, w)) in got.iter().zip(&want).enumerate().take(compared) {
             assert_close(&format!("{what} (bf16), output {i}"), g, w, tol);
         }
     }
@@ -1859,26 +1930,30 @@ mod bf16_checks {
         let dout = scaled_vec(rows * s.width(), 51, 1.0);
         let bias = scaled_vec(2 * s.heads * s.tokens * s.tokens, 52, 2.0);
         let sc = vec![0.0; k.attention_scratch(s)];
+        // Only the outputs are compared, not the scratch: the fused kernels keep f32
+        // statistics there, the unfused ones the scores and probabilities.
         // bf16 scratch: the scores, the probabilities and the output are each rounded once
         // (2^-8 of the value each); the scores' error reaches the probabilities through exp
         // as |score| times it (scores stay below 2 here), so about 4 roundings: 2^-6.
         const ATT: f64 = 1.0 / 64.0;
-        twin(
+        twin_outputs(
             k,
             "attention",
             &[qkv.clone()],
             &[vec![0.0; rows * s.width()], sc.clone()],
+            1,
             ATT,
             &|i, o| {
                 let [out, scratch] = o else { unreachable!() };
                 k.attention(&i[0], s, out, scratch)
             },
         );
-        twin(
+        twin_outputs(
             k,
             "attention_bias",
             &[qkv.clone(), bias.clone()],
             &[vec![0.0; rows * s.width()], sc.clone()],
+            1,
             ATT,
             &|i, o| {
                 let [out, scratch] = o else { unreachable!() };
@@ -1888,22 +1963,24 @@ mod bf16_checks {
         // the VJP adds the rounded gradient of the probabilities and the three products of
         // the gradients (one rounding each) to those: 2^-5.
         const ATT_VJP: f64 = 1.0 / 32.0;
-        twin(
+        twin_outputs(
             k,
             "attention_vjp",
             &[qkv.clone(), dout.clone()],
             &[vec![0.0; rows * 3 * s.width()], sc.clone()],
+            1,
             ATT_VJP,
             &|i, o| {
                 let [dqkv, scratch] = o else { unreachable!() };
                 k.attention_vjp(&i[0], &i[1], s, dqkv, scratch)
             },
         );
-        twin(
+        twin_outputs(
             k,
             "attention_bias_vjp",
             &[qkv, dout, bias],
             &[vec![0.0; rows * 3 * s.width()], sc],
+            1,
             ATT_VJP,
             &|i, o| {
                 let [dqkv, scratch] = o else { unreachable!() };
@@ -2132,6 +2209,137 @@ mod graph_checks {
             assert_eq!(results(k, &rec), results(k, &plain), "replay {round}");
         }
         k.release(g);
+    }
+
+    /// The parameters, moments and gradients of three tensors updated with clipping.
+    struct Update<K: Kernels> {
+        p: Vec<K::Buf>,
+        m: Vec<K::Buf>,
+        v: Vec<K::Buf>,
+        g: Vec<K::Buf>,
+        sq: K::Buf,
+    }
+
+    const LENS: [usize; 3] = [37, 300, 5];
+
+    fn update_setup<K: Kernels>(k: &K) -> Update<K> {
+        let each = |f: &dyn Fn(usize, usize) -> K::Buf| {
+            LENS.iter()
+                .enumerate()
+                .map(|(i, &n)| f(i, n))
+                .collect::<Vec<_>>()
+        };
+        Update {
+            p: each(&|i, n| k.upload_new(&scaled_vec(n, 90 + i as u64, 1.0)).unwrap()),
+            m: each(&|_, n| k.alloc(n).unwrap()),
+            v: each(&|_, n| k.alloc(n).unwrap()),
+            g: each(&|_, n| k.alloc(n).unwrap()),
+            sq: k.alloc(1).unwrap(),
+        }
+    }
+
+    /// Clipping to norm 0.5 and AdamW on every tensor: with `steps`, their scalars as launch
+    /// arguments; without, read from `scalars`.
+    fn update_step<K: Kernels>(
+        k: &K,
+        u: &mut Update<K>,
+        steps: Option<&[AdamwStep]>,
+        scalars: &K::Buf,
+    ) -> dtl_core::Result<()> {
+        k.fill(&mut u.sq, 1, 0.0)?;
+        for (g, &n) in u.g.iter().zip(&LENS) {
+            k.sum_squares(g, n, &mut u.sq)?;
+        }
+        for (i, &n) in LENS.iter().enumerate() {
+            let clip = Some((&u.sq, 0.5));
+            match steps {
+                Some(s) => k.adamw(
+                    &mut u.p[i],
+                    &u.g[i],
+                    &mut u.m[i],
+                    &mut u.v[i],
+                    n,
+                    &s[i],
+                    clip,
+                )?,
+                None => k.adamw_from(
+                    &mut u.p[i],
+                    &u.g[i],
+                    &mut u.m[i],
+                    &mut u.v[i],
+                    n,
+                    scalars,
+                    i,
+                    clip,
+                )?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The update of step `t` of a schedule whose learning rate changes every step; the
+    /// second tensor does not decay.
+    fn scheduled(t: u64) -> Vec<AdamwStep> {
+        let lr = 1e-2 / t as f64;
+        (0..LENS.len())
+            .map(|i| AdamwStep::new(lr, 0.9, 0.999, 1e-8, if i == 1 { 0.0 } else { 0.05 }, t))
+            .collect()
+    }
+
+    fn update_results<K: Kernels>(k: &K, u: &Update<K>) -> Vec<Vec<u32>> {
+        u.p.iter()
+            .chain(&u.m)
+            .chain(&u.v)
+            .chain([&u.sq])
+            .map(|b| {
+                k.download(b, k.len(b))
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn graph_replay_follows_new_adamw_scalars<K: Kernels>(k: &K) {
+        let mut plain = update_setup(k);
+        let mut rec = update_setup(k);
+        let mut scalars = k.alloc(LENS.len() * AdamwStep::SCALARS).unwrap();
+        let new_grads = |u: &mut Update<K>, t: u64| {
+            for (i, (g, &n)) in u.g.iter_mut().zip(&LENS).enumerate() {
+                k.upload(&scaled_vec(n, 100 * t + i as u64, 0.3), g)
+                    .unwrap();
+            }
+        };
+        // step 1 recorded, steps 2 to 5 replayed, each after new gradients and new scalars
+        let mut graph = None;
+        for t in 1..=5u64 {
+            let steps = scheduled(t);
+            new_grads(&mut plain, t);
+            new_grads(&mut rec, t);
+            k.upload(&super::checks::scalars_of(&steps), &mut scalars)
+                .unwrap();
+            update_step(k, &mut plain, Some(&steps), &scalars).unwrap();
+            match &graph {
+                None => {
+                    let c = k
+                        .capture(&mut || update_step(k, &mut rec, None, &scalars))
+                        .unwrap();
+                    graph = Some(c);
+                }
+                Some(Capture::Graph(g)) => k.replay(g).unwrap(),
+                // a device without graphs: the same operations, run plainly
+                Some(Capture::Plain(_)) => update_step(k, &mut rec, None, &scalars).unwrap(),
+            }
+            assert!(
+                update_results(k, &rec) == update_results(k, &plain),
+                "{}: step {t} differs from the plain update",
+                k.describe()
+            );
+        }
+        if let Some(Capture::Graph(g)) = graph {
+            k.release(g);
+        }
     }
 
     pub fn graph_capture_that_uploads_runs_plain<K: Kernels>(k: &K) {

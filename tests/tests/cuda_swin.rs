@@ -15,7 +15,7 @@
 #![cfg(feature = "cuda")]
 
 use dtl_core::DropPath;
-use dtl_kernels::{CpuKernels, DropScales, KernelBackbone, Kernels};
+use dtl_kernels::{CpuKernels, Kernels};
 use dtl_swin::{SwinConfig, SwinOn, SwinWeights};
 
 /// Largest difference allowed, relative to the largest CPU value.
@@ -25,38 +25,17 @@ const TOL: f64 = 1e-4;
 mod cuda_common;
 use cuda_common::{emulator, gpu};
 
+mod common;
+use common::{drop_pattern, xorshift_values, Host};
+
 /// Deterministic values in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(7);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    xorshift_values(n, seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(7))
 }
 
 /// `got` against the CPU's `want` within `TOL` of the largest |want|.
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want
-        .iter()
-        .fold(0f64, |a, &b| a.max(b.abs() as f64))
-        .max(1e-12);
-    let (worst, at) = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .map(|(i, (&g, &w))| ((g as f64 - w as f64).abs() / scale, i))
-        .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
-    assert!(
-        worst <= TOL,
-        "{what}: value {at} is {} on the device, {} on the CPU (relative error {worst:.3e} > {TOL:.0e})",
-        got[at],
-        want[at]
-    );
+    common::assert_close(got, want, TOL, what);
 }
 
 /// Random weights with every term made to matter: the timm-like initialisation is rescaled so
@@ -96,119 +75,48 @@ fn weights(cfg: &SwinConfig, seed: u64) -> SwinWeights {
     w
 }
 
-/// The Swin `swin` on the device `k`, driven through host values: every call uploads its
-/// inputs, runs on buffers one value longer than needed with a workspace planned for one
-/// sample more than the batch, and downloads the result.
+/// The Swin on the device `k`, driven through host values ([`Host`]).
 struct On<'a, K: Kernels> {
-    k: &'a K,
+    host: Host<'a, K, SwinOn<K>>,
     cfg: SwinConfig,
-    swin: SwinOn<K>,
-    ws: <SwinOn<K> as KernelBackbone<K>>::Workspace,
-    batch: usize,
 }
 
 impl<'a, K: Kernels> On<'a, K> {
     fn new(k: &'a K, cfg: &SwinConfig, w: &SwinWeights, batch: usize) -> Self {
-        let swin = SwinOn::upload(k, cfg, w).unwrap();
-        let ws = swin.workspace(k, batch + 1).unwrap();
+        let host = Host::new(k, SwinOn::upload(k, cfg, w).unwrap(), batch);
         On {
-            k,
+            host,
             cfg: cfg.clone(),
-            swin,
-            ws,
-            batch,
         }
-    }
-
-    fn up(&self, v: &[f32]) -> K::Buf {
-        let mut b = self.k.alloc(v.len() + 1).unwrap();
-        self.k.upload(v, &mut b).unwrap();
-        b
-    }
-
-    fn out(&self, n: usize) -> K::Buf {
-        self.k.alloc(n + 1).unwrap()
     }
 
     /// Values of the batch's tokens at stage `s`.
     fn tokens(&self, s: usize) -> usize {
         let r = self.cfg.resolution(s);
-        self.batch * r * r * self.cfg.width(s)
-    }
-
-    fn scales(&self, d: Option<&DropPath>) -> Option<DropScales<K>> {
-        d.map(|d| {
-            let mut s = DropScales::alloc(self.k, self.batch).unwrap();
-            s.set(self.k, d).unwrap();
-            s
-        })
+        self.host.batch * r * r * self.cfg.width(s)
     }
 
     fn embed(&mut self, images: &[f32]) -> Vec<f32> {
-        let (im, mut x) = (self.up(images), self.out(self.tokens(0)));
-        self.swin
-            .embed(self.k, &mut self.ws, &im, self.batch, &mut x)
-            .unwrap();
-        self.k.download(&x, self.tokens(0)).unwrap()
-    }
-
-    fn block(&mut self, i: usize, x: &[f32], d: Option<&DropPath>) -> Vec<f32> {
-        let n = x.len();
-        let (xb, mut y, d) = (self.up(x), self.out(n), self.scales(d));
-        self.swin
-            .block_forward(self.k, &mut self.ws, i, &xb, self.batch, d.as_ref(), &mut y)
-            .unwrap();
-        self.k.download(&y, n).unwrap()
-    }
-
-    fn block_vjp(&mut self, i: usize, x: &[f32], g: &[f32], d: Option<&DropPath>) -> Vec<f32> {
-        let n = x.len();
-        let (xb, gb, d) = (self.up(x), self.up(g), self.scales(d));
-        let mut dx = self.out(n);
-        self.swin
-            .block_vjp(
-                self.k,
-                &mut self.ws,
-                i,
-                &xb,
-                &gb,
-                self.batch,
-                d.as_ref(),
-                &mut dx,
-            )
-            .unwrap();
-        self.k.download(&dx, n).unwrap()
+        let n = self.tokens(0);
+        self.host.embed(images, n)
     }
 
     fn stage(&mut self, s: usize, x: &[f32]) -> Vec<f32> {
         let n = self.tokens(s);
-        let (xb, mut y) = (self.up(x), self.out(n));
-        self.swin
-            .stage_forward(self.k, &mut self.ws, s, &xb, self.batch, &mut y)
-            .unwrap();
-        self.k.download(&y, n).unwrap()
+        self.host.stage(s, x, n)
     }
+}
 
-    fn stage_vjp(&mut self, s: usize, x: &[f32], g: &[f32]) -> Vec<f32> {
-        let (xb, gb, mut dx) = (self.up(x), self.up(g), self.out(x.len()));
-        self.swin
-            .stage_vjp(self.k, &mut self.ws, s, &xb, &gb, self.batch, &mut dx)
-            .unwrap();
-        self.k.download(&dx, x.len()).unwrap()
+impl<'a, K: Kernels> std::ops::Deref for On<'a, K> {
+    type Target = Host<'a, K, SwinOn<K>>;
+    fn deref(&self) -> &Self::Target {
+        &self.host
     }
+}
 
-    fn norm(&self, x: &[f32]) -> Vec<f32> {
-        let rows = x.len() / self.swin.spec().width;
-        let (xb, mut y) = (self.up(x), self.out(x.len()));
-        self.swin.norm_forward(self.k, &xb, rows, &mut y).unwrap();
-        self.k.download(&y, x.len()).unwrap()
-    }
-
-    fn norm_vjp(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
-        let rows = x.len() / self.swin.spec().width;
-        let (xb, gb, mut dx) = (self.up(x), self.up(g), self.out(x.len()));
-        self.swin.norm_vjp(self.k, &xb, &gb, rows, &mut dx).unwrap();
-        self.k.download(&dx, x.len()).unwrap()
+impl<K: Kernels> std::ops::DerefMut for On<'_, K> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.host
     }
 }
 
@@ -234,14 +142,7 @@ fn swin_parity<K: Kernels>(
     let mut x = cpu.embed(&images);
     assert_close(&dev.embed(&images), &x, &format!("{name}: embed"));
 
-    let drop = DropPath {
-        attn: (0..batch)
-            .map(|i| if i % 2 == 0 { 1.25 } else { 0.0 })
-            .collect(),
-        mlp: (0..batch)
-            .map(|i| if i % 3 == 1 { 0.0 } else { 1.25 })
-            .collect(),
-    };
+    let drop = drop_pattern(batch);
     let mut shifted = 0;
     let mut block = 0;
     for s in 0..cfg.stages() {

@@ -13,10 +13,9 @@
 //! Compiled with `--features cuda` only: `cargo test -p dtl-tests --features cuda --test cuda_vit`.
 #![cfg(feature = "cuda")]
 
-use dtl_core::{BackboneSpec, DropPath};
+use dtl_core::BackboneSpec;
 use dtl_kernels::{CpuKernels, DropScales, KernelBackbone, Kernels};
 use dtl_vit::{VitOn, VitWeights};
-use std::collections::HashMap;
 
 /// Largest difference allowed, relative to the largest CPU value.
 const TOL: f64 = 1e-4;
@@ -25,37 +24,17 @@ const TOL: f64 = 1e-4;
 mod cuda_common;
 use cuda_common::{emulator, gpu};
 
+mod common;
+use common::{drop_pattern, read_fixture, rel_err, xorshift_values, Host};
+
 /// Deterministic values in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    xorshift_values(n, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1))
 }
 
-/// Largest difference relative to the largest entry of `want`.
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths");
-    let scale = want.iter().fold(0f64, |a, &b| a.max(b.abs())).max(1e-12);
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
+/// `got` against the CPU's `cpu` within `TOL` of the largest |cpu|.
 fn assert_close(got: &[f32], cpu: &[f32], what: &str) {
-    let want: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
-    let e = rel_err(got, &want);
-    assert!(
-        e <= TOL,
-        "{what}: device vs CPU relative error {e:.3e} > {TOL:.0e}"
-    );
+    common::assert_close(got, cpu, TOL, what);
 }
 
 /// timm-style random weights with every LayerNorm and bias perturbed, so that no term of
@@ -86,92 +65,36 @@ fn weights(spec: &BackboneSpec, seed: u64) -> VitWeights {
     w
 }
 
-/// The ViT `vit` on the device `k`, driven through host values: every call uploads its
-/// inputs, runs on buffers one value longer than needed with a workspace planned for one
-/// sample more than the batch, and downloads the result.
-struct On<'a, K: Kernels> {
-    k: &'a K,
-    vit: VitOn<K>,
-    ws: <VitOn<K> as KernelBackbone<K>>::Workspace,
-    batch: usize,
-}
+/// The ViT on the device `k`, driven through host values ([`Host`]).
+struct On<'a, K: Kernels>(Host<'a, K, VitOn<K>>);
 
 impl<'a, K: Kernels> On<'a, K> {
     fn new(k: &'a K, spec: &BackboneSpec, w: &VitWeights, batch: usize) -> Self {
-        let vit = VitOn::upload(k, spec, w).unwrap();
-        let ws = vit.workspace(k, batch + 1).unwrap();
-        On { k, vit, ws, batch }
+        On(Host::new(k, VitOn::upload(k, spec, w).unwrap(), batch))
     }
 
-    fn up(&self, v: &[f32]) -> K::Buf {
-        let mut b = self.k.alloc(v.len() + 1).unwrap();
-        self.k.upload(v, &mut b).unwrap();
-        b
-    }
-
-    fn out(&self, n: usize) -> K::Buf {
-        self.k.alloc(n + 1).unwrap()
-    }
-
+    /// Values of the batch's tokens.
     fn tokens(&self) -> usize {
-        let s = self.vit.spec();
-        self.batch * s.tokens() * s.width
-    }
-
-    fn scales(&self, d: Option<&DropPath>) -> Option<DropScales<K>> {
-        d.map(|d| {
-            let mut s = DropScales::alloc(self.k, self.batch).unwrap();
-            s.set(self.k, d).unwrap();
-            s
-        })
+        let s = self.0.net.spec();
+        self.0.batch * s.tokens() * s.width
     }
 
     fn embed(&mut self, images: &[f32]) -> Vec<f32> {
-        let (im, mut x) = (self.up(images), self.out(self.tokens()));
-        self.vit
-            .embed(self.k, &mut self.ws, &im, self.batch, &mut x)
-            .unwrap();
-        self.k.download(&x, self.tokens()).unwrap()
+        let n = self.tokens();
+        self.0.embed(images, n)
     }
+}
 
-    fn block(&mut self, i: usize, x: &[f32], d: Option<&DropPath>) -> Vec<f32> {
-        let (xb, mut y, d) = (self.up(x), self.out(self.tokens()), self.scales(d));
-        self.vit
-            .block_forward(self.k, &mut self.ws, i, &xb, self.batch, d.as_ref(), &mut y)
-            .unwrap();
-        self.k.download(&y, self.tokens()).unwrap()
+impl<'a, K: Kernels> std::ops::Deref for On<'a, K> {
+    type Target = Host<'a, K, VitOn<K>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
+}
 
-    fn block_vjp(&mut self, i: usize, x: &[f32], g: &[f32], d: Option<&DropPath>) -> Vec<f32> {
-        let (xb, gb, d) = (self.up(x), self.up(g), self.scales(d));
-        let mut dx = self.out(self.tokens());
-        self.vit
-            .block_vjp(
-                self.k,
-                &mut self.ws,
-                i,
-                &xb,
-                &gb,
-                self.batch,
-                d.as_ref(),
-                &mut dx,
-            )
-            .unwrap();
-        self.k.download(&dx, self.tokens()).unwrap()
-    }
-
-    fn norm(&self, x: &[f32]) -> Vec<f32> {
-        let rows = x.len() / self.vit.spec().width;
-        let (xb, mut y) = (self.up(x), self.out(x.len()));
-        self.vit.norm_forward(self.k, &xb, rows, &mut y).unwrap();
-        self.k.download(&y, x.len()).unwrap()
-    }
-
-    fn norm_vjp(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
-        let rows = x.len() / self.vit.spec().width;
-        let (xb, gb, mut dx) = (self.up(x), self.up(g), self.out(x.len()));
-        self.vit.norm_vjp(self.k, &xb, &gb, rows, &mut dx).unwrap();
-        self.k.download(&dx, x.len()).unwrap()
+impl<K: Kernels> std::ops::DerefMut for On<'_, K> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
@@ -188,14 +111,7 @@ fn block_parity<K: Kernels>(k: &K, device: &str, spec: BackboneSpec, batch: usiz
     let x_cpu = cpu.embed(&images);
     assert_close(&dev.embed(&images), &x_cpu, &format!("{name}: embed"));
 
-    let drop = DropPath {
-        attn: (0..batch)
-            .map(|i| if i % 2 == 0 { 1.25 } else { 0.0 })
-            .collect(),
-        mlp: (0..batch)
-            .map(|i| if i % 3 == 1 { 0.0 } else { 1.25 })
-            .collect(),
-    };
+    let drop = drop_pattern(batch);
     let gy = rand_vec(x_cpu.len(), seed + 2);
     let mut x = x_cpu;
     for i in 0..spec.depth {
@@ -246,34 +162,6 @@ fn vit_base_block_matches_the_cpu_kernels() {
     }
 }
 
-/// Every tensor of a reference fixture as (shape, f64 values).
-fn read_fixture(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    use safetensors::tensor::{Dtype, SafeTensors};
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/dtl-reference")
-        .join(name);
-    let raw = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&raw).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter_map(|(n, t)| {
-            let d = t.data();
-            let v: Vec<f64> = match t.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => d
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                _ => return None,
-            };
-            Some((n, (t.shape().to_vec(), v)))
-        })
-        .collect()
-}
-
 /// timm's `forward_features` of the fixture ViTs on device `k`, against PyTorch.
 fn fixture_parity<K: Kernels>(k: &K, device: &str) {
     let spec = test_geometry();
@@ -282,7 +170,7 @@ fn fixture_parity<K: Kernels>(k: &K, device: &str) {
         let (w, _) =
             dtl_vit::load_weights(&spec, &dir.join(format!("{name}_vit.safetensors")), "auto")
                 .unwrap();
-        let fx = read_fixture(&format!("{name}_dtl.safetensors"));
+        let fx = read_fixture(&dir, &format!("{name}_dtl.safetensors"));
         let (shape, input) = &fx["input"];
         let (_, want) = &fx["backbone_tokens"];
         let images: Vec<f32> = input.iter().map(|&v| v as f32).collect();

@@ -466,6 +466,18 @@ pub fn eval(target: &Path, overrides: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The labels of a `dtl bench --profile` table: the longest ones, the rest summed as `other`.
+pub const PROFILE_TOP: usize = 25;
+
+/// `dtl bench --profile` and `--profile-md FILE`.
+#[derive(Debug, Default)]
+pub struct ProfileFlags {
+    /// Time the kernels of the timed steps.
+    pub on: bool,
+    /// Also write the tables as markdown here.
+    pub markdown: Option<PathBuf>,
+}
+
 /// `dtl bench`.
 pub fn bench(
     args: &[String],
@@ -474,6 +486,7 @@ pub fn bench(
     warmup: usize,
     what: Vec<String>,
     json: bool,
+    profile: ProfileFlags,
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
     let [file] = files.as_slice() else {
@@ -499,13 +512,27 @@ pub fn bench(
     let spec = reg.backbone(&cfg.backbone.kind)?.spec();
     crate::preflight::bench_batches(&cfg, &spec, &batches, file)?;
     let cfg = on_this_machine(&cfg);
+    if profile.on {
+        dtl_runner::bench::check_profile(&cfg)?;
+    }
+    if profile.on && cfg.run.device == DeviceSpec::Cpu {
+        return Err(DtlError::invalid(format!(
+            "dtl bench: {}; {} runs on the CPU",
+            dtl_runner::bench::PROFILE_NEEDS_CUDA,
+            file.display()
+        )));
+    }
     let mut job = build_job(reg, &cfg, file)?;
     let report = job.bench(&BenchOptions {
         batches,
         steps,
         warmup,
         what,
+        profile: profile.on,
     })?;
+    if let Some(path) = &profile.markdown {
+        write_profile_markdown(path, &cfg, &BenchReport::from_json(&report))?;
+    }
     if json {
         println!(
             "{}",
@@ -564,7 +591,58 @@ pub fn bench(
             }
         );
     }
+    for r in rows {
+        if let Some(p) = &r.profile {
+            println!(
+                "\nwhere the time goes: {}\n{}",
+                profile_title(r),
+                p.summary()
+            );
+            print!("{}", p.table(PROFILE_TOP));
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `train dtl recompute, batch 32` for the heading of a row's profile.
+fn profile_title(r: &dtl_runner::report::BenchRow) -> String {
+    let mut t = format!(
+        "{} {}",
+        r.what.as_deref().unwrap_or("-"),
+        r.side.as_deref().unwrap_or("-")
+    );
+    if let Some(a) = &r.activations {
+        t.push(' ');
+        t.push_str(a);
+    }
+    format!("{t}, batch {}", show(r.batch))
+}
+
+/// Writes the profile of every profiled row of `report` as markdown sections to `path`.
+fn write_profile_markdown(path: &Path, cfg: &PipelineConfig, report: &BenchReport) -> Result<()> {
+    let device = report
+        .device
+        .clone()
+        .unwrap_or_else(|| cfg.run.device.to_string());
+    let mut md = format!(
+        "## Where the time goes: {} on {device}\n\n",
+        cfg.backbone.kind
+    );
+    let mut any = false;
+    for r in &report.rows {
+        if let Some(p) = &r.profile {
+            md.push_str(&p.markdown(&profile_title(r), PROFILE_TOP));
+            md.push('\n');
+            any = true;
+        }
+    }
+    if !any {
+        md.push_str("No row was profiled.\n");
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| DtlError::io(dir, e))?;
+    }
+    std::fs::write(path, md).map_err(|e| DtlError::io(path, e))
 }
 
 /// `dtl summarize`.

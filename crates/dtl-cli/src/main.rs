@@ -123,6 +123,15 @@ dtl summarize 'runs/vtab-*' --reference paper-dtl.json"
         /// Print the measurements as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time every kernel, matrix product and copy of the timed steps with CUDA events and
+        /// print where the GPU time goes, per row (top 25 labels and `other`; in the JSON
+        /// under `profile`). `train` then measures only the pipeline's own side.kind at its
+        /// run.activations. Needs a CUDA device; graphs are off meanwhile.
+        #[arg(long)]
+        profile: bool,
+        /// With `--profile` (implied): also write the tables as markdown to this file.
+        #[arg(long, value_name = "FILE.md")]
+        profile_md: Option<PathBuf>,
     },
 }
 
@@ -155,7 +164,20 @@ fn main() -> ExitCode {
             warmup,
             what,
             json,
-        } => commands::bench(&args, batches, steps, warmup, what, json),
+            profile,
+            profile_md,
+        } => commands::bench(
+            &args,
+            batches,
+            steps,
+            warmup,
+            what,
+            json,
+            commands::ProfileFlags {
+                on: profile || profile_md.is_some(),
+                markdown: profile_md,
+            },
+        ),
     };
     match result {
         Ok(code) => code,

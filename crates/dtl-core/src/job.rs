@@ -26,6 +26,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// What to measure: `forward`, `train`, `vjp`.
     pub what: Vec<String>,
+    /// Time every kernel, product and copy of the timed training steps (`dtl bench
+    /// --profile`; a CUDA device only, graphs off meanwhile).
+    pub profile: bool,
 }
 
 /// A pipeline instantiated for one backbone variant, ready to train, evaluate or benchmark.

@@ -5,27 +5,34 @@
 //! - **caps** on values that are absurd whatever the machine ([`MAX_IMAGE_SIDE`],
 //!   [`MAX_CLASSES`], [`MAX_BATCH`], [`MAX_RAND_AUGMENT_OPS`], a rank above the token width);
 //! - **a memory estimate** of one training step and one evaluation step from the backbone's
-//!   [`BackboneSpec`], the batch, the side network and the head ([`step_memory`]), refused
-//!   when it exceeds the memory of the machine ([`memory_limit`]).
+//!   [`BackboneSpec`], the batch, the side network, the head and the precision the step
+//!   stores its activations and frozen weights at ([`step_memory`]), refused when it exceeds
+//!   the memory of the machine ([`memory_limit`]).
 //!
 //! Sizes multiply in checked `u64` arithmetic: an overflow is itself a refusal, never a wrap.
 //!
 //! ```
+//! use dtl_core::choice::Precision;
 //! use dtl_core::limits::{step_memory, StepSizes};
 //! use dtl_core::BackboneSpec;
 //! let spec = BackboneSpec::vit("vit_base_patch16_224", 224, 16, 768, 12, 12);
 //! let sizes = StepSizes { batch: 32, rank: 2, taps: 12, kernel: 3, classes: 100 };
-//! let m = step_memory(&spec, &sizes).unwrap();
+//! let m = step_memory(&spec, &sizes, Precision::F32).unwrap();
 //! // ViT-B at batch 32: the f32 weights (~330 MiB) plus a few GiB of activations.
 //! assert!(m.train > 1 << 30 && m.train < 16 << 30, "{}", m.train);
 //! assert!(m.eval < m.train);
+//! // In bf16 the activations and frozen weights take half as much.
+//! let half = step_memory(&spec, &sizes, Precision::Bf16).unwrap();
+//! assert!(half.train < m.train * 6 / 10, "{} vs {}", half.train, m.train);
 //! // A rank of 2^62 does not wrap around: it is an overflow, reported as `None`.
 //! let huge = StepSizes { rank: 1 << 62, ..sizes };
-//! assert!(step_memory(&spec, &huge).is_none());
+//! assert!(step_memory(&spec, &huge, Precision::F32).is_none());
 //! ```
 
 use std::path::Path;
 
+use crate::choice::Precision;
+use crate::config::DeviceSpec;
 use crate::{BackboneSpec, DtlError, PipelineConfig};
 
 /// Largest image side in pixels an augmentation op may produce (`resize`, `center_crop`,
@@ -84,9 +91,17 @@ fn add(xs: &[u64]) -> Option<u64> {
 }
 
 /// Estimated peak memory of a training and an evaluation step of `spec` with `sizes`, in
-/// bytes (f32 everywhere), or `None` when the sizes overflow 64 bits. See the module docs.
-pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
+/// bytes, or `None` when the sizes overflow 64 bits. See the module docs.
+///
+/// `precision` is what the step stores the backbone's activations (token tensors, the block
+/// inputs kept for the backward pass, the blocks' internals) and its frozen weights at:
+/// 2 bytes a value in [`Precision::Bf16`], 4 otherwise ([`Precision::Auto`] counts as f32:
+/// resolve it for the device first, [`Precision::on_device`]). The images, the side network,
+/// the head, their gradients and AdamW moments and the logits are f32 in every precision.
+pub fn step_memory(spec: &BackboneSpec, s: &StepSizes, precision: Precision) -> Option<StepMemory> {
     const F: u64 = 4;
+    // Bytes of an activation or frozen weight.
+    let act: u64 = if precision == Precision::Bf16 { 2 } else { F };
     let b = s.batch as u64;
     // The last stage's width (the head's input); the activations take the largest stage.
     let d = spec.width as u64;
@@ -95,13 +110,14 @@ pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
         spec.image_size as u64,
         spec.image_size as u64,
     ])?;
-    let weights = mul(&[spec.parameter_count() as u64, F])?;
+    let weights = mul(&[spec.parameter_count() as u64, act])?;
     let images = mul(&[b, px, F])?;
     // Per stage (one for a ViT): a token tensor and one block's internals: qkv, the
-    // attention matrices and the MLP's hidden activations.
+    // attention matrices and the MLP's hidden activations, in bytes at the activations'
+    // precision; `tokens_f32` the same token tensor in f32 (the side network's).
     let ratio = spec.mlp_hidden as f64 / spec.width.max(1) as f64;
-    let (mut tokens, mut block, mut kept_blocks, mut t_max, mut d_max) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut tokens, mut tokens_f32, mut block, mut kept_blocks, mut t_max, mut d_max) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for st in &spec.stages {
         let t = st.tokens() as u64;
         let ds = st.width as u64;
@@ -112,12 +128,13 @@ pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
             .map_or(t, |a| (a as u64).min(t))
             .max(1);
         let calls = mul(&[b, t.div_ceil(span)])?;
-        let x = mul(&[b, t, ds, F])?;
+        let x = mul(&[b, t, ds, act])?;
         tokens = tokens.max(x);
+        tokens_f32 = tokens_f32.max(mul(&[b, t, ds, F])?);
         block = block.max(add(&[
             mul(&[x, 3])?,
-            mul(&[calls, heads, span, span, F])?,
-            mul(&[b, t, hidden, 2, F])?,
+            mul(&[calls, heads, span, span, act])?,
+            mul(&[b, t, hidden, 2, act])?,
         ])?);
         kept_blocks = add(&[kept_blocks, mul(&[x, (st.blocks.1 - st.blocks.0) as u64])?])?;
         t_max = t_max.max(t);
@@ -140,7 +157,7 @@ pub fn step_memory(spec: &BackboneSpec, s: &StepSizes) -> Option<StepMemory> {
         mul(&[side_params, 4, F])?,
         // The taps' outputs t_i (rows x r) and the side state z.
         mul(&[s.taps as u64, b, t_max, s.rank as u64, F])?,
-        mul(&[tokens, 2])?,
+        mul(&[tokens_f32, 2])?,
     ])?;
     // Kept for the backward pass: every block's input at most, plus the running tokens.
     let kept = add(&[kept_blocks, mul(&[tokens, 2])?])?;
@@ -335,6 +352,15 @@ pub fn caps(cfg: &PipelineConfig, spec: &BackboneSpec, file: &Path) -> Vec<DtlEr
     errs
 }
 
+/// The precision `cfg`'s step stores activations and frozen weights at, for [`step_memory`]:
+/// `run.precision` resolved for `run.device`; a device left to `auto` may be the CPU, so there
+/// it counts f32 unless bf16 is asked for.
+fn stored_precision(cfg: &PipelineConfig) -> Precision {
+    cfg.run
+        .precision
+        .on_device(matches!(cfg.run.device, DeviceSpec::Cuda(_)))
+}
+
 /// Refuses a pipeline whose training or evaluation step would not fit in memory
 /// ([`memory_limit`]), naming the key that weighs most, the estimate and the limit.
 /// `classes` is the head's class count (`head.classes` or the dataset's).
@@ -356,6 +382,7 @@ pub fn check_memory(
     file: &Path,
 ) -> Result<(), DtlError> {
     let (limit, what) = memory_limit();
+    let precision = stored_precision(cfg);
     let train = sizes_of(cfg, spec, classes);
     let eval = StepSizes {
         batch: cfg.eval_batch_size(),
@@ -368,9 +395,11 @@ pub fn check_memory(
         let base = |f: &dyn Fn(&mut StepSizes)| {
             let mut t = *s;
             f(&mut t);
-            step_memory(spec, &t).map(pick)
+            step_memory(spec, &t, precision).map(pick)
         };
-        let full = step_memory(spec, s).map(pick).unwrap_or(u64::MAX);
+        let full = step_memory(spec, s, precision)
+            .map(pick)
+            .unwrap_or(u64::MAX);
         // Setting a key to its smallest value that still overflows does not make it the culprit.
         let gain = |b: Option<u64>| b.map_or(0, |b| full.saturating_sub(b));
         let cands: [(&'static str, u64); 3] = [
@@ -394,7 +423,7 @@ pub fn check_memory(
         ("a training step", train, "data.batch_size", true),
         ("an evaluation step", eval, "data.eval_batch_size", false),
     ] {
-        let need = step_memory(spec, &sizes)
+        let need = step_memory(spec, &sizes, precision)
             .map(|m| if pick { m.train } else { m.eval })
             .and_then(|m| add(&[m, loader_memory(cfg, spec, sizes.batch)?]));
         match need {
@@ -444,7 +473,7 @@ mod tests {
             kernel: 3,
             classes: 10,
         };
-        let m = step_memory(&spec(), &s).unwrap();
+        let m = step_memory(&spec(), &s, Precision::F32).unwrap();
         for bigger in [
             StepSizes { batch: 16, ..s },
             StepSizes { rank: 64, ..s },
@@ -453,7 +482,7 @@ mod tests {
                 ..s
             },
         ] {
-            assert!(step_memory(&spec(), &bigger).unwrap().train > m.train);
+            assert!(step_memory(&spec(), &bigger, Precision::F32).unwrap().train > m.train);
         }
         for absurd in [
             StepSizes {
@@ -466,7 +495,48 @@ mod tests {
             },
             StepSizes { rank: 1 << 62, ..s },
         ] {
-            assert!(step_memory(&spec(), &absurd).is_none());
+            assert!(step_memory(&spec(), &absurd, Precision::F32).is_none());
+        }
+    }
+
+    #[test]
+    fn bf16_counts_activations_and_frozen_weights_at_two_bytes() {
+        let s = StepSizes {
+            batch: 8,
+            rank: 2,
+            taps: 12,
+            kernel: 3,
+            classes: 10,
+        };
+        let f32 = step_memory(&spec(), &s, Precision::F32).unwrap();
+        let bf16 = step_memory(&spec(), &s, Precision::Bf16).unwrap();
+        // `auto` not resolved for a device counts as f32
+        assert_eq!(step_memory(&spec(), &s, Precision::Auto), Some(f32));
+        // the evaluation step is the frozen backbone, its activations and the f32 head and
+        // images: all but those halve
+        let images = 8 * 3 * 224 * 224 * 4;
+        let head = (10 * 768 + 10) * 4 * 4;
+        let logits = 8 * 10 * 3 * 4;
+        let fixed = images + head + logits;
+        assert_eq!(bf16.eval - fixed, (f32.eval - fixed) / 2);
+        // training keeps the side network's f32 state: less than half is saved
+        assert!(bf16.train < f32.train && bf16.train > f32.train / 2);
+        assert!(bf16.train > bf16.eval);
+        // the memory check counts at the precision the pipeline runs at
+        let cfg = |run: &str| {
+            let t = format!(
+                "[backbone]\nkind = \"v\"\n[run]\n{run}\n[data]\nkind = \"csv\"\nroot = \".\"\n"
+            );
+            PipelineConfig::from_str(&t, "p.toml".as_ref(), &[]).unwrap()
+        };
+        for (run, want) in [
+            ("device = \"cuda:0\"", Precision::Bf16),
+            ("device = \"cuda:0\"\nprecision = \"f32\"", Precision::F32),
+            ("device = \"cpu\"", Precision::F32),
+            ("device = \"auto\"", Precision::F32),
+            ("device = \"auto\"\nprecision = \"bf16\"", Precision::Bf16),
+        ] {
+            assert_eq!(stored_precision(&cfg(run)), want, "{run}");
         }
     }
 

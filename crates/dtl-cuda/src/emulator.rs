@@ -31,12 +31,14 @@ use dtl_kernels::{check_len, Capture, GraphId, Kernels, MemoryStats};
 use crate::blas::Gemm;
 use crate::fused::AttentionKernels;
 use crate::gpu::Counters;
+use crate::lt::{EpilogueCounts, EpilogueStats, GemmEpilogue};
 use crate::nvrtc::takes_storage;
 use crate::nvrtc::{KERNEL_NAMES, KERNEL_SOURCE};
 use crate::ops::{
     bf16_bits, check_storage, f32_from_bf16, invalid, resolve, storage_mask, Arg, Dp, Exec, Keep,
     K, PARTIALS,
 };
+use crate::profile::{self, Profiler};
 
 /// The emulation of the CUDA execution model the kernels are compiled against.
 const RUNTIME: &str = r#"
@@ -536,6 +538,8 @@ enum Rec {
     /// A kernel launch, its storage mask included.
     Launch(K, LaunchConfig, Vec<Arg>),
     Gemm(Gemm, Dp, Dp, Dp),
+    /// A product with the bias epilogue: the product, a, b, c and the bias.
+    GemmBias(Gemm, Dp, Dp, Dp, Dp),
     Copy(u64, u64, usize),
 }
 
@@ -548,6 +552,10 @@ struct EmuDev {
     /// The operations being recorded, and why the recording broke, if it did.
     recording: Mutex<Option<(Vec<Rec>, Option<String>)>>,
     graphs: Mutex<(HashMap<u64, Vec<Rec>>, u64)>,
+    /// Linears that ran with or fell back from the bias epilogue.
+    epilogue_counts: EpilogueCounts,
+    /// The host time of each operation in milliseconds while profiling.
+    profiler: Profiler<f64>,
 }
 
 impl Drop for EmuDev {
@@ -588,6 +596,9 @@ pub struct Emulator {
     partials: Arc<Partials>,
     precision: Precision,
     attention: AttentionKernels,
+    epilogue: GemmEpilogue,
+    /// The modelled cuBLASLt takes no bias-epilogue product (see `refuse_gemm_epilogue`).
+    epilogue_refused: bool,
     dev: Arc<EmuDev>,
 }
 
@@ -633,6 +644,7 @@ impl Emulator {
     pub fn with_precision(precision: Precision) -> Result<Emulator> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1 << 62);
         let attention = AttentionKernels::from_env()?;
+        let epilogue = GemmEpilogue::from_env()?;
         let lib = library().map_err(DtlError::Unavailable)?;
         let partials = Box::into_raw(vec![0f64; PARTIALS].into_boxed_slice()) as *mut f64;
         Ok(Emulator {
@@ -641,12 +653,16 @@ impl Emulator {
             partials: Arc::new(Partials(Mutex::new(partials))),
             precision: resolve(precision),
             attention,
+            epilogue,
+            epilogue_refused: false,
             dev: Arc::new(EmuDev {
                 counters: Arc::new(Counters::default()),
                 keep: Arc::new(Keep::new()),
                 scratch: Mutex::new(None),
                 recording: Mutex::new(None),
                 graphs: Mutex::new((HashMap::new(), 0)),
+                epilogue_counts: EpilogueCounts::default(),
+                profiler: Profiler::new(),
             }),
         })
     }
@@ -663,6 +679,24 @@ impl Emulator {
         Err(DtlError::Device(format!(
             "cuda emulator: {why} is not possible"
         )))
+    }
+
+    /// Runs `work`; while the profiler is on, timed by the host clock under `label` (the
+    /// emulator's twin of [`crate::Gpu`]'s events; it times the host's emulation, not a GPU).
+    fn timed(
+        &self,
+        label: impl FnOnce() -> String,
+        work: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.dev.profiler.is_on() {
+            return work();
+        }
+        let t = std::time::Instant::now();
+        work()?;
+        self.dev
+            .profiler
+            .push(&label(), t.elapsed().as_secs_f64() * 1e3);
+        Ok(())
     }
 
     /// Records `rec` when a graph is being recorded (true), else leaves it to run (false).
@@ -745,7 +779,8 @@ impl Emulator {
             unsafe {
                 match r {
                     Rec::Launch(k, cfg, args) => self.run_launch("replay", *k, cfg, args)?,
-                    Rec::Gemm(g, a, b, c) => gemm_dp(g, *a, *b, *c),
+                    Rec::Gemm(g, a, b, c) => gemm_dp(g, *a, *b, *c, None),
+                    Rec::GemmBias(g, a, b, c, bias) => gemm_dp(g, *a, *b, *c, Some(*bias)),
                     Rec::Copy(src, dst, bytes) => {
                         std::ptr::copy_nonoverlapping(*src as *const u8, *dst as *mut u8, *bytes)
                     }
@@ -779,6 +814,67 @@ impl Emulator {
     /// ```
     pub fn attention_kernels(&self) -> AttentionKernels {
         self.attention
+    }
+
+    /// Selects how this handle adds the bias of a linear (clones made later inherit it); the
+    /// initial selection is `DTL_GEMM_EPILOGUE`'s (see [`GemmEpilogue`]). With
+    /// [`GemmEpilogue::Lt`] the bf16 linears run the model of cuBLASLt's bias epilogue.
+    ///
+    /// ```
+    /// use dtl_cuda::GemmEpilogue;
+    /// if let Ok(mut emu) = dtl_cuda::Emulator::new() {
+    ///     emu.set_gemm_epilogue(GemmEpilogue::Lt);
+    ///     assert_eq!(emu.gemm_epilogue(), GemmEpilogue::Lt);
+    /// }
+    /// ```
+    pub fn set_gemm_epilogue(&mut self, epilogue: GemmEpilogue) {
+        self.epilogue = epilogue;
+    }
+
+    /// How this handle adds the bias of a linear (see [`Emulator::set_gemm_epilogue`]).
+    ///
+    /// ```
+    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
+    ///     println!("{}", emu.gemm_epilogue().name());
+    /// }
+    /// ```
+    pub fn gemm_epilogue(&self) -> GemmEpilogue {
+        self.epilogue
+    }
+
+    /// Makes the modelled cuBLASLt of this handle refuse (`true`) or take (`false`, the
+    /// default) every bias-epilogue product, as a GPU's cuBLASLt refuses a shape it has no
+    /// algorithm for: the linears then run the plain path. For testing that fallback.
+    ///
+    /// ```
+    /// use dtl_cuda::GemmEpilogue;
+    /// use dtl_kernels::Kernels;
+    /// if let Ok(mut emu) = dtl_cuda::Emulator::with_precision(dtl_core::choice::Precision::Bf16) {
+    ///     emu.set_gemm_epilogue(GemmEpilogue::Lt);
+    ///     emu.refuse_gemm_epilogue(true);
+    ///     let x = emu.upload_frozen(&[1.0; 4]).unwrap();
+    ///     let w = emu.upload_frozen(&[1.0; 4]).unwrap();
+    ///     let b = emu.upload_frozen(&[0.5; 2]).unwrap();
+    ///     let mut y = emu.alloc_act(4).unwrap();
+    ///     emu.linear(&x, &w, Some(&b), 2, 2, 2, &mut y, false).unwrap();
+    ///     assert_eq!(emu.download(&y, 4).unwrap(), vec![2.5; 4]);
+    ///     assert_eq!(emu.epilogue_stats().fallback, 1);
+    /// }
+    /// ```
+    pub fn refuse_gemm_epilogue(&mut self, refuse: bool) {
+        self.epilogue_refused = refuse;
+    }
+
+    /// How many bf16 linears with a bias ran with the bias epilogue and how many fell back to
+    /// the plain path, since the device was made (over all its clones).
+    ///
+    /// ```
+    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
+    ///     assert_eq!(emu.epilogue_stats(), dtl_cuda::EpilogueStats::default());
+    /// }
+    /// ```
+    pub fn epilogue_stats(&self) -> EpilogueStats {
+        self.dev.epilogue_counts.stats()
     }
 }
 
@@ -838,8 +934,13 @@ impl Exec for Emulator {
         if self.record(&|| Rec::Launch(k, cfg, args.clone())) {
             return Ok(());
         }
-        // SAFETY: the caller's contract; the arguments were checked above.
-        unsafe { self.run_launch(op, k, &cfg, &args) }
+        self.timed(
+            || name.to_string(),
+            || {
+                // SAFETY: the caller's contract; the arguments were checked above.
+                unsafe { self.run_launch(op, k, &cfg, &args) }
+            },
+        )
     }
 
     unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()> {
@@ -854,18 +955,64 @@ impl Exec for Emulator {
         if self.record(&|| Rec::Gemm(*g, a, b, c)) {
             return Ok(());
         }
-        // SAFETY: the caller's contract: the pointers hold the extents, `c` apart from `a`, `b`.
-        unsafe { gemm_dp(g, a, b, c) };
-        Ok(())
+        self.timed(
+            || profile::gemm_label(op, g, a.bf16),
+            || {
+                // SAFETY: the caller's contract: the pointers hold the extents, `c` apart from
+                // `a`, `b`.
+                unsafe { gemm_dp(g, a, b, c, None) };
+                Ok(())
+            },
+        )
+    }
+
+    unsafe fn gemm_bias_raw(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: Dp,
+        b: Dp,
+        c: Dp,
+        bias: Dp,
+    ) -> Result<bool> {
+        if !(a.bf16 && b.bf16 && c.bf16 && bias.bf16) {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: a bias epilogue needs bf16 operands, output and bias"
+            )));
+        }
+        if self.epilogue_refused {
+            return Ok(false);
+        }
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(true);
+        }
+        if self.record(&|| Rec::GemmBias(*g, a, b, c, bias)) {
+            return Ok(true);
+        }
+        self.timed(
+            || format!("{} +bias", profile::gemm_label(op, g, true)),
+            || {
+                // SAFETY: the caller's contract: the pointers hold the extents and `bias` g.m
+                // values, `c` apart from the others.
+                unsafe { gemm_dp(g, a, b, c, Some(bias)) };
+                Ok(())
+            },
+        )?;
+        Ok(true)
     }
 
     unsafe fn copy_raw(&self, _op: &str, src: u64, dst: u64, bytes: usize) -> Result<()> {
         if self.record(&|| Rec::Copy(src, dst, bytes)) {
             return Ok(());
         }
-        // SAFETY: the caller's contract: both hold `bytes` bytes and do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
-        Ok(())
+        self.timed(
+            || profile::COPY.to_string(),
+            || {
+                // SAFETY: the caller's contract: both hold `bytes` bytes and do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            },
+        )
     }
 
     fn with_scratch(
@@ -894,17 +1041,29 @@ impl Exec for Emulator {
     fn attention_kernels(&self) -> AttentionKernels {
         self.attention
     }
+
+    fn gemm_epilogue(&self) -> GemmEpilogue {
+        self.epilogue
+    }
+
+    fn epilogue_counts(&self) -> Option<&EpilogueCounts> {
+        Some(&self.dev.epilogue_counts)
+    }
 }
 
 /// The product `g` on raw pointers in their storages: all f32 as [`gemm_cpu`]; with bf16 `a`
 /// and `b` (as cuBLAS takes them), the products are exact in f32, summed in f32 in order, and
 /// the result rounded to `c`'s storage.
 ///
+/// With a `bias` (cuBLASLt's bias epilogue; bf16 operands only), value `i` of the bias is added
+/// to row `i` of `c` in f32 after `alpha s + beta c`, before the one rounding to `c`'s storage.
+///
 /// # Safety
-/// The pointers must hold [`Gemm::extents`] values in their storage, `c` apart from `a`, `b`.
-unsafe fn gemm_dp(g: &Gemm, a: Dp, b: Dp, c: Dp) {
+/// The pointers must hold [`Gemm::extents`] values in their storage (`bias` `g.m` values),
+/// `c` apart from `a`, `b` and `bias`.
+unsafe fn gemm_dp(g: &Gemm, a: Dp, b: Dp, c: Dp, bias: Option<Dp>) {
     let (ea, eb, ec) = g.extents();
-    if !a.bf16 && !b.bf16 && !c.bf16 {
+    if !a.bf16 && !b.bf16 && !c.bf16 && bias.is_none() {
         // SAFETY: the caller's contract.
         let (a, b, c) = unsafe {
             (
@@ -929,6 +1088,7 @@ unsafe fn gemm_dp(g: &Gemm, a: Dp, b: Dp, c: Dp) {
         }
     };
     let (av, bv, cv) = (widen(a, ea), widen(b, eb), widen(c, ec));
+    let biasv = bias.map(|p| widen(p, g.m));
     for p in 0..g.batch {
         let (ab, bb, cb) = (p * g.stride_a, p * g.stride_b, p * g.stride_c);
         for j in 0..g.n {
@@ -949,7 +1109,10 @@ unsafe fn gemm_dp(g: &Gemm, a: Dp, b: Dp, c: Dp) {
                 }
                 let at = cb + i + j * g.ldc;
                 let prev = if g.beta == 0.0 { 0.0 } else { g.beta * cv[at] };
-                let out = g.alpha * s + prev;
+                let mut out = g.alpha * s + prev;
+                if let Some(bv) = &biasv {
+                    out += bv[i];
+                }
                 // SAFETY: `at` is below the extent of `c` (the caller's contract).
                 unsafe {
                     if c.bf16 {
@@ -1079,6 +1242,10 @@ impl Kernels for Emulator {
     }
 
     fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Capture> {
+        if self.dev.profiler.is_on() {
+            work()?;
+            return Ok(Capture::Plain(profile::NO_CAPTURE.to_string()));
+        }
         {
             let mut r = self.dev.recording.lock().unwrap_or_else(|p| p.into_inner());
             if r.is_some() {
@@ -1129,8 +1296,13 @@ impl Kernels for Emulator {
                 graph.0
             ))
         })?;
-        // SAFETY: the graph's buffers are kept while it exists.
-        unsafe { self.run_recorded(ops) }
+        self.timed(
+            || profile::REPLAY.to_string(),
+            || {
+                // SAFETY: the graph's buffers are kept while it exists.
+                unsafe { self.run_recorded(ops) }
+            },
+        )
     }
 
     fn release(&self, graph: GraphId) {
@@ -1144,6 +1316,27 @@ impl Kernels for Emulator {
         if removed.is_some() {
             self.dev.keep.unhold();
         }
+    }
+
+    fn profile_start(&self) -> Result<()> {
+        if self
+            .dev
+            .recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return Err(DtlError::Device(format!(
+                "cuda emulator: {}",
+                profile::NOT_WHILE_RECORDING
+            )));
+        }
+        self.dev.profiler.start();
+        Ok(())
+    }
+
+    fn profile_take(&self) -> Result<Option<dtl_kernels::KernelProfile>> {
+        self.dev.profiler.finish(profile::HOST_CLOCK, |ms| Ok(*ms))
     }
 
     crate::ops::kernel_ops!();

@@ -27,10 +27,12 @@ use dtl_kernels::{check_len, Capture, GraphId, Kernels, MemoryStats};
 
 use crate::blas::{Blas, Gemm};
 use crate::fused::AttentionKernels;
+use crate::lt::{EpilogueCounts, EpilogueStats, GemmEpilogue, Lt};
 use crate::ops::{
     bf16_bits, check_storage, f32_from_bf16, invalid, resolve, storage_mask, Arg, Dp, Exec, Keep,
     K, PARTIALS,
 };
+use crate::profile::{self, Profiler};
 use crate::{libs, nvrtc};
 
 /// The oldest driver the device accepts, as `cuDriverGetVersion` reports it (CUDA 13.0, R580).
@@ -274,6 +276,9 @@ struct Inner {
     funcs: Vec<CudaFunction>,
     /// Declared before the workspace it uses, so that it is destroyed first.
     blas: Blas,
+    /// The cuBLASLt handle of the bias epilogue, on the same workspace (the stream orders them).
+    lt: Lt,
+    epilogue_counts: EpilogueCounts,
     _blas_workspace: CudaSlice<u8>,
     /// The partial sums of `sum_squares`; the lock keeps its two launches together.
     partials: Mutex<CudaSlice<f32>>,
@@ -287,6 +292,8 @@ struct Inner {
     recording: Mutex<Recording>,
     driver_base: Option<u64>,
     precision: Precision,
+    /// The start and end events of each operation while profiling.
+    profiler: Profiler<(CudaEvent, CudaEvent)>,
 }
 
 impl Drop for Inner {
@@ -329,6 +336,7 @@ impl Drop for Inner {
 pub struct Gpu {
     inner: Arc<Inner>,
     attention: AttentionKernels,
+    epilogue: GemmEpilogue,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -367,6 +375,7 @@ impl Gpu {
     pub fn open_with(ordinal: usize, precision: Precision) -> Result<Gpu> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let attention = AttentionKernels::from_env()?;
+        let epilogue = GemmEpilogue::from_env()?;
         let info = probe(ordinal).map_err(DtlError::Unavailable)?;
         let arch = nvrtc::target_architecture(info.cc)?;
         let ptx = nvrtc::compile_kernels(arch)?;
@@ -410,6 +419,9 @@ impl Gpu {
         // SAFETY: the workspace is device memory of this context that lives as long as the
         // handle (both in `Inner`, the handle dropped first); the context is bound.
         let blas = unsafe { Blas::new(&stream, ws_ptr, ws_bytes) }?;
+        // SAFETY: the same workspace, used by the cuBLASLt handle in order on the same stream;
+        // the handle is destroyed before it (declared first in `Inner`).
+        let lt = unsafe { Lt::new(&stream, ws_ptr, ws_bytes) };
         let partials = stream
             .alloc_zeros::<f32>(2 * PARTIALS)
             .map_err(|e| drv_err(&what("allocating the reduction buffer"), e))?;
@@ -443,6 +455,8 @@ impl Gpu {
                 stream,
                 funcs,
                 blas,
+                lt,
+                epilogue_counts: EpilogueCounts::default(),
                 _blas_workspace: workspace,
                 partials: Mutex::new(partials),
                 partials_ptr,
@@ -452,10 +466,12 @@ impl Gpu {
                 keep: Arc::new(Keep::new()),
                 graphs: Mutex::new(Graphs::default()),
                 recording: Mutex::new(Recording::default()),
+                profiler: Profiler::new(),
                 driver_base,
                 precision: resolve(precision),
             }),
             attention,
+            epilogue,
         })
     }
 
@@ -479,6 +495,39 @@ impl Gpu {
     /// ```
     pub fn attention_kernels(&self) -> AttentionKernels {
         self.attention
+    }
+
+    /// Selects how this handle adds the bias of a linear (clones made later inherit it); the
+    /// initial selection is `DTL_GEMM_EPILOGUE`'s when the device was opened (see
+    /// [`GemmEpilogue`]).
+    ///
+    /// ```no_run
+    /// let mut gpu = dtl_cuda::Gpu::open(0).unwrap();
+    /// gpu.set_gemm_epilogue(dtl_cuda::GemmEpilogue::Lt);
+    /// assert_eq!(gpu.gemm_epilogue(), dtl_cuda::GemmEpilogue::Lt);
+    /// ```
+    pub fn set_gemm_epilogue(&mut self, epilogue: GemmEpilogue) {
+        self.epilogue = epilogue;
+    }
+
+    /// How this handle adds the bias of a linear (see [`Gpu::set_gemm_epilogue`]).
+    ///
+    /// ```no_run
+    /// println!("{}", dtl_cuda::Gpu::open(0).unwrap().gemm_epilogue().name());
+    /// ```
+    pub fn gemm_epilogue(&self) -> GemmEpilogue {
+        self.epilogue
+    }
+
+    /// How many bf16 linears with a bias ran with cuBLASLt's bias epilogue and how many fell
+    /// back to the plain path, since the device was opened (over all its clones).
+    ///
+    /// ```no_run
+    /// let s = dtl_cuda::Gpu::open(0).unwrap().epilogue_stats();
+    /// assert_eq!(s.fused + s.fallback, 0);
+    /// ```
+    pub fn epilogue_stats(&self) -> EpilogueStats {
+        self.inner.epilogue_counts.stats()
     }
 
     /// The device ordinal `N` of `cuda:N`.
@@ -588,6 +637,46 @@ impl Gpu {
             .bind_to_thread()
             .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
     }
+
+    /// Issues `work` on the stream; while the profiler is on, between a start and an end event
+    /// kept under the label `label` gives for its result (none: the work issued nothing, the
+    /// events are dropped). The events are read when the profile is taken, not here. Every
+    /// launch, product and device copy goes through this.
+    pub(crate) fn timed<T>(
+        &self,
+        op: &str,
+        label: impl FnOnce(&T) -> Option<String>,
+        work: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let p = &self.inner.profiler;
+        if !p.is_on() {
+            return work();
+        }
+        let what = || format!("{op} on cuda:{}: profiling", self.inner.ordinal);
+        let (start, end) = match p.spare() {
+            Some(pair) => pair,
+            None => {
+                let event = || {
+                    self.inner
+                        .ctx
+                        .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| drv_err(&what(), e))
+                };
+                (event()?, event()?)
+            }
+        };
+        let stream = &self.inner.stream;
+        start.record(stream).map_err(|e| drv_err(&what(), e))?;
+        let done = work()?;
+        match label(&done) {
+            Some(l) => {
+                end.record(stream).map_err(|e| drv_err(&what(), e))?;
+                p.push(&l, (start, end));
+            }
+            None => p.give_back((start, end)),
+        }
+        Ok(done)
+    }
 }
 
 impl Exec for Gpu {
@@ -626,23 +715,42 @@ impl Exec for Gpu {
                 }
             }
         }
-        // SAFETY: the caller's contract (see `Exec::launch`).
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
+        let name = nvrtc::KERNEL_NAMES[k as usize];
+        self.timed(
+            op,
+            |_| Some(name.to_string()),
+            || {
+                // SAFETY: the caller's contract (see `Exec::launch`).
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| drv_err(&format!("{op} on cuda:{}", self.inner.ordinal), e))
+            },
+        )
     }
 
     unsafe fn gemm_raw(&self, op: &str, g: &Gemm, a: Dp, b: Dp, c: Dp) -> Result<()> {
         self.bind(op)?;
-        // SAFETY: the caller's contract; the context is bound.
-        unsafe { self.inner.blas.run(op, g, a, b, c) }
+        self.timed(
+            op,
+            |_| Some(profile::gemm_label(op, g, a.bf16)),
+            || {
+                // SAFETY: the caller's contract; the context is bound.
+                unsafe { self.inner.blas.run(op, g, a, b, c) }
+            },
+        )
     }
 
     unsafe fn copy_raw(&self, op: &str, src: u64, dst: u64, bytes: usize) -> Result<()> {
         self.bind(op)?;
-        // SAFETY: the caller's contract: both pointers hold `bytes` bytes, apart.
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.inner.stream.cu_stream()) }
-            .map_err(|e| drv_err(op, e))
+        self.timed(
+            op,
+            |_| Some(profile::COPY.to_string()),
+            || {
+                // SAFETY: the caller's contract: both pointers hold `bytes` bytes, apart.
+                unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.inner.stream.cu_stream()) }
+                    .map_err(|e| drv_err(op, e))
+            },
+        )
     }
 
     fn with_scratch(
@@ -675,6 +783,35 @@ impl Exec for Gpu {
 
     fn attention_kernels(&self) -> AttentionKernels {
         self.attention
+    }
+
+    fn gemm_epilogue(&self) -> GemmEpilogue {
+        self.epilogue
+    }
+
+    fn epilogue_counts(&self) -> Option<&EpilogueCounts> {
+        Some(&self.inner.epilogue_counts)
+    }
+
+    unsafe fn gemm_bias_raw(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: Dp,
+        b: Dp,
+        c: Dp,
+        bias: Dp,
+    ) -> Result<bool> {
+        self.bind(op)?;
+        self.timed(
+            op,
+            |&fused: &bool| fused.then(|| format!("{} +bias", profile::gemm_label(op, g, a.bf16))),
+            || {
+                // SAFETY: the caller's contract (checked by `Exec::gemm_bias`); the context is
+                // bound.
+                Ok(unsafe { self.inner.lt.run(g, a, b, c, bias) })
+            },
+        )
     }
 }
 
@@ -822,6 +959,10 @@ impl Kernels for Gpu {
     fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Capture> {
         const OP: &str = "capture";
         self.bind(OP)?;
+        if self.inner.profiler.is_on() {
+            work()?;
+            return Ok(Capture::Plain(profile::NO_CAPTURE.to_string()));
+        }
         {
             let mut r = self
                 .inner
@@ -906,12 +1047,18 @@ impl Kernels for Gpu {
                 self.inner.ordinal, graph.0
             ))
         })?;
-        found.0.launch().map_err(|e| {
-            drv_err(
-                &format!("cuda:{}: replaying graph {}", self.inner.ordinal, graph.0),
-                e,
-            )
-        })
+        self.timed(
+            "replay",
+            |_| Some(profile::REPLAY.to_string()),
+            || {
+                found.0.launch().map_err(|e| {
+                    drv_err(
+                        &format!("cuda:{}: replaying graph {}", self.inner.ordinal, graph.0),
+                        e,
+                    )
+                })
+            },
+        )
     }
 
     fn release(&self, graph: GraphId) {
@@ -929,6 +1076,42 @@ impl Kernels for Gpu {
             drop(g);
             self.inner.keep.unhold();
         }
+    }
+
+    fn profile_start(&self) -> Result<()> {
+        self.bind("profile_start")?;
+        if self
+            .inner
+            .recording
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .active
+        {
+            return Err(DtlError::Device(format!(
+                "cuda:{}: {}",
+                self.inner.ordinal,
+                profile::NOT_WHILE_RECORDING
+            )));
+        }
+        self.inner.profiler.start();
+        Ok(())
+    }
+
+    fn profile_take(&self) -> Result<Option<dtl_kernels::KernelProfile>> {
+        if !self.inner.profiler.is_on() {
+            return Ok(None);
+        }
+        // one wait for all the work; the events are read after it
+        let waited = self.synchronize();
+        let ordinal = self.inner.ordinal;
+        let profile = self.inner.profiler.finish(profile::EVENTS, |(start, end)| {
+            start
+                .elapsed_ms(end)
+                .map(f64::from)
+                .map_err(|e| drv_err(&format!("cuda:{ordinal}: reading the profiling events"), e))
+        });
+        waited?;
+        profile
     }
 
     crate::ops::kernel_ops!();

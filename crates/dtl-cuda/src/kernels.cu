@@ -754,20 +754,20 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) A.st(0, (float)((double)A.ld(0) + s));
 }
 
-// One AdamW step (PyTorch's, amsgrad off), term by term as the CPU computes it:
-// m = m b1 + g (1 - b1), v = v b2 + g^2 (1 - b2), p = p decay, p -= m step_size / (sqrt(v) / bc2_sqrt + eps),
-// with decay = 1 - lr weight_decay computed by the host. With `has_clip`, the gradient is first
-// multiplied by PyTorch's clip factor max_norm / (sqrt(sq[0]) + 1e-6) when that is below 1; sq[0] is
-// read on the device.
-extern "C" __global__ void dtl_adamw(float* param, const float* grad, float* m, float* v, int n, float beta1,
-                                     float beta2, float eps, float decay, float step_size, float bc2_sqrt,
-                                     const float* sq, float max_norm, int has_clip, int st) {
-    const dtl_ref P = REF(param, 0), G = REF(grad, 1), M = REF(m, 2), V = REF(v, 3);
-    float factor = 1.0f;
-    if (has_clip) {
-        const double coef = (double)max_norm / (sqrt((double)REF(sq, 11).ld(0)) + 1e-6);
-        if (coef < 1.0) factor = (float)coef;
-    }
+// PyTorch's clip_grad_norm_ factor min(1, max_norm / (sqrt(sq) + 1e-6)), in f64 as the host
+// computes it; `sq` is the squared norm of all gradients, read on the device.
+__device__ __forceinline__ float dtl_clip_factor(float sq, float max_norm) {
+    const double coef = (double)max_norm / (sqrt((double)sq) + 1e-6);
+    return coef < 1.0 ? (float)coef : 1.0f;
+}
+
+// One AdamW step (PyTorch's, amsgrad off) over the grid-stride share of [0, n), term by term as
+// the CPU computes it: m = m b1 + g (1 - b1), v = v b2 + g^2 (1 - b2), p = p decay,
+// p -= m step_size / (sqrt(v) / bc2_sqrt + eps). With `has_clip` the gradient is first multiplied
+// by `factor`. Both AdamW kernels run this, so that their results are the same bit for bit.
+__device__ __forceinline__ void dtl_adamw_apply(dtl_ref P, dtl_ref G, dtl_ref M, dtl_ref V, int n, float beta1,
+                                                float beta2, float eps, float decay, float step_size,
+                                                float bc2_sqrt, float factor, int has_clip) {
     const float one_b1 = 1.0f - beta1;
     const float one_b2 = 1.0f - beta2;
     GRID_STRIDE(i, n) {
@@ -779,4 +779,36 @@ extern "C" __global__ void dtl_adamw(float* param, const float* grad, float* m, 
         const float denom = sqrtf(vi) / bc2_sqrt + eps;
         P.st(i, P.ld(i) * decay - mi * step_size / denom);
     }
+}
+
+// One AdamW step with its scalars as arguments, decay = 1 - lr weight_decay computed by the host
+// (see dtl_adamw_apply). With `has_clip`, the gradient is first multiplied by dtl_clip_factor of
+// sq[0].
+extern "C" __global__ void dtl_adamw(float* param, const float* grad, float* m, float* v, int n, float beta1,
+                                     float beta2, float eps, float decay, float step_size, float bc2_sqrt,
+                                     const float* sq, float max_norm, int has_clip, int st) {
+    const dtl_ref P = REF(param, 0), G = REF(grad, 1), M = REF(m, 2), V = REF(v, 3);
+    const float factor = has_clip ? dtl_clip_factor(REF(sq, 11).ld(0), max_norm) : 1.0f;
+    dtl_adamw_apply(P, G, M, V, n, beta1, beta2, eps, decay, step_size, bc2_sqrt, factor, has_clip);
+}
+
+// Values per entry of the step scalars of dtl_adamw_from, in this order: lr, weight_decay,
+// step_size, bc2_sqrt, beta1, beta2, eps (dtl_kernels::AdamwStep::scalars).
+#define DTL_ADAMW_SCALARS 7
+
+// dtl_adamw with the step's scalars read on the device from entry `index` of `scalars`, so that
+// a recorded graph follows what the host writes there before each replay. The decay is computed
+// as the host computes it for dtl_adamw: lr and weight_decay are f32, so their product is exact
+// in f64 and 1 - lr weight_decay is rounded once, to f64, then to f32, whether or not the
+// compiler fuses the two operations.
+extern "C" __global__ void dtl_adamw_from(float* param, const float* grad, float* m, float* v, int n,
+                                          const float* scalars, int index, const float* sq, float max_norm,
+                                          int has_clip, int st) {
+    const dtl_ref P = REF(param, 0), G = REF(grad, 1), M = REF(m, 2), V = REF(v, 3);
+    const dtl_ref S = REF(scalars, 5) + (i64)index * DTL_ADAMW_SCALARS;
+    const float lr = S.ld(0), weight_decay = S.ld(1), step_size = S.ld(2), bc2_sqrt = S.ld(3);
+    const float beta1 = S.ld(4), beta2 = S.ld(5), eps = S.ld(6);
+    const float decay = weight_decay != 0.0f ? (float)(1.0 - (double)lr * (double)weight_decay) : 1.0f;
+    const float factor = has_clip ? dtl_clip_factor(REF(sq, 7).ld(0), max_norm) : 1.0f;
+    dtl_adamw_apply(P, G, M, V, n, beta1, beta2, eps, decay, step_size, bc2_sqrt, factor, has_clip);
 }

@@ -35,9 +35,13 @@ mod gpu;
 #[cfg(feature = "cuda")]
 pub mod libs;
 #[cfg(feature = "cuda")]
+mod lt;
+#[cfg(feature = "cuda")]
 mod nvrtc;
 #[cfg(feature = "cuda")]
 mod ops;
+#[cfg(feature = "cuda")]
+mod profile;
 
 #[cfg(feature = "cuda")]
 pub use emulator::{EmuBuf, Emulator};
@@ -45,6 +49,8 @@ pub use emulator::{EmuBuf, Emulator};
 pub use fused::AttentionKernels;
 #[cfg(feature = "cuda")]
 pub use gpu::{Gpu, GpuBuf};
+#[cfg(feature = "cuda")]
+pub use lt::{EpilogueStats, GemmEpilogue};
 #[cfg(feature = "cuda")]
 pub use nvrtc::{
     compile_kernels, compile_ptx, nvrtc_architectures, nvrtc_version, target_architecture,

@@ -59,6 +59,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dtl_sum_squares_partial",
     "dtl_sum_squares_final",
     "dtl_adamw",
+    "dtl_adamw_from",
     "dtl_convert",
     "dtl_attn_fused",
     "dtl_attn_fused_dq",

@@ -14,6 +14,7 @@ use dtl_kernels::{checked_product, AdamwStep, AttnShape, ConvShape, MergeShape, 
 
 use crate::blas::{Blas, Gemm};
 use crate::fused::AttentionKernels;
+use crate::lt::{EpilogueCounts, GemmEpilogue};
 
 /// Threads per block of the elementwise kernels.
 pub(crate) const THREADS: u32 = 256;
@@ -60,6 +61,7 @@ pub(crate) enum K {
     SumSquaresPartial,
     SumSquaresFinal,
     Adamw,
+    AdamwFrom,
     Convert,
     AttnFused,
     AttnFusedDq,
@@ -197,6 +199,73 @@ pub(crate) trait Exec {
         self.attention_kernels() == AttentionKernels::Fused && crate::fused::supports(s)
     }
 
+    /// How this device adds the bias of a linear (see [`GemmEpilogue`]).
+    fn gemm_epilogue(&self) -> GemmEpilogue {
+        GemmEpilogue::Plain
+    }
+
+    /// The device's counts of linears that ran with or fell back from the epilogue.
+    fn epilogue_counts(&self) -> Option<&EpilogueCounts> {
+        None
+    }
+
+    /// Runs one column-major product in place with a bias epilogue on raw pointers, all four
+    /// bf16: `c = alpha op(a) op(b) + beta c + bias`, `bias` one value per row of `c`
+    /// (`g.m`), f32 compute, one rounding to bf16. False, with nothing queued, when the device
+    /// does not run this product that way (the caller then runs the plain path).
+    ///
+    /// # Safety
+    /// As [`Exec::gemm_raw`], and `bias` must hold `g.m` values apart from `c`.
+    unsafe fn gemm_bias_raw(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: Dp,
+        b: Dp,
+        c: Dp,
+        bias: Dp,
+    ) -> Result<bool> {
+        let _ = (op, g, a, b, c, bias);
+        Ok(false)
+    }
+
+    /// [`Exec::gemm_bias_raw`] after the checks of [`Exec::gemm`] and of the bias (`g.m`
+    /// values, apart from `c`), for bf16 `a`, `b`, `c` and `bias` only; false (nothing queued)
+    /// where the epilogue does not take the product ([`crate::lt::takes`]) or the device
+    /// refuses it. Counted in [`Exec::epilogue_counts`].
+    ///
+    /// # Safety
+    /// Each pointer must hold the values given with it, `c` apart from the others.
+    unsafe fn gemm_bias(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: (Dp, usize),
+        b: (Dp, usize),
+        c: (Dp, usize),
+        bias: (Dp, usize),
+    ) -> Result<bool> {
+        check_gemm(op, g, a, b, c)?;
+        if bias.1 < g.m || overlaps(c.0, c.1, bias.0, g.m) {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: the bias of a matrix product is short of {} values or overlaps its output",
+                g.m
+            )));
+        }
+        if ![a.0, b.0, c.0, bias.0].iter().all(|p| p.bf16) {
+            return Err(DtlError::Device(format!(
+                "{op}: internal error: a bias epilogue needs bf16 operands, output and bias"
+            )));
+        }
+        let fused = crate::lt::takes(g, bias.0)
+            // SAFETY: the caller's contract, the extents and overlaps checked above.
+            && unsafe { self.gemm_bias_raw(op, g, a.0, b.0, c.0, bias.0) }?;
+        if let Some(counts) = self.epilogue_counts() {
+            counts.count(fused);
+        }
+        Ok(fused)
+    }
+
     /// The pointer of a buffer an operation reads.
     fn src(&self, op: &str, name: &str, b: &Self::Buf, need: usize) -> Result<Dp> {
         self.ptr(op, name, b, need)
@@ -226,25 +295,8 @@ pub(crate) trait Exec {
         b: (Dp, usize),
         c: (Dp, usize),
     ) -> Result<()> {
-        Blas::check(op, g)?;
-        let (ea, eb, ec) = g.extents();
-        if ea > a.1 || eb > b.1 || ec > c.1 {
-            return Err(DtlError::Device(format!(
-                "{op}: internal error: a matrix product would reach past its operands ({ea}, {eb}, {ec} values of {}, {}, {})",
-                a.1, b.1, c.1
-            )));
-        }
-        let overlaps = |x: Dp, nx: usize, y: Dp, ny: usize| {
-            nx > 0
-                && ny > 0
-                && x.addr < y.addr + (y.elem() * ny) as u64
-                && y.addr < x.addr + (x.elem() * nx) as u64
-        };
-        if overlaps(c.0, ec, a.0, ea) || overlaps(c.0, ec, b.0, eb) {
-            return Err(DtlError::Device(format!(
-                "{op}: internal error: a matrix product would write over one of its operands"
-            )));
-        }
+        check_gemm(op, g, a, b, c)?;
+        let (ea, eb, _) = g.extents();
         let (a, b, c) = (a.0, b.0, c.0);
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
@@ -466,6 +518,33 @@ pub(crate) fn attention_scratch_on<E: Exec>(e: &E, shape: AttnShape) -> usize {
     }
 }
 
+/// Whether `nx` values at `x` and `ny` values at `y` share memory.
+fn overlaps(x: Dp, nx: usize, y: Dp, ny: usize) -> bool {
+    nx > 0
+        && ny > 0
+        && x.addr < y.addr + (y.elem() * ny) as u64
+        && y.addr < x.addr + (x.elem() * nx) as u64
+}
+
+/// Checks a product's 32-bit ranges, that its extents fit the operands (each given as
+/// (device pointer, values it holds)) and that the output overlaps neither input.
+fn check_gemm(op: &str, g: &Gemm, a: (Dp, usize), b: (Dp, usize), c: (Dp, usize)) -> Result<()> {
+    Blas::check(op, g)?;
+    let (ea, eb, ec) = g.extents();
+    if ea > a.1 || eb > b.1 || ec > c.1 {
+        return Err(DtlError::Device(format!(
+            "{op}: internal error: a matrix product would reach past its operands ({ea}, {eb}, {ec} values of {}, {}, {})",
+            a.1, b.1, c.1
+        )));
+    }
+    if overlaps(c.0, ec, a.0, ea) || overlaps(c.0, ec, b.0, eb) {
+        return Err(DtlError::Device(format!(
+            "{op}: internal error: a matrix product would write over one of its operands"
+        )));
+    }
+    Ok(())
+}
+
 fn fill_ptr<E: Exec>(e: &E, op: &str, p: Dp, n: usize, value: f32) -> Result<()> {
     if n == 0 {
         return Ok(());
@@ -504,6 +583,11 @@ fn copy_ptr<E: Exec>(e: &E, op: &str, src: Dp, dst: Dp, n: usize) -> Result<()> 
 }
 
 /// `y (m x n) [+]= x (m x k) w^T [+ bias]` on checked pointers.
+///
+/// With a bias: cuBLASLt's bias epilogue where the device selects it ([`GemmEpilogue::Lt`]),
+/// everything is bf16 and the product is one it takes (`y = round(x w^T [+ y] + bias)`, one
+/// rounding); else `BiasRows` writes `bias [+ y]` into `y` (rounded to its storage) and the
+/// product adds to it with `beta = 1`.
 #[allow(clippy::too_many_arguments)]
 fn linear_ptr<E: Exec>(
     e: &E,
@@ -521,6 +605,27 @@ fn linear_ptr<E: Exec>(
     }
     let mut beta = if accumulate { 1.0 } else { 0.0 };
     if let Some(b) = bias {
+        // Only a product that does not accumulate: adding onto `y` in the epilogue would round
+        // the residual stream once where PyTorch (a linear, then the add) and the plain path
+        // round twice, which moves the bf16 trajectories (docs/cuda.md, "Bias in the product's
+        // epilogue").
+        let fits = !accumulate && k > 0 && [x, w, y, b].iter().all(|p| p.bf16);
+        if fits && e.gemm_epilogue() == GemmEpilogue::Lt {
+            // SAFETY: w holds n * k, x m * k, y m * n values, bias n (checked by the callers).
+            let fused = unsafe {
+                e.gemm_bias(
+                    op,
+                    &Gemm::linear(m, k, n, beta),
+                    (w, n * k),
+                    (x, m * k),
+                    (y, m * n),
+                    (b, n),
+                )
+            }?;
+            if fused {
+                return Ok(());
+            }
+        }
         let (mi, ni) = (n32(op, "m", m)?, n32(op, "n", n)?);
         n32(op, "the output values", len)?;
         // SAFETY: y holds m * n values, bias n (checked by the callers).
@@ -1887,6 +1992,66 @@ pub(crate) fn adamw<E: Exec>(
     }
 }
 
+/// [`adamw`] with the step's scalars read by the kernel from entry `index` of `scalars` (see
+/// [`dtl_kernels::Kernels::adamw_from`]), so that a recorded graph follows the buffer.
+pub(crate) fn adamw_from<E: Exec>(
+    e: &E,
+    param: &mut E::Buf,
+    grad: &E::Buf,
+    m: &mut E::Buf,
+    v: &mut E::Buf,
+    len: usize,
+    scalars: &E::Buf,
+    index: usize,
+    clip: Option<(&E::Buf, f32)>,
+) -> Result<()> {
+    const OP: &str = "adamw_from";
+    let gp = e.src(OP, "grad", grad, len)?;
+    let clip = clip
+        .map(|(sq, max_norm)| e.src(OP, "sq", sq, 1).map(|p| (p, max_norm)))
+        .transpose()?;
+    // The buffer holds the entries up to `index`.
+    let need = index
+        .checked_add(1)
+        .and_then(|e| e.checked_mul(AdamwStep::SCALARS))
+        .ok_or_else(|| invalid(OP, format!("step scalars entry {index} is out of range")))?;
+    let sp = e.src(OP, "scalars", scalars, need)?;
+    let index = n32(OP, "index", index)?;
+    let pp = e.dst(OP, "param", param, len)?;
+    let mp = e.dst(OP, "m", m, len)?;
+    let vp = e.dst(OP, "v", v, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = n32(OP, "len", len)?;
+    // Without clipping the kernel never reads `sq`; any valid pointer stands in.
+    let (sq, max_norm, has_clip) = match clip {
+        Some((p, max_norm)) => (p, max_norm, 1),
+        None => (gp, 0.0, 0),
+    };
+    // SAFETY: param, grad, m and v hold `len` values, scalars `(index + 1) * SCALARS`, sq one
+    // when clipping (checked).
+    unsafe {
+        e.launch(
+            OP,
+            K::AdamwFrom,
+            elementwise(len),
+            &[
+                Arg::P(pp),
+                Arg::P(gp),
+                Arg::P(mp),
+                Arg::P(vp),
+                Arg::I(n),
+                Arg::P(sp),
+                Arg::I(index),
+                Arg::P(sq),
+                Arg::F(max_norm),
+                Arg::I(has_clip),
+            ],
+        )
+    }
+}
+
 /// Checks an attention shape: its plan and the values of the fused `qkv`, all in 32 bits.
 fn attn_plan(op: &str, s: &AttnShape) -> Result<(AttnPlan, usize)> {
     let plan =
@@ -2300,6 +2465,20 @@ macro_rules! kernel_ops {
         ) -> Result<()> {
             $crate::ops::adamw(self, param, grad, m, v, len, step, clip)
         }
+
+        fn adamw_from(
+            &self,
+            param: &mut Self::Buf,
+            grad: &Self::Buf,
+            m: &mut Self::Buf,
+            v: &mut Self::Buf,
+            len: usize,
+            scalars: &Self::Buf,
+            index: usize,
+            clip: Option<(&Self::Buf, f32)>,
+        ) -> Result<()> {
+            $crate::ops::adamw_from(self, param, grad, m, v, len, scalars, index, clip)
+        }
     };
 }
 pub(crate) use kernel_ops;
@@ -2343,6 +2522,7 @@ mod tests {
             K::SumSquaresPartial,
             K::SumSquaresFinal,
             K::Adamw,
+            K::AdamwFrom,
             K::Convert,
             K::AttnFused,
             K::AttnFusedDq,

@@ -149,6 +149,19 @@ pub(crate) fn check_options(cfg: &DataConfig, known: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The folder name and class count of the dataset of `catalog` (folder name, class count,
+/// aliases) that `name` names, by its folder name or an alias, in any case.
+pub(crate) fn find_dataset(
+    catalog: &'static [(&'static str, usize, &'static [&'static str])],
+    name: &str,
+) -> Option<(&'static str, usize)> {
+    let n = name.to_ascii_lowercase();
+    catalog
+        .iter()
+        .find(|(o, _, a)| *o == n || a.contains(&n.as_str()))
+        .map(|(o, c, _)| (*o, *c))
+}
+
 pub(crate) fn split_name(cfg: &DataConfig, split: Split) -> &str {
     match split {
         Split::Train => &cfg.train,

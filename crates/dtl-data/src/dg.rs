@@ -49,11 +49,7 @@ pub const DG_DATASETS: &[(&str, usize, &[&str])] = &[
 /// assert_eq!(dg_dataset("cifar"), None);
 /// ```
 pub fn dg_dataset(name: &str) -> Option<(&'static str, usize)> {
-    let n = name.to_ascii_lowercase();
-    DG_DATASETS
-        .iter()
-        .find(|(o, _, a)| *o == n || a.contains(&n.as_str()))
-        .map(|(o, c, _)| (*o, *c))
+    crate::datasets::find_dataset(DG_DATASETS, name)
 }
 
 fn names() -> String {

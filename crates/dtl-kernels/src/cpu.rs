@@ -231,6 +231,18 @@ fn attn_lens(op: &str, s: &AttnShape) -> Result<(usize, usize)> {
     Ok((qkv, out))
 }
 
+/// The end of the kept attention probabilities that start at value `at` (the length a
+/// buffer needs for them), checked for overflow.
+fn probs_len(op: &str, s: &AttnShape, at: usize) -> Result<usize> {
+    let n = checked_product(op, &[s.batch, s.heads, s.tokens, s.tokens])?;
+    n.checked_add(at).ok_or_else(|| {
+        invalid(
+            op,
+            format!("probabilities at {at} overflow the buffer length"),
+        )
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 impl Kernels for CpuKernels {
     type Buf = CpuBuf;
@@ -444,6 +456,52 @@ impl Kernels for CpuKernels {
 
     fn attention_scratch(&self, shape: AttnShape) -> usize {
         ops::attention_scratch_len(shape)
+    }
+
+    fn attention_probs_len(shape: AttnShape) -> usize {
+        ops::attention_probs_len(shape)
+    }
+
+    fn attention_keeping(
+        &self,
+        qkv: &CpuBuf,
+        shape: AttnShape,
+        out: &mut CpuBuf,
+        scratch: &mut CpuBuf,
+        probs: &mut CpuBuf,
+        at: usize,
+    ) -> Result<()> {
+        const OP: &str = "attention_keeping";
+        let (nqkv, nout) = attn_lens(OP, &shape)?;
+        let np = probs_len(OP, &shape, at)?;
+        let qkv = src(OP, "qkv", qkv, nqkv)?;
+        let out = dst(OP, "out", out, nout)?;
+        let heads = dst(OP, "scratch", scratch, nout)?;
+        let probs = &mut dst(OP, "probs", probs, np)?[at..];
+        ops::attention_keeping(qkv, shape, out, heads, Some(probs));
+        Ok(())
+    }
+
+    fn attention_vjp_kept(
+        &self,
+        qkv: &CpuBuf,
+        probs: &CpuBuf,
+        at: usize,
+        dout: &CpuBuf,
+        shape: AttnShape,
+        dqkv: &mut CpuBuf,
+        scratch: &mut CpuBuf,
+    ) -> Result<()> {
+        const OP: &str = "attention_vjp_kept";
+        let (nqkv, nout) = attn_lens(OP, &shape)?;
+        let np = probs_len(OP, &shape, at)?;
+        let qkv = src(OP, "qkv", qkv, nqkv)?;
+        let probs = &src(OP, "probs", probs, np)?[at..];
+        let dout = src(OP, "dout", dout, nout)?;
+        let dqkv = dst(OP, "dqkv", dqkv, nqkv)?;
+        let heads = dst(OP, "scratch", scratch, nqkv)?;
+        ops::attention_vjp_kept(qkv, Some(probs), dout, shape, dqkv, heads);
+        Ok(())
     }
 
     fn add_scaled(

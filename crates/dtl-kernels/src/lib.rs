@@ -38,8 +38,10 @@ use dtl_core::choice::Precision;
 use dtl_core::{BackboneSpec, DropPath, DtlError, Result};
 
 pub mod cpu;
+pub mod profile;
 
 pub use cpu::{CpuBuf, CpuKernels};
+pub use profile::{KernelProfile, ProfileRow};
 
 /// Shapes of one multi-head self-attention call: `batch` samples of `tokens` tokens, `heads`
 /// heads of `head_dim` channels (width `heads * head_dim`).
@@ -258,6 +260,56 @@ impl AdamwStep {
             weight_decay: weight_decay as f32,
             step_size: (lr / (1.0 - beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+        }
+    }
+
+    /// Values per entry of a buffer of step scalars ([`Kernels::adamw_from`]).
+    ///
+    /// ```
+    /// assert_eq!(dtl_kernels::AdamwStep::SCALARS, 7);
+    /// ```
+    pub const SCALARS: usize = 7;
+
+    /// The update as one entry of a buffer of step scalars ([`Kernels::adamw_from`]): `lr`,
+    /// `weight_decay`, `step_size`, `bc2_sqrt`, `beta1`, `beta2`, `eps`, in that order.
+    ///
+    /// ```
+    /// let s = dtl_kernels::AdamwStep::new(1e-3, 0.9, 0.999, 1e-8, 0.05, 1);
+    /// assert_eq!(s.scalars()[1], 0.05);
+    /// assert_eq!(dtl_kernels::AdamwStep::from_scalars(&s.scalars()), Some(s));
+    /// ```
+    pub fn scalars(&self) -> [f32; Self::SCALARS] {
+        [
+            self.lr,
+            self.weight_decay,
+            self.step_size,
+            self.bc2_sqrt,
+            self.beta1,
+            self.beta2,
+            self.eps,
+        ]
+    }
+
+    /// The update an entry of step scalars holds (the inverse of [`AdamwStep::scalars`]);
+    /// `None` when `entry` holds fewer than [`AdamwStep::SCALARS`] values.
+    ///
+    /// ```
+    /// use dtl_kernels::AdamwStep;
+    /// assert!(AdamwStep::from_scalars(&[0.1; 3]).is_none());
+    /// assert_eq!(AdamwStep::from_scalars(&[0.1; 7]).unwrap().eps, 0.1);
+    /// ```
+    pub fn from_scalars(entry: &[f32]) -> Option<Self> {
+        match *entry {
+            [lr, weight_decay, step_size, bc2_sqrt, beta1, beta2, eps, ..] => Some(AdamwStep {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step_size,
+                bc2_sqrt,
+            }),
+            _ => None,
         }
     }
 }
@@ -566,6 +618,37 @@ pub trait Kernels: Send + Sync + 'static {
         let _ = graph;
     }
 
+    // ---- profiling ----------------------------------------------------------------------
+
+    /// Starts timing every operation issued from now on (each kernel launch, matrix product
+    /// and device copy), keyed by a label, until [`Kernels::profile_take`]; a profile already
+    /// running starts afresh. While profiling, [`Kernels::capture`] records no graph (events
+    /// inside a recording time nothing): the work runs as plain operations, and the
+    /// [`Capture::Plain`] reason says so. Devices without a profiler (the CPU) refuse.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels};
+    /// let e = CpuKernels::new().profile_start().unwrap_err().to_string();
+    /// assert!(e.contains("CUDA device"), "{e}");
+    /// ```
+    fn profile_start(&self) -> Result<()> {
+        Err(DtlError::Device(format!(
+            "{}: kernel profiling needs a CUDA device (run.device = \"cuda:N\") or the CUDA emulator",
+            self.describe()
+        )))
+    }
+    /// Stops profiling and returns the profile of the span since [`Kernels::profile_start`]
+    /// (after waiting for the work to finish), or `None` when no profile was running or the
+    /// device has no profiler.
+    ///
+    /// ```
+    /// use dtl_kernels::{CpuKernels, Kernels};
+    /// assert_eq!(CpuKernels::new().profile_take().unwrap(), None);
+    /// ```
+    fn profile_take(&self) -> Result<Option<KernelProfile>> {
+        Ok(None)
+    }
+
     // ---- products -----------------------------------------------------------------------
 
     /// `y (m x n) [+]= x (m x k) w^T [+ bias]`, `w` is `(n, k)`.
@@ -775,6 +858,82 @@ pub trait Kernels: Send + Sync + 'static {
     /// let scratch = k.alloc(k.attention_scratch(s)).unwrap();
     /// ```
     fn attention_scratch(&self, shape: AttnShape) -> usize;
+    /// Values of the attention probabilities [`Kernels::attention_keeping`] keeps for
+    /// `shape`, 0 where the device keeps none (the default: then
+    /// [`Kernels::attention_vjp_kept`] recomputes them, as [`Kernels::attention_vjp`] does).
+    /// A backbone that keeps its blocks' internals can reserve this much more per block.
+    ///
+    /// ```
+    /// use dtl_kernels::{AttnShape, CpuKernels, Kernels};
+    /// let s = AttnShape { batch: 2, tokens: 5, heads: 3, head_dim: 4 };
+    /// assert_eq!(CpuKernels::attention_probs_len(s), 2 * 3 * 5 * 5);
+    /// ```
+    fn attention_probs_len(_shape: AttnShape) -> usize
+    where
+        Self: Sized,
+    {
+        0
+    }
+    /// [`Kernels::attention`], also writing the probabilities to `probs` from value `at` on
+    /// ([`Kernels::attention_probs_len`] values, nothing where that is 0) for
+    /// [`Kernels::attention_vjp_kept`]. The output is that of [`Kernels::attention`]. The
+    /// default keeps nothing.
+    ///
+    /// ```
+    /// use dtl_kernels::{AttnShape, CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// let s = AttnShape { batch: 1, tokens: 1, heads: 1, head_dim: 2 };
+    /// let qkv = k.upload_new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    /// let (mut out, mut scratch) = (k.alloc(2).unwrap(), k.alloc(k.attention_scratch(s)).unwrap());
+    /// let mut probs = k.alloc(3).unwrap();
+    /// k.attention_keeping(&qkv, s, &mut out, &mut scratch, &mut probs, 2).unwrap();
+    /// assert_eq!(k.download(&out, 2).unwrap(), vec![5.0, 6.0]);
+    /// assert_eq!(k.download(&probs, 3).unwrap(), vec![0.0, 0.0, 1.0]);
+    /// ```
+    fn attention_keeping(
+        &self,
+        qkv: &Self::Buf,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+        probs: &mut Self::Buf,
+        at: usize,
+    ) -> Result<()> {
+        let _ = (probs, at);
+        self.attention(qkv, shape, out, scratch)
+    }
+    /// [`Kernels::attention_vjp`] with the probabilities [`Kernels::attention_keeping`] wrote
+    /// to `probs` from value `at` on: the same gradient, without recomputing them. The default
+    /// (for devices that keep none) recomputes them.
+    ///
+    /// ```
+    /// use dtl_kernels::{AttnShape, CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// let s = AttnShape { batch: 1, tokens: 2, heads: 1, head_dim: 1 };
+    /// let qkv = k.upload_new(&[1.0, 0.5, 2.0, -1.0, 0.3, 4.0]).unwrap();
+    /// let dout = k.upload_new(&[1.0, 2.0]).unwrap();
+    /// let mut scratch = k.alloc(k.attention_scratch(s)).unwrap();
+    /// let (mut out, mut probs) = (k.alloc(2).unwrap(), k.alloc(4).unwrap());
+    /// k.attention_keeping(&qkv, s, &mut out, &mut scratch, &mut probs, 0).unwrap();
+    /// let (mut kept, mut again) = (k.alloc(6).unwrap(), k.alloc(6).unwrap());
+    /// k.attention_vjp_kept(&qkv, &probs, 0, &dout, s, &mut kept, &mut scratch).unwrap();
+    /// k.attention_vjp(&qkv, &dout, s, &mut again, &mut scratch).unwrap();
+    /// assert_eq!(k.download(&kept, 6).unwrap(), k.download(&again, 6).unwrap());
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    fn attention_vjp_kept(
+        &self,
+        qkv: &Self::Buf,
+        probs: &Self::Buf,
+        at: usize,
+        dout: &Self::Buf,
+        shape: AttnShape,
+        dqkv: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+    ) -> Result<()> {
+        let _ = (probs, at);
+        self.attention_vjp(qkv, dout, shape, dqkv, scratch)
+    }
     /// `x[b] += s[b] * branch[b]` for each of `batch` samples of `per_sample` values; no
     /// `scales` means 1 for every sample (residual with drop path).
     ///
@@ -1069,6 +1228,45 @@ pub trait Kernels: Send + Sync + 'static {
         step: &AdamwStep,
         clip: Option<(&Self::Buf, f32)>,
     ) -> Result<()>;
+    /// [`Kernels::adamw`] with the step's scalars read from the device: entry `index` of
+    /// `scalars`, which holds [`AdamwStep::SCALARS`] values per entry (entry `i` at
+    /// `scalars[i * SCALARS..]`, laid out as [`AdamwStep::scalars`]). The result is that of
+    /// [`Kernels::adamw`] with [`AdamwStep::from_scalars`] of the entry, bit for bit. Because
+    /// the scalars are device values, a graph recorded with [`Kernels::capture`] follows what
+    /// [`Kernels::upload`] writes into `scalars` before each [`Kernels::replay`] (a learning-rate
+    /// schedule, the step count of the bias corrections). The default downloads the entry and
+    /// calls [`Kernels::adamw`]; a device that records graphs reads it in its kernel.
+    ///
+    /// ```
+    /// use dtl_kernels::{AdamwStep, CpuKernels, Kernels};
+    /// let k = CpuKernels::new();
+    /// let steps = [AdamwStep::new(0.1, 0.9, 0.999, 1e-8, 0.0, 1), AdamwStep::new(0.2, 0.9, 0.999, 1e-8, 0.0, 1)];
+    /// let scalars = k.upload_new(&steps.iter().flat_map(|s| s.scalars()).collect::<Vec<_>>()).unwrap();
+    /// let mut p = k.upload_new(&[1.0]).unwrap();
+    /// let g = k.upload_new(&[0.5]).unwrap();
+    /// let (mut m, mut v) = (k.alloc(1).unwrap(), k.alloc(1).unwrap());
+    /// k.adamw_from(&mut p, &g, &mut m, &mut v, 1, &scalars, 1, None).unwrap();
+    /// let got = k.download(&p, 1).unwrap()[0];
+    /// assert!((got - 0.8).abs() < 1e-5, "{got}"); // entry 1: lr 0.2
+    /// assert!(k.adamw_from(&mut p, &g, &mut m, &mut v, 1, &scalars, 2, None).is_err());
+    /// ```
+    fn adamw_from(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        len: usize,
+        scalars: &Self::Buf,
+        index: usize,
+        clip: Option<(&Self::Buf, f32)>,
+    ) -> Result<()> {
+        let need = adamw_scalars_len(self.len(scalars), index)?;
+        let host = self.download(scalars, need)?;
+        let step = AdamwStep::from_scalars(&host[need - AdamwStep::SCALARS..])
+            .ok_or_else(|| DtlError::invalid("adamw_from: the step scalars are incomplete"))?;
+        self.adamw(param, grad, m, v, len, &step, clip)
+    }
 
     /// [`Kernels::attention`] with an additive bias on the scores before the softmax:
     /// `bias` holds `groups x heads x tokens x tokens` values and sample `b` of the batch uses
@@ -1388,6 +1586,30 @@ pub fn check_len(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
         )))
     } else {
         Ok(())
+    }
+}
+
+/// The values of a buffer of step scalars ([`Kernels::adamw_from`]) up to the end of entry
+/// `index`, after checking that a buffer of `have` values holds them.
+///
+/// ```
+/// assert_eq!(dtl_kernels::adamw_scalars_len(14, 1).unwrap(), 14);
+/// let e = dtl_kernels::adamw_scalars_len(14, 2).unwrap_err().to_string();
+/// assert!(e.contains("entry 2") && e.contains("21"), "{e}");
+/// ```
+pub fn adamw_scalars_len(have: usize, index: usize) -> Result<usize> {
+    let need = index
+        .checked_add(1)
+        .and_then(|e| e.checked_mul(AdamwStep::SCALARS));
+    match need {
+        Some(need) if need <= have => Ok(need),
+        _ => Err(DtlError::invalid(format!(
+            "adamw_from: buffer `scalars` holds {have} values ({} entries of {}), entry {index} \
+             needs {}",
+            have / AdamwStep::SCALARS,
+            AdamwStep::SCALARS,
+            need.map_or_else(|| "more than fit in memory".to_string(), |n| n.to_string())
+        ))),
     }
 }
 

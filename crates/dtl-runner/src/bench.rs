@@ -8,10 +8,10 @@ use dtl_core::{Backbone, BenchOptions, DtlError, PipelineConfig, Result};
 use serde_json::Value;
 
 use crate::device::{dev_err, TrainDevice};
-use crate::job::{build_model, drop_masks, train_step};
 use crate::model::smoothed_targets;
 use crate::optim::AdamW;
 use crate::report::{self, BenchReport, BenchRow};
+use crate::step::{build_model, drop_masks, train_step};
 
 /// Side networks measured by `train`: the pipeline's own settings with each kind.
 pub(crate) const KINDS: [&str; 3] = ["dtl", "dtl+", "linear"];
@@ -221,6 +221,12 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
     let rng = Cpu::seed_from_u64(cfg.run.seed);
     let mut rows = Vec::new();
     let what = parse_what(&opts.what)?;
+    if opts.profile {
+        return Err(DtlError::invalid(format!(
+            "bench: {PROFILE_NEEDS_CUDA}; this pipeline runs on {}",
+            cfg.run.device
+        )));
+    }
     for &batch in &opts.batches {
         if batch == 0 {
             return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
@@ -315,3 +321,78 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
 /// assert_eq!(dtl_runner::bench::CPU_PRECISION, "f32");
 /// ```
 pub const CPU_PRECISION: &str = "f32";
+
+/// Why `dtl bench --profile` refuses a device without a kernel profiler.
+///
+/// ```
+/// assert!(dtl_runner::bench::PROFILE_NEEDS_CUDA.contains("--profile"));
+/// ```
+pub const PROFILE_NEEDS_CUDA: &str =
+    "--profile times the kernels of a CUDA device and needs run.device = \"cuda:N\" (or \"auto\" on a machine with a GPU)";
+
+/// The `graph` of a training row measured with `--profile`: events inside a graph capture
+/// time nothing, so the profiled steps run as plain launches.
+///
+/// ```
+/// assert!(dtl_runner::bench::PROFILE_GRAPH.starts_with("off"));
+/// ```
+pub const PROFILE_GRAPH: &str =
+    "off (kernel profiling: events inside a graph capture time nothing)";
+
+/// The timed steps start here: with `--profile`, every operation the device issues from now
+/// on is timed (the device refuses when it has no profiler).
+pub(crate) fn profile_start<K: dtl_kernels::Kernels>(k: &K, opts: &BenchOptions) -> Result<()> {
+    if !opts.profile {
+        return Ok(());
+    }
+    k.profile_start()
+        .map_err(|e| DtlError::invalid(format!("bench: {PROFILE_NEEDS_CUDA} ({e})")))
+}
+
+/// The timed steps (`steps` of them) ended and the device was waited for: the profile, if
+/// one was running.
+pub(crate) fn profile_take<K: dtl_kernels::Kernels>(
+    k: &K,
+    steps: usize,
+) -> Result<Option<report::BenchProfile>> {
+    Ok(k.profile_take()?
+        .map(|p| report::BenchProfile::from_kernels(&p, steps, "")))
+}
+
+/// Marks a profiled training row (JSON) as run without graphs, in the row and its profile.
+pub(crate) fn note_profiled_graph(row: &mut Value) {
+    if row.get("profile").is_some_and(|p| p.is_object()) {
+        row["graph"] = serde_json::json!(PROFILE_GRAPH);
+        row["profile"]["graph"] = serde_json::json!(PROFILE_GRAPH);
+    }
+}
+
+/// Whether `dtl bench` measures the training row of side network `kind` at activation policy
+/// `mode`: every row, but with `--profile` only the pipeline's own side network at its own
+/// `run.activations` (a breakdown is read one configuration at a time).
+pub(crate) fn measured(cfg: &PipelineConfig, opts: &BenchOptions, kind: &str, mode: &str) -> bool {
+    !opts.profile || (kind == cfg.side.kind && (kind == "linear" || mode == cfg.run.activations))
+}
+
+/// Checks that `dtl bench --profile` has a row to profile: the pipeline's side network must be
+/// one `dtl bench` trains (`dtl`, `dtl+` or `linear`).
+///
+/// ```
+/// let cfg = dtl_core::PipelineConfig::from_str(
+///     "[backbone]\nkind = \"vit_test_patch8_32\"\n[side]\nkind = \"dtl\"\n[data]\nkind = \"synthetic\"\nroot = \".\"\n",
+///     "p.toml".as_ref(),
+///     &[],
+/// )
+/// .unwrap();
+/// assert!(dtl_runner::bench::check_profile(&cfg).is_ok());
+/// ```
+pub fn check_profile(cfg: &PipelineConfig) -> Result<()> {
+    if KINDS.contains(&cfg.side.kind.as_str()) {
+        return Ok(());
+    }
+    Err(DtlError::invalid(format!(
+        "bench: --profile times the training row of the pipeline's side network (side.kind), \
+         and `{}` is not one dtl bench trains; use side.kind = \"dtl\", \"dtl+\" or \"linear\"",
+        cfg.side.kind
+    )))
+}

@@ -10,16 +10,15 @@ use dtl_core::{
     RunEnv,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{Batch, BatchIter, BatchSource};
-use crate::device::{dev_err, TrainDevice};
 use crate::model::{smoothed_targets, Model};
-use crate::optim::{clip_grad_norm, AdamW, Flat, Schedule};
+use crate::optim::{AdamW, Schedule};
 use crate::report::{self, Metrics};
+/// The training step, kept under its earlier path; see [`crate::step`].
+pub use crate::step::{build_model, drop_masks, loss_and_grads, train_step, StepGrads};
 
 /// How often `last.safetensors` is refreshed inside an epoch (it is always written at the
 /// end of an epoch).
@@ -547,111 +546,6 @@ impl<B: Backbone<Cpu> + Send + Sync> Engine for CpuEngine<B> {
     fn device(&self) -> String {
         "cpu".into()
     }
-}
-
-/// Builds the model of `cfg` on `backbone` through the registry, on `dev` (side network and
-/// head initialised from `run.seed`, identically on every device).
-pub fn build_model<B: Backbone<D>, D: TrainDevice>(
-    cfg: &PipelineConfig,
-    backbone: &Arc<B>,
-    classes: usize,
-    dev: &D,
-) -> Result<Model<B, D>> {
-    let init = Cpu::seed_from_u64(cfg.run.seed);
-    let (side, head) = D::build_parts(cfg, backbone.spec(), classes, &init, dev)?;
-    Ok(Model::new(
-        Arc::clone(backbone),
-        side,
-        head,
-        cfg.head.pool == "cls",
-    ))
-}
-
-/// The outcome of one forward and backward pass.
-#[derive(Debug, Clone)]
-pub struct StepGrads<D: TrainDevice = Cpu> {
-    /// The mean loss.
-    pub loss: f32,
-    /// The logits, (batch, classes) row-major.
-    pub logits: Vec<f32>,
-    /// The gradient of every trainable tensor, in [`Model::params`] order, on the device.
-    pub grads: Vec<Flat<D>>,
-}
-
-impl<D: TrainDevice> StepGrads<D> {
-    /// The gradients on the host.
-    pub fn host_grads(&self) -> Vec<Vec<f32>> {
-        self.grads.iter().map(|g| g.as_vec()).collect()
-    }
-}
-
-/// Forward and backward pass of one batch: loss, logits and every trainable gradient.
-pub fn loss_and_grads<B: Backbone<D>, D: TrainDevice>(
-    model: &Model<B, D>,
-    images: &dtl_core::Images<D>,
-    targets: &[f32],
-    drops: &[Option<Arc<DropPath>>],
-) -> Result<StepGrads<D>> {
-    let logits = model.forward_train(images, drops)?;
-    let logit_values = logits.as_vec();
-    let loss = D::soft_cross_entropy(logits, targets)?;
-    let value = loss.as_vec()[0];
-    // A record left by a backward pass nobody checked is not this step's.
-    let _ = dtl_core::tape::check_backward();
-    let mut grads = loss.backward();
-    dtl_core::tape::check_backward()?;
-    let mut gs = Vec::new();
-    for p in model.params() {
-        // A parameter the loss does not reach gets a zero gradient.
-        grads.try_alloc_for(&p.value).map_err(dev_err)?;
-        gs.push(grads.get(&p.value));
-    }
-    Ok(StepGrads {
-        loss: value,
-        logits: logit_values,
-        grads: gs,
-    })
-}
-
-/// One optimisation step; returns the loss before the update.
-pub fn train_step<B: Backbone<D>, D: TrainDevice>(
-    model: &mut Model<B, D>,
-    opt: &mut AdamW<D>,
-    images: &dtl_core::Images<D>,
-    targets: &[f32],
-    drops: &[Option<Arc<DropPath>>],
-    lr: f64,
-    clip: Option<f64>,
-) -> Result<f32> {
-    let StepGrads {
-        loss, mut grads, ..
-    } = loss_and_grads(model, images, targets, drops)?;
-    if let Some(c) = clip {
-        clip_grad_norm(&mut grads, c)?;
-    }
-    opt.step(model.params_mut(), &grads, lr)?;
-    Ok(loss)
-}
-
-/// Stochastic-depth masks for every block of one step, drawn from a generator seeded by the
-/// run seed and the global step (so a resumed run draws the same masks).
-pub fn drop_masks(
-    rate: f64,
-    depth: usize,
-    batch: usize,
-    seed: u64,
-    step: u64,
-) -> Vec<Option<Arc<DropPath>>> {
-    if rate <= 0.0 {
-        return vec![None; depth];
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD0F),
-    );
-    DropPath::block_rates(rate, depth)
-        .into_iter()
-        .map(|r| DropPath::sample(r, batch, &mut rng).map(Arc::new))
-        .collect()
 }
 
 fn set_threads(n: usize) {

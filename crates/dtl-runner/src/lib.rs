@@ -8,6 +8,8 @@
 //! - [`resident`]: the training step written over the kernel set (`dtl_kernels::Kernels`),
 //!   resident in a device's memory from the uploaded batch to the AdamW update (the GPU path).
 //! - [`optim`]: AdamW with parameter groups, gradient clipping and the cosine schedule.
+//! - [`step`]: the training step, from batch to update (model, drop-path masks, forward,
+//!   backward, AdamW), shared by [`job`] and [`bench`](mod@bench).
 //! - [`job`]: the training loop over an [`job::Engine`] (training, resuming, evaluation);
 //!   [`checkpoint`] and [`report`] write the files.
 //! - [`bench`](mod@bench): throughput and peak memory.
@@ -31,6 +33,7 @@ pub mod report;
 pub mod resident;
 pub mod sanity;
 pub mod sides;
+pub mod step;
 pub mod summary;
 pub mod sweep;
 pub mod toy;

@@ -331,34 +331,104 @@ fn draw_curves(
     Ok(())
 }
 
-/// Reads a field leniently: a value of the wrong type reads as absent (`None`), as when the
-/// key is missing, so that a report written by another version still reads.
-fn lenient<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    let v = <Value as serde::Deserialize>::deserialize(d)?;
-    Ok(serde_json::from_value(v).ok())
+/// How a field of a typed report reads from JSON: leniently, so that a report written by
+/// another version still reads. A value of the wrong type reads as absent (`None`), as when the
+/// key is missing; a map of named entries reads an entry of the wrong shape as all absent; a
+/// list reads a row of the wrong shape as all absent and a value that is no list as empty; a
+/// raw JSON value reads as it is.
+trait Lenient: Sized {
+    /// The field from its JSON value.
+    fn from_value(v: Value) -> Self;
 }
 
-/// Reads a map of named entries leniently: an entry of the wrong shape reads as all absent.
-fn lenient_map<'de, D, T>(d: D) -> std::result::Result<Option<BTreeMap<String, T>>, D::Error>
+/// [`Lenient`] for `Option<T>` of each type `T` a report field holds.
+macro_rules! lenient_option {
+    ($($t:ty),* $(,)?) => {
+        $(impl Lenient for Option<$t> {
+            fn from_value(v: Value) -> Self {
+                serde_json::from_value(v).ok()
+            }
+        })*
+    };
+}
+
+lenient_option!(
+    String,
+    usize,
+    u64,
+    f64,
+    DataReport,
+    CheckpointsReport,
+    BenchProfile
+);
+
+impl<T: serde::de::DeserializeOwned + Default> Lenient for Option<BTreeMap<String, T>> {
+    fn from_value(v: Value) -> Self {
+        v.as_object().map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        serde_json::from_value(v.clone()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+    }
+}
+
+impl<T: serde::de::DeserializeOwned + Default> Lenient for Vec<T> {
+    fn from_value(v: Value) -> Self {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| serde_json::from_value(r.clone()).unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Lenient for Value {
+    fn from_value(v: Value) -> Self {
+        v
+    }
+}
+
+/// The `deserialize_with` of every field of a typed report (see [`Lenient`]).
+fn lenient<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned + Default,
+    T: Lenient,
 {
     let v = <Value as serde::Deserialize>::deserialize(d)?;
-    Ok(v.as_object().map(|m| {
-        m.iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    serde_json::from_value(v.clone()).unwrap_or_default(),
-                )
-            })
-            .collect()
-    }))
+    Ok(T::from_value(v))
+}
+
+/// Declares a typed report: the struct as written, deriving `Debug`, `Clone`, `Default`,
+/// `PartialEq` and serde's traits, every field read with [`lenient`] and `Default` where its
+/// key is missing (a field's own `#[serde]` attributes, such as `skip_serializing_if`, are
+/// kept).
+macro_rules! lenient_fields {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                pub $field:ident : $ty:ty
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                #[serde(default, deserialize_with = "lenient")]
+                pub $field: $ty,
+            )*
+        }
+    };
 }
 
 /// Converts a typed report to the JSON object [`dtl_core::Job`] returns.
@@ -366,30 +436,26 @@ fn to_json<T: Serialize>(r: &T) -> Value {
     serde_json::to_value(r).unwrap_or(Value::Null)
 }
 
-/// One extra test set of a report (`"tests"` of [`TrainReport`] and [`EvalReport`]).
-///
-/// ```
-/// let t: dtl_runner::report::TestSetReport =
-///     serde_json::from_str(r#"{"top1": 0.5, "images": 10}"#).unwrap();
-/// assert_eq!((t.top1, t.images, t.top5), (Some(0.5), Some(10), None));
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TestSetReport {
-    /// Top-1 accuracy in [0, 1].
-    #[serde(default, deserialize_with = "lenient")]
-    pub top1: Option<f64>,
-    /// Top-5 accuracy in [0, 1].
-    #[serde(default, deserialize_with = "lenient")]
-    pub top5: Option<f64>,
-    /// Mean cross-entropy.
-    #[serde(default, deserialize_with = "lenient")]
-    pub loss: Option<f64>,
-    /// Images evaluated.
-    #[serde(default, deserialize_with = "lenient")]
-    pub images: Option<usize>,
-    /// Classes scored over.
-    #[serde(default, deserialize_with = "lenient")]
-    pub classes: Option<usize>,
+lenient_fields! {
+    /// One extra test set of a report (`"tests"` of [`TrainReport`] and [`EvalReport`]).
+    ///
+    /// ```
+    /// let t: dtl_runner::report::TestSetReport =
+    ///     serde_json::from_str(r#"{"top1": 0.5, "images": 10}"#).unwrap();
+    /// assert_eq!((t.top1, t.images, t.top5), (Some(0.5), Some(10), None));
+    /// ```
+    pub struct TestSetReport {
+        /// Top-1 accuracy in [0, 1].
+        pub top1: Option<f64>,
+        /// Top-5 accuracy in [0, 1].
+        pub top5: Option<f64>,
+        /// Mean cross-entropy.
+        pub loss: Option<f64>,
+        /// Images evaluated.
+        pub images: Option<usize>,
+        /// Classes scored over.
+        pub classes: Option<usize>,
+    }
 }
 
 impl TestSetReport {
@@ -412,150 +478,111 @@ impl TestSetReport {
     }
 }
 
-/// `"data"` of a [`TrainReport`]: where the run's samples came from.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataReport {
-    /// `data.kind`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub kind: Option<String>,
-    /// `data.task`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub task: Option<String>,
-    /// `data.train`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub train: Option<String>,
-    /// `data.test`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub test: Option<String>,
-    /// `data.options` as JSON.
-    #[serde(default)]
-    pub options: Value,
+lenient_fields! {
+    /// `"data"` of a [`TrainReport`]: where the run's samples came from.
+    pub struct DataReport {
+        /// `data.kind`.
+        pub kind: Option<String>,
+        /// `data.task`.
+        pub task: Option<String>,
+        /// `data.train`.
+        pub train: Option<String>,
+        /// `data.test`.
+        pub test: Option<String>,
+        /// `data.options` as JSON.
+        pub options: Value,
+    }
 }
 
-/// `"checkpoints"` of a [`TrainReport`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointsReport {
-    /// The best checkpoint's path.
-    #[serde(default, deserialize_with = "lenient")]
-    pub best: Option<String>,
-    /// The last checkpoint's path.
-    #[serde(default, deserialize_with = "lenient")]
-    pub last: Option<String>,
+lenient_fields! {
+    /// `"checkpoints"` of a [`TrainReport`].
+    pub struct CheckpointsReport {
+        /// The best checkpoint's path.
+        pub best: Option<String>,
+        /// The last checkpoint's path.
+        pub last: Option<String>,
+    }
 }
 
-/// `report.json` of a training run, as `dtl run` writes it and `dtl summarize` reads it.
-///
-/// Every field is optional when read (a report of another version may lack one, or hold a
-/// value of another type: both read as `None`); the runner writes every field, `null` where
-/// a value does not apply (`best_top1` with a validation split, for example).
-///
-/// ```
-/// let r = dtl_runner::report::TrainReport::from_json(&serde_json::json!({"top1": 0.5, "side": "dtl"}));
-/// assert_eq!((r.top1, r.side.as_deref(), r.top5), (Some(0.5), Some("dtl"), None));
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainReport {
-    /// `run.name`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub name: Option<String>,
-    /// `backbone.kind`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub backbone: Option<String>,
-    /// `side.kind`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub side: Option<String>,
-    /// `head.kind`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub head: Option<String>,
-    /// Classes of the head.
-    #[serde(default, deserialize_with = "lenient")]
-    pub classes: Option<usize>,
-    /// Top-1 accuracy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub top1: Option<f64>,
-    /// Top-5 accuracy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub top5: Option<f64>,
-    /// Mean cross-entropy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub test_loss: Option<f64>,
-    /// Images of the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub test_images: Option<usize>,
-    /// Classes the test split was scored over.
-    #[serde(default, deserialize_with = "lenient")]
-    pub test_classes: Option<usize>,
-    /// The extra test sets by name.
-    #[serde(default, deserialize_with = "lenient_map")]
-    pub tests: Option<BTreeMap<String, TestSetReport>>,
-    /// Best test top-1 during training (`null` with a validation split).
-    #[serde(default, deserialize_with = "lenient")]
-    pub best_top1: Option<f64>,
-    /// Epoch of the best evaluation.
-    #[serde(default, deserialize_with = "lenient")]
-    pub best_epoch: Option<usize>,
-    /// The split evaluated during training.
-    #[serde(default, deserialize_with = "lenient")]
-    pub eval_split: Option<String>,
-    /// Best validation top-1 (`null` without a validation split).
-    #[serde(default, deserialize_with = "lenient")]
-    pub best_val_top1: Option<f64>,
-    /// `best` or `last`: the checkpoint the test split was evaluated with.
-    #[serde(default, deserialize_with = "lenient")]
-    pub tested_checkpoint: Option<String>,
-    /// Trained parameters (side network and head).
-    #[serde(default, deserialize_with = "lenient")]
-    pub trainable_params: Option<usize>,
-    /// Parameters of the frozen backbone.
-    #[serde(default, deserialize_with = "lenient")]
-    pub backbone_params: Option<usize>,
-    /// `schedule.epochs`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub epochs: Option<usize>,
-    /// Epochs completed.
-    #[serde(default, deserialize_with = "lenient")]
-    pub epochs_trained: Option<usize>,
-    /// Optimizer steps taken.
-    #[serde(default, deserialize_with = "lenient")]
-    pub steps: Option<u64>,
-    /// Wall-clock seconds of the run, over every resume.
-    #[serde(default, deserialize_with = "lenient")]
-    pub wall_s: Option<f64>,
-    /// Training throughput in images per second.
-    #[serde(default, deserialize_with = "lenient")]
-    pub train_img_per_s: Option<f64>,
-    /// The device the run trained on.
-    #[serde(default, deserialize_with = "lenient")]
-    pub device: Option<String>,
-    /// The precision it trained at (`f32` or `bf16`: `run.precision` resolved).
-    #[serde(default, deserialize_with = "lenient")]
-    pub precision: Option<String>,
-    /// Whether the training step replayed a recorded graph: `captured`, or why not (absent
-    /// for the tape-based CPU path, which records none).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub graph: Option<String>,
-    /// Peak resident memory of the process in MiB.
-    #[serde(default, deserialize_with = "lenient")]
-    pub peak_rss_mib: Option<f64>,
-    /// Peak GPU memory in MiB (`null` on the CPU).
-    #[serde(default, deserialize_with = "lenient")]
-    pub gpu_mib: Option<f64>,
-    /// The run folder.
-    #[serde(default, deserialize_with = "lenient")]
-    pub run_dir: Option<String>,
-    /// The pipeline file the run started from.
-    #[serde(default, deserialize_with = "lenient")]
-    pub pipeline_file: Option<String>,
-    /// Where the samples came from.
-    #[serde(default, deserialize_with = "lenient")]
-    pub data: Option<DataReport>,
-    /// The checkpoint files.
-    #[serde(default, deserialize_with = "lenient")]
-    pub checkpoints: Option<CheckpointsReport>,
+lenient_fields! {
+    /// `report.json` of a training run, as `dtl run` writes it and `dtl summarize` reads it.
+    ///
+    /// Every field is optional when read (a report of another version may lack one, or hold a
+    /// value of another type: both read as `None`); the runner writes every field, `null` where
+    /// a value does not apply (`best_top1` with a validation split, for example).
+    ///
+    /// ```
+    /// let r = dtl_runner::report::TrainReport::from_json(&serde_json::json!({"top1": 0.5, "side": "dtl"}));
+    /// assert_eq!((r.top1, r.side.as_deref(), r.top5), (Some(0.5), Some("dtl"), None));
+    /// ```
+    pub struct TrainReport {
+        /// `run.name`.
+        pub name: Option<String>,
+        /// `backbone.kind`.
+        pub backbone: Option<String>,
+        /// `side.kind`.
+        pub side: Option<String>,
+        /// `head.kind`.
+        pub head: Option<String>,
+        /// Classes of the head.
+        pub classes: Option<usize>,
+        /// Top-1 accuracy on the test split.
+        pub top1: Option<f64>,
+        /// Top-5 accuracy on the test split.
+        pub top5: Option<f64>,
+        /// Mean cross-entropy on the test split.
+        pub test_loss: Option<f64>,
+        /// Images of the test split.
+        pub test_images: Option<usize>,
+        /// Classes the test split was scored over.
+        pub test_classes: Option<usize>,
+        /// The extra test sets by name.
+        pub tests: Option<BTreeMap<String, TestSetReport>>,
+        /// Best test top-1 during training (`null` with a validation split).
+        pub best_top1: Option<f64>,
+        /// Epoch of the best evaluation.
+        pub best_epoch: Option<usize>,
+        /// The split evaluated during training.
+        pub eval_split: Option<String>,
+        /// Best validation top-1 (`null` without a validation split).
+        pub best_val_top1: Option<f64>,
+        /// `best` or `last`: the checkpoint the test split was evaluated with.
+        pub tested_checkpoint: Option<String>,
+        /// Trained parameters (side network and head).
+        pub trainable_params: Option<usize>,
+        /// Parameters of the frozen backbone.
+        pub backbone_params: Option<usize>,
+        /// `schedule.epochs`.
+        pub epochs: Option<usize>,
+        /// Epochs completed.
+        pub epochs_trained: Option<usize>,
+        /// Optimizer steps taken.
+        pub steps: Option<u64>,
+        /// Wall-clock seconds of the run, over every resume.
+        pub wall_s: Option<f64>,
+        /// Training throughput in images per second.
+        pub train_img_per_s: Option<f64>,
+        /// The device the run trained on.
+        pub device: Option<String>,
+        /// The precision it trained at (`f32` or `bf16`: `run.precision` resolved).
+        pub precision: Option<String>,
+        /// Whether the training step replayed a recorded graph: `captured`, or why not (absent
+        /// for the tape-based CPU path, which records none).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub graph: Option<String>,
+        /// Peak resident memory of the process in MiB.
+        pub peak_rss_mib: Option<f64>,
+        /// Peak GPU memory in MiB (`null` on the CPU).
+        pub gpu_mib: Option<f64>,
+        /// The run folder.
+        pub run_dir: Option<String>,
+        /// The pipeline file the run started from.
+        pub pipeline_file: Option<String>,
+        /// Where the samples came from.
+        pub data: Option<DataReport>,
+        /// The checkpoint files.
+        pub checkpoints: Option<CheckpointsReport>,
+    }
 }
 
 impl TrainReport {
@@ -576,44 +603,35 @@ impl TrainReport {
     }
 }
 
-/// What `dtl eval` reports of a checkpoint.
-///
-/// ```
-/// let r = dtl_runner::report::EvalReport::from_json(&serde_json::json!({"top1": 0.5, "images": 8}));
-/// assert_eq!((r.top1, r.images), (Some(0.5), Some(8)));
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EvalReport {
-    /// The checkpoint evaluated.
-    #[serde(default, deserialize_with = "lenient")]
-    pub checkpoint: Option<String>,
-    /// The epoch the checkpoint was saved after, as stored.
-    #[serde(default)]
-    pub epoch: Value,
-    /// Top-1 accuracy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub top1: Option<f64>,
-    /// Top-5 accuracy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub top5: Option<f64>,
-    /// Mean cross-entropy on the test split.
-    #[serde(default, deserialize_with = "lenient")]
-    pub test_loss: Option<f64>,
-    /// Images evaluated.
-    #[serde(default, deserialize_with = "lenient")]
-    pub images: Option<usize>,
-    /// Evaluation throughput in images per second.
-    #[serde(default, deserialize_with = "lenient")]
-    pub img_per_s: Option<f64>,
-    /// The extra test sets by name.
-    #[serde(default, deserialize_with = "lenient_map")]
-    pub tests: Option<BTreeMap<String, TestSetReport>>,
-    /// The device evaluated on.
-    #[serde(default, deserialize_with = "lenient")]
-    pub device: Option<String>,
-    /// The precision it evaluated at (`f32` or `bf16`).
-    #[serde(default, deserialize_with = "lenient")]
-    pub precision: Option<String>,
+lenient_fields! {
+    /// What `dtl eval` reports of a checkpoint.
+    ///
+    /// ```
+    /// let r = dtl_runner::report::EvalReport::from_json(&serde_json::json!({"top1": 0.5, "images": 8}));
+    /// assert_eq!((r.top1, r.images), (Some(0.5), Some(8)));
+    /// ```
+    pub struct EvalReport {
+        /// The checkpoint evaluated.
+        pub checkpoint: Option<String>,
+        /// The epoch the checkpoint was saved after, as stored.
+        pub epoch: Value,
+        /// Top-1 accuracy on the test split.
+        pub top1: Option<f64>,
+        /// Top-5 accuracy on the test split.
+        pub top5: Option<f64>,
+        /// Mean cross-entropy on the test split.
+        pub test_loss: Option<f64>,
+        /// Images evaluated.
+        pub images: Option<usize>,
+        /// Evaluation throughput in images per second.
+        pub img_per_s: Option<f64>,
+        /// The extra test sets by name.
+        pub tests: Option<BTreeMap<String, TestSetReport>>,
+        /// The device evaluated on.
+        pub device: Option<String>,
+        /// The precision it evaluated at (`f32` or `bf16`).
+        pub precision: Option<String>,
+    }
 }
 
 impl EvalReport {
@@ -633,105 +651,284 @@ impl EvalReport {
     }
 }
 
-/// One row of a [`BenchReport`]: one measurement at one batch size.
-///
-/// ```
-/// let r: dtl_runner::report::BenchRow =
-///     serde_json::from_str(r#"{"what": "train", "side": "dtl", "batch": 8, "img_per_s": 12.5}"#).unwrap();
-/// assert_eq!((r.what.as_deref(), r.batch, r.peak_gpu_mib), (Some("train"), Some(8), None));
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BenchRow {
-    /// `train`, `forward` or `vjp`.
-    #[serde(default, deserialize_with = "lenient")]
-    pub what: Option<String>,
-    /// The side network measured (`none` for the backbone alone).
-    #[serde(default, deserialize_with = "lenient")]
-    pub side: Option<String>,
-    /// `recompute` or `store` (training rows).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub activations: Option<String>,
-    /// Batch size.
-    #[serde(default, deserialize_with = "lenient")]
-    pub batch: Option<usize>,
-    /// Throughput in images per second.
-    #[serde(default, deserialize_with = "lenient")]
-    pub img_per_s: Option<f64>,
-    /// Peak resident memory of the process in MiB.
-    #[serde(default, deserialize_with = "lenient")]
-    pub peak_rss_mib: Option<f64>,
-    /// Peak GPU memory in MiB (`null` on the CPU).
-    #[serde(default, deserialize_with = "lenient")]
-    pub peak_gpu_mib: Option<f64>,
-    /// GPU memory the driver reports in use, in MiB (GPU rows only).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub gpu_driver_mib: Option<f64>,
-    /// Trained parameters (training rows).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub trainable_params: Option<usize>,
-    /// The precision of the device step (`f32` or `bf16`; device rows only).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub precision: Option<String>,
-    /// Whether the timed training steps replayed a recorded graph: `captured`, or why not
-    /// (device training rows only).
-    #[serde(
-        default,
-        deserialize_with = "lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub graph: Option<String>,
+lenient_fields! {
+    /// One row of a [`BenchReport`]: one measurement at one batch size.
+    ///
+    /// ```
+    /// let r: dtl_runner::report::BenchRow =
+    ///     serde_json::from_str(r#"{"what": "train", "side": "dtl", "batch": 8, "img_per_s": 12.5}"#).unwrap();
+    /// assert_eq!((r.what.as_deref(), r.batch, r.peak_gpu_mib), (Some("train"), Some(8), None));
+    /// ```
+    pub struct BenchRow {
+        /// `train`, `forward` or `vjp`.
+        pub what: Option<String>,
+        /// The side network measured (`none` for the backbone alone).
+        pub side: Option<String>,
+        /// `recompute` or `store` (training rows).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub activations: Option<String>,
+        /// Batch size.
+        pub batch: Option<usize>,
+        /// Throughput in images per second.
+        pub img_per_s: Option<f64>,
+        /// Peak resident memory of the process in MiB.
+        pub peak_rss_mib: Option<f64>,
+        /// Peak GPU memory in MiB (`null` on the CPU).
+        pub peak_gpu_mib: Option<f64>,
+        /// GPU memory the driver reports in use, in MiB (GPU rows only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub gpu_driver_mib: Option<f64>,
+        /// Trained parameters (training rows).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub trainable_params: Option<usize>,
+        /// The precision of the device step (`f32` or `bf16`; device rows only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub precision: Option<String>,
+        /// Whether the timed training steps replayed a recorded graph: `captured`, or why not
+        /// (device training rows only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub graph: Option<String>,
+        /// Where the device's time went during the timed steps (`dtl bench --profile`,
+        /// device training rows only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub profile: Option<BenchProfile>,
+    }
 }
 
-/// What `dtl bench` reports: the backbone, the device and one row per measurement.
+/// One label of a [`BenchProfile`]: a kernel, a matrix product's operation, shape and
+/// storage, `copy`, `graph replay` or `other`.
 ///
 /// ```
-/// let r = dtl_runner::report::BenchReport::from_json(&serde_json::json!(
-///     {"backbone": "vit", "image_size": 32, "device": "cpu", "rows": [{"what": "forward"}]}));
-/// assert_eq!((r.image_size, r.rows.len()), (Some(32), 1));
+/// let r: dtl_runner::report::BenchProfileRow =
+///     serde_json::from_str(r#"{"label": "dtl_gelu", "calls": 24, "total_ms": 1.5}"#).unwrap();
+/// assert_eq!((r.calls, r.share), (24, 0.0));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BenchReport {
-    /// The backbone variant.
-    #[serde(default, deserialize_with = "lenient")]
-    pub backbone: Option<String>,
-    /// Input image side.
-    #[serde(default, deserialize_with = "lenient")]
-    pub image_size: Option<usize>,
-    /// The device measured on.
-    #[serde(default, deserialize_with = "lenient")]
-    pub device: Option<String>,
-    /// The measurements.
-    #[serde(default, deserialize_with = "lenient_rows")]
-    pub rows: Vec<BenchRow>,
+#[serde(default)]
+pub struct BenchProfileRow {
+    /// What was timed.
+    pub label: String,
+    /// Operations timed under the label, over all timed steps.
+    pub calls: u64,
+    /// Their summed time in milliseconds.
+    pub total_ms: f64,
+    /// Mean time of one operation in microseconds.
+    pub mean_us: f64,
+    /// Fraction of the summed time of every label (the shares sum to 1).
+    pub share: f64,
 }
 
-fn lenient_rows<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Vec<BenchRow>, D::Error> {
-    let v = <Value as serde::Deserialize>::deserialize(d)?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| serde_json::from_value(r.clone()).unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default())
+/// Where a device's time went during the timed steps of a `dtl bench --profile` row: the
+/// report's form of a [`dtl_kernels::KernelProfile`], every label kept (the tables show the
+/// longest ones).
+///
+/// ```
+/// use dtl_runner::report::BenchProfile;
+/// let k = dtl_kernels::KernelProfile::from_totals(
+///     "cuda events",
+///     20.0,
+///     [("dtl_gelu".to_string(), 4, 2.0), ("copy".to_string(), 2, 6.0)],
+/// );
+/// let p = BenchProfile::from_kernels(&k, 2, "off (kernel profiling)");
+/// assert_eq!(p.rows[0].label, "copy");
+/// let md = p.markdown("ViT-B/16, batch 32", 25);
+/// assert!(md.contains("| copy | 2 | 6.000 | 3.000 | 3000.0 | 75.0% |"), "{md}");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BenchProfile {
+    /// How the operations were timed: `cuda events` on a GPU, `host clock (emulator)` on the
+    /// emulator (which times its host emulation, not a GPU).
+    pub clock: String,
+    /// Host wall-clock time of the timed steps in milliseconds, the final wait included.
+    pub wall_ms: f64,
+    /// Timed steps.
+    pub steps: usize,
+    /// What became of graph recording while profiling (events inside a graph capture time
+    /// nothing, so the steps run as plain launches).
+    pub graph: String,
+    /// Every label, longest total first.
+    pub rows: Vec<BenchProfileRow>,
+}
+
+impl BenchProfile {
+    /// The report's form of `p`, measured over `steps` timed steps, `graph` saying what became
+    /// of graph recording.
+    ///
+    /// ```
+    /// let k = dtl_kernels::KernelProfile::default();
+    /// let p = dtl_runner::report::BenchProfile::from_kernels(&k, 3, "off");
+    /// assert_eq!((p.steps, p.graph.as_str()), (3, "off"));
+    /// ```
+    pub fn from_kernels(p: &dtl_kernels::KernelProfile, steps: usize, graph: &str) -> Self {
+        BenchProfile {
+            clock: p.clock.clone(),
+            wall_ms: p.wall_ms,
+            steps,
+            graph: graph.to_string(),
+            rows: p
+                .rows
+                .iter()
+                .map(|r| BenchProfileRow {
+                    label: r.label.clone(),
+                    calls: r.calls,
+                    total_ms: r.total_ms,
+                    mean_us: r.mean_us,
+                    share: r.share,
+                })
+                .collect(),
+        }
+    }
+
+    /// The `top` longest rows and one `other` row for the rest (see
+    /// [`dtl_kernels::KernelProfile::top`]).
+    ///
+    /// ```
+    /// let p = dtl_runner::report::BenchProfile::default();
+    /// assert!(p.top(25).rows.is_empty());
+    /// ```
+    pub fn top(&self, top: usize) -> BenchProfile {
+        let k = dtl_kernels::KernelProfile {
+            rows: self
+                .rows
+                .iter()
+                .map(|r| dtl_kernels::ProfileRow {
+                    label: r.label.clone(),
+                    calls: r.calls,
+                    total_ms: r.total_ms,
+                    mean_us: r.mean_us,
+                    share: r.share,
+                })
+                .collect(),
+            wall_ms: self.wall_ms,
+            clock: self.clock.clone(),
+        }
+        .top(top);
+        BenchProfile::from_kernels(&k, self.steps, &self.graph)
+    }
+
+    /// The summed time of every label in milliseconds.
+    ///
+    /// ```
+    /// assert_eq!(dtl_runner::report::BenchProfile::default().total_ms(), 0.0);
+    /// ```
+    pub fn total_ms(&self) -> f64 {
+        self.rows.iter().map(|r| r.total_ms).sum()
+    }
+
+    /// One line on the whole: the timed time against the wall time, the steps, the clock and
+    /// graph recording.
+    ///
+    /// ```
+    /// let p = dtl_runner::report::BenchProfile { wall_ms: 10.0, steps: 2, ..Default::default() };
+    /// assert!(p.summary().contains("of 10.0 ms wall"));
+    /// ```
+    pub fn summary(&self) -> String {
+        let total = self.total_ms();
+        let busy = if self.wall_ms > 0.0 {
+            format!(" ({:.0}% busy)", 100.0 * total / self.wall_ms)
+        } else {
+            String::new()
+        };
+        let clock = if self.clock.is_empty() {
+            "an unknown clock"
+        } else {
+            &self.clock
+        };
+        let graph = if self.graph.is_empty() {
+            String::new()
+        } else {
+            format!("; graph: {}", self.graph)
+        };
+        format!(
+            "{total:.1} ms timed of {:.1} ms wall{busy} over {} steps, timed by {clock}{graph}",
+            self.wall_ms, self.steps
+        )
+    }
+
+    fn per_step(&self, ms: f64) -> f64 {
+        ms / self.steps.max(1) as f64
+    }
+
+    /// A plain-text table of the `top` longest labels and `other` (the terminal form).
+    ///
+    /// ```
+    /// let p = dtl_runner::report::BenchProfile::default();
+    /// assert!(p.table(25).starts_with("label"));
+    /// ```
+    pub fn table(&self, top: usize) -> String {
+        let t = self.top(top);
+        let width = t
+            .rows
+            .iter()
+            .map(|r| r.label.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        let mut out = format!(
+            "{:<width$} {:>8} {:>10} {:>10} {:>10} {:>7}\n",
+            "label", "calls", "total ms", "ms/step", "mean us", "share"
+        );
+        for r in &t.rows {
+            out.push_str(&format!(
+                "{:<width$} {:>8} {:>10.3} {:>10.3} {:>10.1} {:>6.1}%\n",
+                r.label,
+                r.calls,
+                r.total_ms,
+                self.per_step(r.total_ms),
+                r.mean_us,
+                100.0 * r.share
+            ));
+        }
+        out
+    }
+
+    /// A markdown section: `title` as a heading, [`BenchProfile::summary`], and the table of
+    /// the `top` longest labels and `other`.
+    ///
+    /// ```
+    /// let p = dtl_runner::report::BenchProfile::default();
+    /// assert!(p.markdown("t", 25).starts_with("### t\n"));
+    /// ```
+    pub fn markdown(&self, title: &str, top: usize) -> String {
+        let t = self.top(top);
+        let mut out = format!(
+            "### {title}\n\n{}.\n\n| label | calls | total ms | ms/step | mean us | share |\n|---|---:|---:|---:|---:|---:|\n",
+            self.summary()
+        );
+        for r in &t.rows {
+            out.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {:.1} | {:.1}% |\n",
+                r.label.replace('|', "\\|"),
+                r.calls,
+                r.total_ms,
+                self.per_step(r.total_ms),
+                r.mean_us,
+                100.0 * r.share
+            ));
+        }
+        out
+    }
+}
+
+lenient_fields! {
+    /// What `dtl bench` reports: the backbone, the device and one row per measurement.
+    ///
+    /// ```
+    /// let r = dtl_runner::report::BenchReport::from_json(&serde_json::json!(
+    ///     {"backbone": "vit", "image_size": 32, "device": "cpu", "rows": [{"what": "forward"}]}));
+    /// assert_eq!((r.image_size, r.rows.len()), (Some(32), 1));
+    /// ```
+    pub struct BenchReport {
+        /// The backbone variant.
+        pub backbone: Option<String>,
+        /// Input image side.
+        pub image_size: Option<usize>,
+        /// The device measured on.
+        pub device: Option<String>,
+        /// The measurements.
+        pub rows: Vec<BenchRow>,
+    }
 }
 
 impl BenchReport {

@@ -65,19 +65,24 @@
 //!
 //! # Graphs
 //!
-//! The forward pass, the loss and the backward pass of a full batch (the planned batch size)
-//! are recorded once with [`Kernels::capture`] and replayed with [`Kernels::replay`] on the
-//! later steps of that size: the first full step runs as plain operations (so that every
-//! lazily made device resource exists), the second is recorded. Images, targets and drop-path
-//! scales are uploaded into the planned buffers before each replay; the recorded work reads
-//! them from there. A batch of another size (the last partial batch of an epoch), a
-//! different set of dropping blocks, and every evaluation run as plain operations. Gradient
-//! clipping and AdamW stay plain launches: their per-step scalars (learning rate, bias
-//! corrections) are arguments of the launch, not device values. A device that records
-//! nothing (the CPU) runs the work plainly and says why ([`GraphStatus::Plain`]);
-//! `DTL_GRAPHS=0` ([`graphs_from_env`]), [`ResidentModel::set_graphs`] and
-//! [`ResidentSource::with_graphs`] turn recording off. Replaying issues the recorded
-//! operations on the same buffers, so its results are those of the plain step.
+//! A training step of a full batch (the planned batch size) is recorded once with
+//! [`Kernels::capture`] and replayed with [`Kernels::replay`] on the later steps of that size,
+//! so that a replayed step is one graph launch: the forward pass, the loss, the backward pass,
+//! the gradient clipping and AdamW. The first full step runs as plain operations (so that
+//! every lazily made device resource exists), the second is recorded. Images, targets and
+//! drop-path scales are uploaded into the planned buffers before each replay, and so are the
+//! step's AdamW scalars (learning rate, weight decay and bias corrections per parameter, which
+//! change every step with the schedule and the step count): the recorded update reads them
+//! there ([`Kernels::adamw_from`]) where a plain update passes them to its launches
+//! ([`Kernels::adamw`]), with the same results bit for bit. A batch of another size (the last
+//! partial batch of an epoch), a different set of dropping blocks or clipping norm, a
+//! [`ResidentModel::forward_backward`] without the update (recorded on its own when it repeats)
+//! and every evaluation run as plain operations. The loss is read after the step
+//! ([`ResidentModel::read_loss`]). A device that records nothing (the CPU) runs the work
+//! plainly and says why ([`GraphStatus::Plain`]); `DTL_GRAPHS=0` ([`graphs_from_env`]),
+//! [`ResidentModel::set_graphs`] and [`ResidentSource::with_graphs`] turn recording off.
+//! Replaying issues the recorded operations on the same buffers, so its results are those of
+//! the plain step.
 
 use std::sync::Arc;
 
@@ -208,6 +213,9 @@ struct Buffers<K: Kernels, B: KernelBackbone<K>> {
     dpooled: K::Buf,
     loss: K::Buf,
     sq: K::Buf,
+    /// The AdamW scalars of the step, one entry of [`AdamwStep::SCALARS`] values per
+    /// parameter (in [`ResidentModel::params`] order), uploaded before a recorded step runs.
+    scalars: K::Buf,
     stats: K::Buf,
     drops: Vec<DropScales<K>>,
     /// Per block: its internals from the forward pass for the blocks after the first inject
@@ -294,9 +302,9 @@ pub struct ResidentModel<K: Kernels, B: KernelBackbone<K>> {
     graph_status: GraphStatus,
     /// The recorded step of the full batch, when there is one.
     graph: Option<StepGraph>,
-    /// The drop-path pattern of the last plain step of the full batch: the next step of the
-    /// full batch with the same pattern is recorded.
-    warm: Option<Vec<bool>>,
+    /// What the last plain step of the full batch did: the next step of the full batch that
+    /// does the same is recorded.
+    warm: Option<StepKind>,
 }
 
 impl<K: Kernels, B: KernelBackbone<K>> Drop for ResidentModel<K, B> {
@@ -307,11 +315,20 @@ impl<K: Kernels, B: KernelBackbone<K>> Drop for ResidentModel<K, B> {
     }
 }
 
-/// A recorded forward and backward pass: for batches of `batch` samples whose blocks drop
-/// as `drops` says.
-struct StepGraph {
+/// What one step of the full batch runs: which blocks drop, and whether the update follows
+/// the backward pass (`Some`, with the clipping norm) or not (`None`,
+/// [`ResidentModel::forward_backward`]). A recorded step is replayed only for the same kind.
+#[derive(Debug, Clone, PartialEq)]
+struct StepKind {
     batch: usize,
     drops: Vec<bool>,
+    update: Option<Option<f32>>,
+}
+
+/// A recorded step: the forward and backward pass, and with [`StepKind::update`] the
+/// clipping and AdamW, of the steps of its kind.
+struct StepGraph {
+    kind: StepKind,
     id: GraphId,
 }
 
@@ -331,7 +348,8 @@ pub enum GraphStatus {
     /// Nothing recorded yet: the step of the full batch is recorded on its second run (the
     /// first runs as plain operations, so that every lazily made device resource exists).
     Pending,
-    /// The forward and backward pass of the full batch is recorded and replayed.
+    /// The step of the full batch is recorded and replayed: the forward and backward pass,
+    /// and in training the gradient clipping and AdamW, as one graph launch.
     Captured,
     /// The device ran the step as plain operations instead of recording it, for the reason
     /// given ([`Capture::Plain`]).
@@ -774,6 +792,10 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             dpooled: k.alloc(batch * d)?,
             loss: k.alloc(1)?,
             sq: k.alloc(1)?,
+            scalars: k.alloc(dtl_kernels::checked_product(
+                "step scalars",
+                &[self.params.len(), AdamwStep::SCALARS],
+            )?)?,
             stats: k.alloc(4)?,
             drops,
             internals,
@@ -1203,9 +1225,27 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         targets: &[f32],
         drops: &[Option<Arc<DropPath>>],
     ) -> Result<()> {
+        self.step(images, n, targets, drops, None)
+    }
+
+    /// Uploads the batch and runs the step on it (see [`Self::step_graphed`]); with
+    /// `update = Some((lr, clip))` the update follows the backward pass.
+    fn step(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        targets: &[f32],
+        drops: &[Option<Arc<DropPath>>],
+        update: Option<(f64, Option<f64>)>,
+    ) -> Result<()> {
         let on = self.upload_batch(images, n, Some(targets), drops)?;
+        let kind = StepKind {
+            batch: n,
+            drops: on,
+            update: update.map(|(_, clip)| clip.map(|c| c as f32)),
+        };
         let mut bufs = self.bufs.take().expect("planned by upload_batch");
-        let r = self.forward_backward_graphed(&mut bufs, n, &on);
+        let r = self.step_graphed(&mut bufs, &kind, update.map(|(lr, _)| lr));
         self.bufs = Some(bufs);
         r
     }
@@ -1222,41 +1262,68 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         }
     }
 
-    /// [`Self::forward_backward_planned`] on the uploaded batch: replayed when a recorded
-    /// graph fits it (the full batch, the same blocks dropping), recorded on the second step
-    /// of the full batch with one drop-path pattern, plain operations otherwise (another
-    /// batch size, graphs off or refused by the device).
-    fn forward_backward_graphed(
+    /// The step of `kind` on the uploaded batch, with the update at learning rate `lr` when
+    /// the kind has one: replayed when the recorded graph is of this kind, recorded on the
+    /// second step of the full batch of one kind, plain operations otherwise (another batch
+    /// size, graphs off or refused by the device). A recorded or replayed update reads its
+    /// scalars from `bufs.scalars`, uploaded here first; a plain one passes them to the launch.
+    fn step_graphed(
         &mut self,
         bufs: &mut Buffers<K, B>,
-        n: usize,
-        on: &[bool],
+        kind: &StepKind,
+        lr: Option<f64>,
     ) -> Result<()> {
-        if let Some(g) = &self.graph {
-            if g.batch == n && g.drops == on {
-                return self.k.replay(&g.id);
+        let replay = self.graph.as_ref().is_some_and(|g| &g.kind == kind);
+        let record = !replay
+            && kind.batch == bufs.cap
+            && self.graph.is_none()
+            && self.graph_status == GraphStatus::Pending
+            && self.warm.as_ref() == Some(kind);
+        if !replay && !record {
+            if kind.batch == bufs.cap
+                && self.graph.is_none()
+                && self.graph_status == GraphStatus::Pending
+            {
+                self.warm = Some(kind.clone());
             }
+            self.forward_backward_planned(bufs, kind.batch, &kind.drops)?;
+            return match lr {
+                Some(lr) => self.update_planned(bufs, lr, kind.update.flatten()),
+                None => Ok(()),
+            };
         }
-        if n == bufs.cap && self.graph.is_none() && self.graph_status == GraphStatus::Pending {
-            if self.warm.as_deref() == Some(on) {
-                let k = self.k.clone();
-                let rec = k.capture(&mut || self.forward_backward_planned(bufs, n, on))?;
-                match rec {
-                    Capture::Graph(id) => {
-                        self.graph = Some(StepGraph {
-                            batch: n,
-                            drops: on.to_vec(),
-                            id,
-                        });
-                        self.graph_status = GraphStatus::Captured;
-                    }
-                    Capture::Plain(why) => self.graph_status = GraphStatus::Plain(why),
-                }
-                return Ok(());
+        if let Some(lr) = lr {
+            self.steps += 1;
+            let scalars: Vec<f32> = self
+                .adamw_steps(lr)
+                .iter()
+                .flat_map(|s| s.scalars())
+                .collect();
+            self.k.upload(&scalars, &mut bufs.scalars)?;
+        }
+        if replay {
+            let g = self.graph.as_ref().expect("checked above");
+            return self.k.replay(&g.id);
+        }
+        let k = self.k.clone();
+        let rec = k.capture(&mut || {
+            self.forward_backward_planned(bufs, kind.batch, &kind.drops)?;
+            match kind.update {
+                Some(clip) => self.clip_and_adamw(bufs, clip, None),
+                None => Ok(()),
             }
-            self.warm = Some(on.to_vec());
+        })?;
+        match rec {
+            Capture::Graph(id) => {
+                self.graph = Some(StepGraph {
+                    kind: kind.clone(),
+                    id,
+                });
+                self.graph_status = GraphStatus::Captured;
+            }
+            Capture::Plain(why) => self.graph_status = GraphStatus::Plain(why),
         }
-        self.forward_backward_planned(bufs, n, on)
+        Ok(())
     }
 
     fn forward_backward_planned(
@@ -1279,8 +1346,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     }
 
     /// One optimisation step: forward, backward, optional gradient clipping to `clip` (total
-    /// L2 norm, PyTorch's `clip_grad_norm_`) and AdamW at learning rate `lr`. Nothing is read
-    /// back; [`Self::read_loss`] gives the loss of this step.
+    /// L2 norm, PyTorch's `clip_grad_norm_`) and AdamW at learning rate `lr`, recorded and
+    /// replayed as one graph where the device can (see the module doc). Nothing is read back;
+    /// [`Self::read_loss`] gives the loss of this step.
     pub fn train_step(
         &mut self,
         images: &[f32],
@@ -1290,17 +1358,57 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         lr: f64,
         clip: Option<f64>,
     ) -> Result<()> {
-        self.forward_backward(images, n, targets, drops)?;
-        self.update(lr, clip)
+        self.step(images, n, targets, drops, Some((lr, clip)))
     }
 
-    /// AdamW on the gradients of the last [`Self::forward_backward`].
+    /// AdamW on the gradients of the last [`Self::forward_backward`], as plain operations.
     pub fn update(&mut self, lr: f64, clip: Option<f64>) -> Result<()> {
-        let k = self.k.clone();
-        let bufs = self
+        let mut bufs = self
             .bufs
-            .as_mut()
+            .take()
             .ok_or_else(|| DtlError::invalid("update before any forward and backward pass"))?;
+        let r = self.update_planned(&mut bufs, lr, clip.map(|c| c as f32));
+        self.bufs = Some(bufs);
+        r
+    }
+
+    /// The update of the next step at learning rate `lr` for each parameter, in
+    /// [`Self::params`] order (call after counting the step in `self.steps`).
+    fn adamw_steps(&self, lr: f64) -> Vec<AdamwStep> {
+        let a = self.adam;
+        self.params
+            .iter()
+            .map(|p| {
+                let wd = if p.decays { a.weight_decay } else { 0.0 };
+                AdamwStep::new(lr, a.beta1, a.beta2, a.eps, wd, self.steps)
+            })
+            .collect()
+    }
+
+    /// Counts the step and updates with its scalars as launch arguments.
+    fn update_planned(
+        &mut self,
+        bufs: &mut Buffers<K, B>,
+        lr: f64,
+        clip: Option<f32>,
+    ) -> Result<()> {
+        self.steps += 1;
+        let steps = self.adamw_steps(lr);
+        self.clip_and_adamw(bufs, clip, Some(&steps))
+    }
+
+    /// Optional gradient clipping to `clip` (the squared norm of every gradient into
+    /// `bufs.sq`) and AdamW on every parameter a gradient reaches, with the scalars of
+    /// `steps` (per parameter) as launch arguments, or, with `None`, read by the kernels from
+    /// `bufs.scalars` ([`Kernels::adamw_from`]; what a recorded step does). Both give the
+    /// same values bit for bit.
+    fn clip_and_adamw(
+        &mut self,
+        bufs: &mut Buffers<K, B>,
+        clip: Option<f32>,
+        steps: Option<&[AdamwStep]>,
+    ) -> Result<()> {
+        let k = &self.k;
         let unused = &self.layout.unused;
         if clip.is_some() {
             k.fill(&mut bufs.sq, 1, 0.0)?;
@@ -1308,15 +1416,37 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 k.sum_squares(&p.grad, p.numel(), &mut bufs.sq)?;
             }
         }
-        self.steps += 1;
-        let a = self.adam;
         // A parameter no gradient reaches is left as it is (no moment, no weight decay).
-        for (p, _) in self.params.iter_mut().zip(unused).filter(|(_, &u)| !u) {
-            let wd = if p.decays { a.weight_decay } else { 0.0 };
-            let step = AdamwStep::new(lr, a.beta1, a.beta2, a.eps, wd, self.steps);
+        for (i, (p, _)) in self
+            .params
+            .iter_mut()
+            .zip(unused)
+            .enumerate()
+            .filter(|(_, (_, &u))| !u)
+        {
             let len = p.numel();
-            let clip = clip.map(|c| (&bufs.sq, c as f32));
-            k.adamw(&mut p.value, &p.grad, &mut p.m, &mut p.v, len, &step, clip)?;
+            let clip = clip.map(|c| (&bufs.sq, c));
+            match steps {
+                Some(steps) => k.adamw(
+                    &mut p.value,
+                    &p.grad,
+                    &mut p.m,
+                    &mut p.v,
+                    len,
+                    &steps[i],
+                    clip,
+                )?,
+                None => k.adamw_from(
+                    &mut p.value,
+                    &p.grad,
+                    &mut p.m,
+                    &mut p.v,
+                    len,
+                    &bufs.scalars,
+                    i,
+                    clip,
+                )?,
+            }
         }
         Ok(())
     }
@@ -1796,6 +1926,8 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                         };
                         modes.iter().map(move |&mode| (kind, mode))
                     });
+                    let runs =
+                        runs.filter(|&(kind, mode)| crate::bench::measured(cfg, opts, kind, mode));
                     for (kind, mode) in runs {
                         let mut c = crate::bench::with_side(cfg, kind);
                         c.run.activations = mode.to_string();
@@ -1808,6 +1940,9 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                             classes,
                         )?;
                         model.plan(batch)?;
+                        if opts.profile {
+                            model.set_graphs(false);
+                        }
                         let mut step = 0u64;
                         let mut run = || {
                             let drops = crate::job::drop_masks(
@@ -1831,6 +1966,7 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                         r["activations"] = serde_json::json!(mode);
                         r["idle_rss_mib"] = serde_json::json!(idle);
                         r["graph"] = serde_json::json!(model.graph_status().describe());
+                        crate::bench::note_profiled_graph(&mut r);
                         rows.push(r);
                         drop(model);
                     }
@@ -1919,6 +2055,7 @@ struct DeviceMeasured {
     peak_gpu_mib: Option<f64>,
     gpu_driver_mib: Option<f64>,
     peak_rss_mib: Option<f64>,
+    profile: Option<crate::report::BenchProfile>,
 }
 
 fn measure_device<K: Kernels>(
@@ -1934,12 +2071,14 @@ fn measure_device<K: Kernels>(
     k.reset_peak();
     crate::report::reset_peak_rss();
     let steps = opts.steps.max(1);
+    crate::bench::profile_start(k, opts)?;
     let t = std::time::Instant::now();
     for _ in 0..steps {
         f()?;
     }
     k.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
+    let profile = crate::bench::profile_take(k, steps)?;
     let mem = k.memory();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     Ok(DeviceMeasured {
@@ -1948,6 +2087,7 @@ fn measure_device<K: Kernels>(
         peak_gpu_mib: mem.map(|m| mib(m.peak)),
         gpu_driver_mib: mem.and_then(|m| m.driver_used).map(mib),
         peak_rss_mib: crate::report::peak_rss_mib(),
+        profile,
     })
 }
 
@@ -1963,6 +2103,9 @@ fn device_row(
         "precision": m.precision.to_string()});
     if let Some(p) = params {
         r["trainable_params"] = serde_json::json!(p);
+    }
+    if let Some(p) = &m.profile {
+        r["profile"] = serde_json::json!(p);
     }
     r
 }

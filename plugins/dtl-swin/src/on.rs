@@ -139,6 +139,54 @@ impl Geo {
     }
 }
 
+/// The geometry of the transition into a stage: patch merging of the previous stage's grid,
+/// LayerNorm(4C) and Linear(4C -> 2C) on the merged rows.
+#[derive(Clone, Copy, Debug)]
+struct Merge {
+    /// The previous stage's grid, merged 2 x 2.
+    shape: MergeShape,
+    /// Merged tokens of the batch (rows of the norm and the reduction).
+    rows: usize,
+    /// The previous stage's width `C`.
+    cin: usize,
+}
+
+/// The largest buffers a block of a variant needs for one batch (values).
+struct Largest {
+    /// Tokens x width.
+    act: usize,
+    /// Tokens x 3 x width (the fused q, k, v).
+    qkv: usize,
+    /// Tokens x MLP hidden width.
+    u: usize,
+    /// Tokens x the larger of the hidden width and 3 x width.
+    g: usize,
+    /// The attention's scratch.
+    scratch: usize,
+}
+
+/// One call of a block: the device, the block's weights and geometry, the batch and its
+/// drop-path scales; the block's halves are its methods.
+struct At<'a, K: Kernels> {
+    k: &'a K,
+    blk: &'a BlockOn<K>,
+    g: Geo,
+    batch: usize,
+    /// Tokens of the batch: `batch x g.tokens()`.
+    rows: usize,
+    drop: Option<&'a DropScales<K>>,
+    /// The LayerNorms' epsilon.
+    eps: f32,
+}
+
+impl<K: Kernels> Clone for At<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K: Kernels> Copy for At<'_, K> {}
+
 /// A timm Swin Transformer's frozen weights on the device `K`, with its patch embedding,
 /// shifted-window blocks, patch-merging stage transitions and final norm written once over
 /// the kernel set ([`KernelBackbone`]).
@@ -510,23 +558,85 @@ impl<K: Kernels> SwinOn<K> {
         })
     }
 
+    /// A call of block `block` on `k` for a batch of `batch` on `ws` with drop-path scales
+    /// `drop`.
+    fn placed<'a>(
+        &'a self,
+        k: &'a K,
+        ws: &SwinWorkspace<K>,
+        block: usize,
+        batch: usize,
+        drop: Option<&'a DropScales<K>>,
+    ) -> Result<At<'a, K>> {
+        self.check_batch(ws, batch)?;
+        let g = self.geo(block)?;
+        Ok(At {
+            k,
+            blk: &self.blocks[block],
+            g,
+            batch,
+            rows: batch * g.tokens(),
+            drop,
+            eps: self.spec.norm_eps as f32,
+        })
+    }
+
+    /// The transition into stage `stage` for a batch of `batch` on `ws`: its weights and its
+    /// geometry.
+    fn transition(
+        &self,
+        ws: &SwinWorkspace<K>,
+        stage: usize,
+        batch: usize,
+    ) -> Result<(&MergeOn<K>, Merge)> {
+        self.check_batch(ws, batch)?;
+        let m = self.merge(stage)?;
+        let (cin, r) = (self.cfg.width(stage - 1), self.cfg.resolution(stage - 1));
+        let shape = MergeShape {
+            batch,
+            grid: (r, r),
+            width: cin,
+        };
+        let rows = batch * (r / 2) * (r / 2);
+        Ok((m, Merge { shape, rows, cin }))
+    }
+
+    /// The largest buffers of every block for batches of `batch`, the attention's scratch
+    /// measured by `scratch`.
+    fn largest(&self, batch: usize, scratch: impl Fn(AttnShape) -> usize) -> Result<Largest> {
+        let p = |dims: &[usize]| dtl_kernels::checked_product(&self.cfg.name, dims);
+        let mut l = Largest {
+            act: 0,
+            qkv: 0,
+            u: 0,
+            g: 0,
+            scratch: 0,
+        };
+        for i in 0..self.blocks.len() {
+            let geo = self.geo(i)?;
+            let rows = p(&[batch, geo.tokens()])?;
+            l.act = l.act.max(p(&[rows, geo.width])?);
+            l.qkv = l.qkv.max(p(&[rows, 3 * geo.width])?);
+            l.u = l.u.max(p(&[rows, geo.hidden])?);
+            l.g = l.g.max(p(&[rows, geo.hidden.max(3 * geo.width)])?);
+            l.scratch = l.scratch.max(scratch(geo.attn(batch)));
+        }
+        Ok(l)
+    }
+}
+
+impl<K: Kernels> At<'_, K> {
     /// `x1 = x + s_attn * attention branch(x)` into `x1`, the fused q, k, v into `qkv`.
-    #[allow(clippy::too_many_arguments)]
     fn attn_half(
         &self,
-        k: &K,
         ws: &mut Scratch<K>,
         qkv: &mut K::Buf,
-        blk: &BlockOn<K>,
-        g: &Geo,
         x: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
         x1: &mut K::Buf,
     ) -> Result<()> {
+        let At { k, blk, g, .. } = *self;
+        let (batch, rows, drop, eps) = (self.batch, self.rows, self.drop, self.eps);
         let (n, d) = (g.tokens(), g.width);
-        let rows = batch * n;
-        let eps = self.spec.norm_eps as f32;
         k.layer_norm(x, &blk.norm1_w, &blk.norm1_b, rows, d, eps, &mut ws.h)?;
         k.window_partition(&ws.h, g.windows(batch), &mut ws.a)?;
         k.linear(
@@ -563,18 +673,10 @@ impl<K: Kernels> SwinOn<K> {
     }
 
     /// The MLP pre-activation `u = fc1(LN2(x1))`.
-    #[allow(clippy::too_many_arguments)]
-    fn mlp_pre(
-        &self,
-        k: &K,
-        ws: &mut Scratch<K>,
-        u: &mut K::Buf,
-        blk: &BlockOn<K>,
-        g: &Geo,
-        x1: &K::Buf,
-        rows: usize,
-    ) -> Result<()> {
-        let (d, eps) = (g.width, self.spec.norm_eps as f32);
+    fn mlp_pre(&self, ws: &mut Scratch<K>, u: &mut K::Buf, x1: &K::Buf) -> Result<()> {
+        let At { k, blk, g, .. } = *self;
+        let (rows, eps) = (self.rows, self.eps);
+        let d = g.width;
         k.layer_norm(x1, &blk.norm2_w, &blk.norm2_b, rows, d, eps, &mut ws.h)?;
         k.linear(
             &ws.h,
@@ -589,20 +691,10 @@ impl<K: Kernels> SwinOn<K> {
     }
 
     /// `out += s_mlp * fc2(gelu(u))` (`out` holding `x1`).
-    #[allow(clippy::too_many_arguments)]
-    fn mlp_out(
-        &self,
-        k: &K,
-        ws: &mut Scratch<K>,
-        blk: &BlockOn<K>,
-        g: &Geo,
-        u: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
-        out: &mut K::Buf,
-    ) -> Result<()> {
+    fn mlp_out(&self, ws: &mut Scratch<K>, u: &K::Buf, out: &mut K::Buf) -> Result<()> {
+        let At { k, blk, g, .. } = *self;
+        let (batch, rows, drop) = (self.batch, self.rows, self.drop);
         let (n, d, hidden) = (g.tokens(), g.width, g.hidden);
-        let rows = batch * n;
         k.gelu(u, rows * hidden, &mut ws.g)?;
         k.linear(
             &ws.g,
@@ -618,23 +710,17 @@ impl<K: Kernels> SwinOn<K> {
     }
 
     /// The block's VJP from its internals `x1`, `qkv` and `u`.
-    #[allow(clippy::too_many_arguments)]
     fn vjp_from(
         &self,
-        k: &K,
         s: &mut Scratch<K>,
-        blk: &BlockOn<K>,
-        g: &Geo,
         x: &K::Buf,
         (x1, qkv, u): (&K::Buf, &K::Buf, &K::Buf),
         dy: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
         dx: &mut K::Buf,
     ) -> Result<()> {
+        let At { k, blk, g, .. } = *self;
+        let (batch, rows, drop, eps) = (self.batch, self.rows, self.drop, self.eps);
         let (n, d, hidden) = (g.tokens(), g.width, g.hidden);
-        let rows = batch * n;
-        let eps = self.spec.norm_eps as f32;
         // MLP branch: dx1 = dy + LN2'(x1)^T fc1^T (gelu'(u) fc2^T (s_mlp dy))
         k.scaled(dy, batch, n * d, drop.map(|dp| &dp.mlp), &mut s.a)?;
         k.linear_vjp(&s.a, &blk.fc2_w, rows, hidden, d, &mut s.g, false)?;
@@ -734,21 +820,19 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
     }
 
     fn workspace(&self, k: &K, batch: usize) -> Result<SwinWorkspace<K>> {
-        let name = &self.cfg.name;
-        let p = |dims: &[usize]| dtl_kernels::checked_product(name, dims);
-        let (mut act, mut qkv, mut u, mut g, mut scratch) = (0, 0, 0, 0, 0);
-        for i in 0..self.blocks.len() {
-            let geo = self.geo(i)?;
-            let rows = p(&[batch, geo.tokens()])?;
-            act = act.max(p(&[rows, geo.width])?);
-            qkv = qkv.max(p(&[rows, 3 * geo.width])?);
-            u = u.max(p(&[rows, geo.hidden])?);
-            g = g.max(p(&[rows, geo.hidden.max(3 * geo.width)])?);
-            scratch = scratch.max(k.attention_scratch(geo.attn(batch)));
-        }
+        let Largest {
+            act,
+            qkv,
+            u,
+            g,
+            scratch,
+        } = self.largest(batch, |a| k.attention_scratch(a))?;
         let c = &self.cfg;
         let patches = c.resolution(0) * c.resolution(0);
-        let cols = p(&[batch, patches, c.in_chans * c.patch_size * c.patch_size])?;
+        let cols = dtl_kernels::checked_product(
+            &c.name,
+            &[batch, patches, c.in_chans * c.patch_size * c.patch_size],
+        )?;
         Ok(SwinWorkspace {
             batch,
             x1: k.alloc_act(act)?,
@@ -809,14 +893,11 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         drop: Option<&DropScales<K>>,
         out: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let g = self.geo(block)?;
-        let blk = &self.blocks[block];
-        let rows = batch * g.tokens();
+        let at = self.placed(k, ws, block, batch, drop)?;
         let s = &mut ws.s;
-        self.attn_half(k, s, &mut ws.qkv, blk, &g, x, batch, drop, out)?;
-        self.mlp_pre(k, s, &mut ws.u, blk, &g, out, rows)?;
-        self.mlp_out(k, s, blk, &g, &ws.u, batch, drop, out)
+        at.attn_half(s, &mut ws.qkv, x, out)?;
+        at.mlp_pre(s, &mut ws.u, out)?;
+        at.mlp_out(s, &ws.u, out)
     }
 
     fn block_vjp(
@@ -830,30 +911,18 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         drop: Option<&DropScales<K>>,
         dx: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let g = self.geo(block)?;
-        let blk = &self.blocks[block];
-        let rows = batch * g.tokens();
+        let at = self.placed(k, ws, block, batch, drop)?;
         // recompute x1, qkv and the MLP pre-activation
         let s = &mut ws.s;
-        self.attn_half(k, s, &mut ws.qkv, blk, &g, x, batch, drop, &mut ws.x1)?;
-        self.mlp_pre(k, s, &mut ws.u, blk, &g, &ws.x1, rows)?;
-        let kept = (&ws.x1, &ws.qkv, &ws.u);
-        self.vjp_from(k, s, blk, &g, x, kept, dy, batch, drop, dx)
+        at.attn_half(s, &mut ws.qkv, x, &mut ws.x1)?;
+        at.mlp_pre(s, &mut ws.u, &ws.x1)?;
+        at.vjp_from(s, x, (&ws.x1, &ws.qkv, &ws.u), dy, dx)
     }
 
     /// `x1` (rows x C), `qkv` (rows x 3C), `u` (rows x hidden), each for the largest stage.
     fn saved_lens(&self, batch: usize) -> Result<Vec<usize>> {
-        let p = |dims: &[usize]| dtl_kernels::checked_product(&self.cfg.name, dims);
-        let (mut x1, mut qkv, mut u) = (0, 0, 0);
-        for i in 0..self.blocks.len() {
-            let g = self.geo(i)?;
-            let rows = p(&[batch, g.tokens()])?;
-            x1 = x1.max(p(&[rows, g.width])?);
-            qkv = qkv.max(p(&[rows, 3 * g.width])?);
-            u = u.max(p(&[rows, g.hidden])?);
-        }
-        Ok(vec![x1, qkv, u])
+        let l = self.largest(batch, |_| 0)?;
+        Ok(vec![l.act, l.qkv, l.u])
     }
 
     fn block_forward_saving(
@@ -867,22 +936,19 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         out: &mut K::Buf,
         saved: &mut [K::Buf],
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let g = self.geo(block)?;
-        let blk = &self.blocks[block];
-        let rows = batch * g.tokens();
+        let at = self.placed(k, ws, block, batch, drop)?;
         let (x1, qkv, u) = match saved {
             [x1, qkv, u] => (x1, qkv, Some(u)),
             [x1, qkv] => (x1, qkv, None),
             _ => return Err(saved_count(&self.cfg.name, saved.len())),
         };
         let s = &mut ws.s;
-        self.attn_half(k, s, qkv, blk, &g, x, batch, drop, x1)?;
+        at.attn_half(s, qkv, x, x1)?;
         // without a kept `u`, the MLP pre-activation lives in the workspace
         let u = u.unwrap_or(&mut ws.u);
-        self.mlp_pre(k, s, u, blk, &g, x1, rows)?;
-        k.copy(x1, out, rows * g.width)?;
-        self.mlp_out(k, s, blk, &g, u, batch, drop, out)
+        at.mlp_pre(s, u, x1)?;
+        k.copy(x1, out, at.rows * at.g.width)?;
+        at.mlp_out(s, u, out)
     }
 
     fn block_vjp_saved(
@@ -897,20 +963,17 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         saved: &[K::Buf],
         dx: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let g = self.geo(block)?;
-        let blk = &self.blocks[block];
+        let at = self.placed(k, ws, block, batch, drop)?;
         let (x1, qkv, u) = match saved {
             [x1, qkv, u] => (x1, qkv, u),
             [x1, qkv] => {
                 // recompute the MLP pre-activation only
-                let rows = batch * g.tokens();
-                self.mlp_pre(k, &mut ws.s, &mut ws.u, blk, &g, x1, rows)?;
+                at.mlp_pre(&mut ws.s, &mut ws.u, x1)?;
                 (x1, qkv, &ws.u)
             }
             _ => return Err(saved_count(&self.cfg.name, saved.len())),
         };
-        self.vjp_from(k, &mut ws.s, blk, &g, x, (x1, qkv, u), dy, batch, drop, dx)
+        at.vjp_from(&mut ws.s, x, (x1, qkv, u), dy, dx)
     }
 
     fn stage_forward(
@@ -922,15 +985,7 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         batch: usize,
         out: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let m = self.merge(stage)?;
-        let (cin, r) = (self.cfg.width(stage - 1), self.cfg.resolution(stage - 1));
-        let shape = MergeShape {
-            batch,
-            grid: (r, r),
-            width: cin,
-        };
-        let rows = batch * (r / 2) * (r / 2);
+        let (m, Merge { shape, rows, cin }) = self.transition(ws, stage, batch)?;
         let eps = self.spec.norm_eps as f32;
         k.patch_merge(x, shape, &mut ws.s.h)?;
         k.layer_norm(
@@ -964,15 +1019,7 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         batch: usize,
         dx: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let m = self.merge(stage)?;
-        let (cin, r) = (self.cfg.width(stage - 1), self.cfg.resolution(stage - 1));
-        let shape = MergeShape {
-            batch,
-            grid: (r, r),
-            width: cin,
-        };
-        let rows = batch * (r / 2) * (r / 2);
+        let (m, Merge { shape, rows, cin }) = self.transition(ws, stage, batch)?;
         let eps = self.spec.norm_eps as f32;
         k.linear_vjp(
             dy,

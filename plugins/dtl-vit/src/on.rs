@@ -254,16 +254,18 @@ impl<K: Kernels> VitOn<K> {
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_half_into(k, t, &mut s.qkv, blk, x, batch, drop, x1)
+        self.attn_half_into(k, t, &mut s.qkv, None, blk, x, batch, drop, x1)
     }
 
-    /// [`Self::attn_half`] with the fused `qkv` written to `qkv`.
+    /// [`Self::attn_half`] with the fused `qkv` written to `qkv`, and the attention
+    /// probabilities to `keep` (a buffer and the value they start at), when given.
     #[allow(clippy::too_many_arguments)]
     fn attn_half_into(
         &self,
         k: &K,
         t: Bufs<'_, K>,
         qkv: &mut K::Buf,
+        keep: Option<(&mut K::Buf, usize)>,
         blk: &BlockOn<K>,
         x: &K::Buf,
         batch: usize,
@@ -284,7 +286,12 @@ impl<K: Kernels> VitOn<K> {
             qkv,
             false,
         )?;
-        k.attention(qkv, self.attn_shape(batch), t.h, t.scratch)?;
+        match keep {
+            Some((probs, at)) => {
+                k.attention_keeping(qkv, self.attn_shape(batch), t.h, t.scratch, probs, at)?
+            }
+            None => k.attention(qkv, self.attn_shape(batch), t.h, t.scratch)?,
+        }
         k.copy(x, x1, rows * d)?;
         match drop {
             // no drop path: the projection accumulates straight onto the residual
@@ -383,6 +390,7 @@ impl<K: Kernels> VitOn<K> {
         blk: &BlockOn<K>,
         x: &K::Buf,
         qkv: &K::Buf,
+        kept: Option<(&K::Buf, usize)>,
         batch: usize,
         drop: Option<&DropScales<K>>,
         dx: &mut K::Buf,
@@ -399,7 +407,12 @@ impl<K: Kernels> VitOn<K> {
             }
         };
         k.linear_vjp(da, &blk.proj_w, rows, d, d, t.h, false)?;
-        k.attention_vjp(qkv, t.h, self.attn_shape(batch), g, t.scratch)?;
+        match kept {
+            Some((probs, at)) => {
+                k.attention_vjp_kept(qkv, probs, at, t.h, self.attn_shape(batch), g, t.scratch)?
+            }
+            None => k.attention_vjp(qkv, t.h, self.attn_shape(batch), g, t.scratch)?,
+        }
         // dh1 = dqkv qkv_w; dx = dx1 + LN1'(x)^T dh1
         k.linear_vjp(g, &blk.qkv_w, rows, d, 3 * d, t.a, false)?;
         k.layer_norm_vjp(x, &blk.norm1_w, t.a, rows, d, eps, dx, true)
@@ -588,20 +601,23 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_vjp(k, t, &mut s.g, blk, x, &s.qkv, batch, drop, dx)
+        self.attn_vjp(k, t, &mut s.g, blk, x, &s.qkv, None, batch, drop, dx)
     }
 
-    /// `x1` (rows x width), `qkv` (rows x 3 width), `u` (rows x hidden); the saving forward
-    /// and VJP also take the first two alone.
+    /// `x1` (rows x width), `qkv` (rows x 3 width), `u` (rows x hidden) followed by the
+    /// attention probabilities where the device keeps them
+    /// ([`Kernels::attention_probs_len`]: the VJP then reads them instead of recomputing them);
+    /// the saving forward and VJP also take the first two alone.
     fn saved_lens(&self, batch: usize) -> Result<Vec<usize>> {
         let s = &self.spec;
         let p = |dims: &[usize]| dtl_kernels::checked_product(&s.name, dims);
         let rows = p(&[batch, s.tokens()])?;
-        Ok(vec![
-            p(&[rows, s.width])?,
-            p(&[rows, 3, s.width])?,
-            p(&[rows, s.mlp_hidden])?,
-        ])
+        // after `u`, the attention probabilities where the device keeps them
+        let probs = K::attention_probs_len(self.attn_shape(batch));
+        let u = p(&[rows, s.mlp_hidden])?
+            .checked_add(probs)
+            .ok_or_else(|| DtlError::invalid(format!("{}: batch {batch} is too large", s.name)))?;
+        Ok(vec![p(&[rows, s.width])?, p(&[rows, 3, s.width])?, u])
     }
 
     fn block_forward_saving(
@@ -620,7 +636,7 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         let (n, d) = (self.spec.tokens(), self.spec.width);
         let rows = batch * n;
         let s = &mut ws.s;
-        let (x1, qkv, u) = match saved {
+        let (x1, qkv, mut u) = match saved {
             [x1, qkv, u] => (x1, qkv, Some(u)),
             [x1, qkv] => (x1, qkv, None),
             _ => return Err(saved_count(&self.spec, saved.len())),
@@ -630,7 +646,10 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_half_into(k, t, qkv, blk, x, batch, drop, x1)?;
+        // with a kept `u`, the attention probabilities go after it (see `saved_lens`)
+        let at = rows * self.spec.mlp_hidden;
+        let keep = u.as_mut().map(|b| (&mut **b, at));
+        self.attn_half_into(k, t, qkv, keep, blk, x, batch, drop, x1)?;
         // without a kept `u`, the MLP pre-activation lives in the scratch
         let u = u.unwrap_or(&mut s.u);
         self.mlp_pre(k, &mut s.h, u, blk, x1, rows)?;
@@ -682,7 +701,11 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_vjp(k, t, &mut s.g, blk, x, qkv, batch, drop, dx)
+        let kept = match saved {
+            [_, _, u] => Some((u, batch * self.spec.tokens() * self.spec.mlp_hidden)),
+            _ => None,
+        };
+        self.attn_vjp(k, t, &mut s.g, blk, x, qkv, kept, batch, drop, dx)
     }
 
     fn norm_forward(&self, k: &K, x: &K::Buf, rows: usize, out: &mut K::Buf) -> Result<()> {

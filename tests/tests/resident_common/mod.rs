@@ -290,19 +290,49 @@ pub fn train_on_sizes<K: Kernels + Clone, B: KernelBackbone<K>>(
     rate: f64,
 ) -> (Vec<Vec<f32>>, Vec<f32>) {
     let lr = case.cfg["adamw"]["lr"].as_f64().unwrap();
+    train_with_lr(case, sizes, rate, |_| lr)
+}
+
+/// [`train_on_sizes`] with a learning rate that changes every step: a linear warm-up over
+/// three steps to the fixture's rate, then a cosine decay, as the trainer's schedule does.
+pub fn train_scheduled<K: Kernels + Clone, B: KernelBackbone<K>>(
+    case: &mut Case<K, B>,
+    sizes: &[usize],
+    rate: f64,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let base = case.cfg["adamw"]["lr"].as_f64().unwrap();
+    let steps = sizes.len() as f64;
+    train_with_lr(case, sizes, rate, |step| {
+        let t = step as f64;
+        if step < 3 {
+            base * (t + 1.0) / 3.0
+        } else {
+            base * 0.5 * (1.0 + (std::f64::consts::PI * (t - 2.0) / steps).cos())
+        }
+    })
+}
+
+/// Trains `case` on batches of `sizes` images with drop path at `rate`, clipping to norm 1 and
+/// the learning rate `lr(step)`; returns the parameters and the loss of every step.
+fn train_with_lr<K: Kernels + Clone, B: KernelBackbone<K>>(
+    case: &mut Case<K, B>,
+    sizes: &[usize],
+    rate: f64,
+    lr: impl Fn(usize) -> f64,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
     let per_image = case.images.len() / case.n;
     let classes = case.model.classes();
     let depth = case.model.backbone().spec().depth;
     let mut losses = Vec::new();
     for (step, &m) in sizes.iter().enumerate() {
-        let drops = dtl_runner::job::drop_masks(rate, depth, m, 3, step as u64);
+        let drops = dtl_runner::step::drop_masks(rate, depth, m, 3, step as u64);
         case.model
             .train_step(
                 &case.images[..m * per_image],
                 m,
                 &case.targets[..m * classes],
                 &drops,
-                lr,
+                lr(step),
                 Some(1.0),
             )
             .unwrap();

@@ -4,7 +4,8 @@ use dtl_core::config::DataConfig;
 use dtl_core::{Dataset, DatasetEntry, DtlError, Result, Split};
 
 use super::{
-    check_options, option_classes, option_int, option_str, parse_list, split_name, ListDataset,
+    check_options, find_dataset, option_classes, option_int, option_str, parse_list, split_name,
+    ListDataset,
 };
 
 /// The FGFS few-shot datasets: folder name, class count, aliases.
@@ -29,11 +30,7 @@ pub const FEW_SHOT_DATASETS: &[(&str, usize, &[&str])] = &[
 ];
 
 fn few_shot_dataset(name: &str) -> Option<(&'static str, usize)> {
-    let n = name.to_ascii_lowercase();
-    FEW_SHOT_DATASETS
-        .iter()
-        .find(|(o, _, a)| *o == n || a.contains(&n.as_str()))
-        .map(|(o, c, _)| (*o, *c))
+    find_dataset(FEW_SHOT_DATASETS, name)
 }
 
 fn open_few_shot(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {

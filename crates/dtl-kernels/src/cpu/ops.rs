@@ -795,6 +795,42 @@ fn by_sample(s: AttnShape) -> bool {
 /// assert_eq!(out, [5.0, 6.0]);
 /// ```
 pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32], heads: &mut [f32]) {
+    attention_keeping(qkv, s, out, heads, None);
+}
+
+/// Values of the probabilities [`attention_keeping`] keeps for `s`: one tokens x tokens
+/// block per sample and head.
+///
+/// ```
+/// let s = dtl_kernels::AttnShape { batch: 2, tokens: 5, heads: 3, head_dim: 4 };
+/// assert_eq!(dtl_kernels::cpu::ops::attention_probs_len(s), 2 * 3 * 5 * 5);
+/// ```
+pub fn attention_probs_len(s: AttnShape) -> usize {
+    s.batch * s.heads * s.tokens * s.tokens
+}
+
+/// [`attention`], with the probabilities `softmax(q k^T * scale)` written to `probs` (at
+/// least [`attention_probs_len`] values, the block of sample `b` and head `h` at
+/// `(b * heads + h) * tokens^2`) when it is given, for [`attention_vjp_kept`]. The output is
+/// the same with and without it.
+///
+/// ```
+/// use dtl_kernels::{cpu::ops, AttnShape};
+/// let s = AttnShape { batch: 1, tokens: 2, heads: 1, head_dim: 1 };
+/// let (mut out, mut probs) = ([0.0f32; 2], [0.0f32; 4]);
+/// let mut heads = vec![0.0; ops::attention_scratch_len(s)];
+/// // equal keys: every query attends to both tokens equally
+/// ops::attention_keeping(&[1.0, 1.0, 2.0, 2.0, 1.0, 4.0], s, &mut out, &mut heads, Some(&mut probs));
+/// assert_eq!(probs, [0.5; 4]);
+/// assert_eq!(out, [3.0, 3.0]);
+/// ```
+pub fn attention_keeping(
+    qkv: &[f32],
+    s: AttnShape,
+    out: &mut [f32],
+    heads: &mut [f32],
+    probs: Option<&mut [f32]>,
+) {
     let (d, n, hd) = (s.width(), s.tokens, s.head_dim);
     assert!(qkv.len() >= s.batch * n * 3 * d && out.len() >= s.batch * n * d);
     let heads = &mut heads[..s.batch * s.heads * n * hd];
@@ -802,35 +838,63 @@ pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32], heads: &mut [f32]) 
         return;
     }
     let scale = 1.0 / (hd as f32).sqrt();
+    let nn = n * n;
+    // P = softmax(q k^T * scale) into `scores`, then P v into `o`
+    let head = |scores: &mut [f32], b: usize, h: usize, o: MatMut<'_>| {
+        let [q, k, v] = head_views(qkv, s, b, h);
+        matmul(MatMut::rows_of(scores, n, n), q, k.t(), scale, false);
+        softmax_rows(scores, n);
+        matmul(o, Mat::rows_of(scores, n, n), v, 1.0, false);
+    };
+    let out = &mut out[..s.batch * n * d];
     if by_sample(s) {
         // one task per sample, each head's result written straight into its columns
-        out[..s.batch * n * d]
-            .par_chunks_mut(n * d)
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; n * n],
-                |scores, (b, ob)| {
-                    for h in 0..s.heads {
-                        let [q, k, v] = head_views(qkv, s, b, h);
-                        matmul(MatMut::rows_of(scores, n, n), q, k.t(), scale, false);
-                        softmax_rows(scores, n);
-                        let p = Mat::rows_of(scores, n, n);
-                        matmul(MatMut::new(ob, h * hd, n, hd, d, 1), p, v, 1.0, false);
+        let sample =
+            |scores: &mut [f32], b: usize, ob: &mut [f32], kept: Option<&mut [f32]>| match kept {
+                Some(kept) => {
+                    for (h, p) in kept.chunks_mut(nn).enumerate() {
+                        head(p, b, h, MatMut::new(ob, h * hd, n, hd, d, 1));
                     }
-                },
-            );
+                }
+                None => {
+                    for h in 0..s.heads {
+                        head(scores, b, h, MatMut::new(ob, h * hd, n, hd, d, 1));
+                    }
+                }
+            };
+        match probs {
+            Some(probs) => out
+                .par_chunks_mut(n * d)
+                .zip(probs[..s.batch * s.heads * nn].par_chunks_mut(s.heads * nn))
+                .enumerate()
+                .for_each(|(b, (ob, kept))| sample(&mut [], b, ob, Some(kept))),
+            None => out.par_chunks_mut(n * d).enumerate().for_each_init(
+                || vec![0.0f32; nn],
+                |scores, (b, ob)| sample(scores, b, ob, None),
+            ),
+        }
         return;
     }
-    heads.par_chunks_mut(n * hd).enumerate().for_each_init(
-        || vec![0.0f32; n * n],
-        |scores, (bh, o)| {
-            let [q, k, v] = head_views(qkv, s, bh / s.heads, bh % s.heads);
-            matmul(MatMut::rows_of(scores, n, n), q, k.t(), scale, false);
-            softmax_rows(scores, n);
-            let p = Mat::rows_of(scores, n, n);
-            matmul(MatMut::rows_of(o, n, hd), p, v, 1.0, false);
-        },
-    );
+    match probs {
+        Some(probs) => heads
+            .par_chunks_mut(n * hd)
+            .zip(probs[..s.batch * s.heads * nn].par_chunks_mut(nn))
+            .enumerate()
+            .for_each(|(bh, (o, p))| {
+                head(p, bh / s.heads, bh % s.heads, MatMut::rows_of(o, n, hd));
+            }),
+        None => heads.par_chunks_mut(n * hd).enumerate().for_each_init(
+            || vec![0.0f32; nn],
+            |scores, (bh, o)| {
+                head(
+                    scores,
+                    bh / s.heads,
+                    bh % s.heads,
+                    MatMut::rows_of(o, n, hd),
+                );
+            },
+        ),
+    }
     heads_to_rows(heads, s, 1, out);
 }
 
@@ -848,6 +912,33 @@ pub fn attention(qkv: &[f32], s: AttnShape, out: &mut [f32], heads: &mut [f32]) 
 /// assert_eq!(dqkv, [0.0, 0.0, 0.0, 0.0, 1.0, -1.0]);
 /// ```
 pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32], heads: &mut [f32]) {
+    attention_vjp_kept(qkv, None, dout, s, dqkv, heads);
+}
+
+/// [`attention_vjp`] with the probabilities [`attention_keeping`] kept (`probs`, in its
+/// layout) instead of recomputed, when they are given: the same gradient, without the
+/// `q k^T` products and the softmax.
+///
+/// ```
+/// use dtl_kernels::{cpu::ops, AttnShape};
+/// let s = AttnShape { batch: 1, tokens: 2, heads: 1, head_dim: 1 };
+/// let qkv = [1.0f32, 0.5, 2.0, -1.0, 0.3, 4.0];
+/// let mut heads = vec![0.0; ops::attention_scratch_len(s)];
+/// let (mut out, mut probs) = ([0.0f32; 2], [0.0f32; 4]);
+/// ops::attention_keeping(&qkv, s, &mut out, &mut heads, Some(&mut probs));
+/// let (mut kept, mut again) = ([0.0f32; 6], [0.0f32; 6]);
+/// ops::attention_vjp_kept(&qkv, Some(&probs), &[1.0, 2.0], s, &mut kept, &mut heads);
+/// ops::attention_vjp(&qkv, &[1.0, 2.0], s, &mut again, &mut heads);
+/// assert_eq!(kept, again);
+/// ```
+pub fn attention_vjp_kept(
+    qkv: &[f32],
+    probs: Option<&[f32]>,
+    dout: &[f32],
+    s: AttnShape,
+    dqkv: &mut [f32],
+    heads: &mut [f32],
+) {
     let (d, n, hd) = (s.width(), s.tokens, s.head_dim);
     assert!(qkv.len() >= s.batch * n * 3 * d && dout.len() >= s.batch * n * d);
     assert!(dqkv.len() >= s.batch * n * 3 * d);
@@ -856,6 +947,9 @@ pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32], 
     if heads.is_empty() {
         return;
     }
+    let nn = n * n;
+    let probs = probs.map(|p| &p[..s.batch * s.heads * nn]);
+    let kept = |b: usize, h: usize| probs.map(|p| &p[(b * s.heads + h) * nn..][..nn]);
     let scale = 1.0 / (hd as f32).sqrt();
     if by_sample(s) {
         // one task per sample, each head's gradients written straight into its columns
@@ -863,12 +957,21 @@ pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32], 
             .par_chunks_mut(n * 3 * d)
             .enumerate()
             .for_each_init(
-                || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
+                || {
+                    (
+                        vec![0.0f32; if probs.is_some() { 0 } else { nn }],
+                        vec![0.0f32; nn],
+                    )
+                },
                 |(p, dp), (b, gb)| {
                     for h in 0..s.heads {
                         let [q, k, v] = head_views(qkv, s, b, h);
                         let d_o = Mat::new(dout, b * n * d + h * hd, n, hd, d, 1);
                         let at = [0, d, 2 * d].map(|c| c + h * hd);
+                        let p = HeadProbs {
+                            kept: kept(b, h),
+                            scratch: p,
+                        };
                         attention_head_vjp([q, k, v], d_o, scale, p, dp, gb, at, 3 * d);
                     }
                 },
@@ -876,35 +979,57 @@ pub fn attention_vjp(qkv: &[f32], dout: &[f32], s: AttnShape, dqkv: &mut [f32], 
         return;
     }
     heads.par_chunks_mut(3 * n * hd).enumerate().for_each_init(
-        || (vec![0.0f32; n * n], vec![0.0f32; n * n]),
+        || {
+            (
+                vec![0.0f32; if probs.is_some() { 0 } else { nn }],
+                vec![0.0f32; nn],
+            )
+        },
         |(p, dp), (bh, grads)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let [q, k, v] = head_views(qkv, s, b, h);
             let d_o = Mat::new(dout, b * n * d + h * hd, n, hd, d, 1);
             let at = [0, n * hd, 2 * n * hd];
+            let p = HeadProbs {
+                kept: kept(b, h),
+                scratch: p,
+            };
             attention_head_vjp([q, k, v], d_o, scale, p, dp, grads, at, hd);
         },
     );
     heads_to_rows(heads, s, 3, dqkv);
 }
 
+/// The probabilities of one head in [`attention_head_vjp`]: kept from the forward pass, or
+/// recomputed into `scratch` (tokens x tokens).
+struct HeadProbs<'a> {
+    kept: Option<&'a [f32]>,
+    scratch: &'a mut [f32],
+}
+
 /// One head of [`attention_vjp`]: dQ, dK and dV go to `grads` at the offsets `at`, tokens x
-/// head_dim each with row stride `rs`; `p` and `dp` are tokens x tokens scratch.
+/// head_dim each with row stride `rs`; `dp` is tokens x tokens scratch.
 #[allow(clippy::too_many_arguments)]
 fn attention_head_vjp(
     [q, k, v]: [Mat<'_>; 3],
     d_o: Mat<'_>,
     scale: f32,
-    p: &mut [f32],
+    p: HeadProbs<'_>,
     dp: &mut [f32],
     grads: &mut [f32],
     at: [usize; 3],
     rs: usize,
 ) {
     let (n, hd) = (q.rows(), q.cols());
-    // P = softmax(q k^T * scale)
-    matmul(MatMut::rows_of(p, n, n), q, k.t(), scale, false);
-    softmax_rows(p, n);
+    let p: &[f32] = match p.kept {
+        Some(kept) => kept,
+        None => {
+            // P = softmax(q k^T * scale)
+            matmul(MatMut::rows_of(p.scratch, n, n), q, k.t(), scale, false);
+            softmax_rows(p.scratch, n);
+            p.scratch
+        }
+    };
     let pm = Mat::rows_of(p, n, n);
     // dV = P^T dO
     matmul(

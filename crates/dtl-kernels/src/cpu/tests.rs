@@ -394,6 +394,66 @@ fn attention_by_sample_matches_one_sample_at_a_time() {
 }
 
 #[test]
+fn kept_attention_probabilities_give_the_same_values() {
+    // one task per sample and head (batch 1) and one per sample (a batch of two per thread)
+    for batch in [1, 2 * rayon::current_num_threads().max(1) + 1] {
+        let s = AttnShape {
+            batch,
+            tokens: 7,
+            heads: 3,
+            head_dim: 4,
+        };
+        let (nqkv, nout) = (3 * s.rows() * s.width(), s.rows() * s.width());
+        let np = CpuKernels::attention_probs_len(s);
+        assert_eq!(np, batch * 3 * 7 * 7);
+        let qkv = buf(&rnd(nqkv, 21).iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+        let dout = buf(&rnd(nout, 22));
+        let mut scratch = out(K.attention_scratch(s), 0.0);
+        let (mut o, mut dqkv) = (out(nout, 9.0), out(nqkv, 9.0));
+        K.attention(&qkv, s, &mut o, &mut scratch).unwrap();
+        K.attention_vjp(&qkv, &dout, s, &mut dqkv, &mut scratch)
+            .unwrap();
+        // the probabilities after 3 values of something else, sentinels after them
+        let mut probs = out(3 + np, 9.0);
+        let (mut ok, mut dk) = (out(nout, 7.0), out(nqkv, 7.0));
+        K.attention_keeping(&qkv, s, &mut ok, &mut scratch, &mut probs, 3)
+            .unwrap();
+        assert_eq!(lead(&ok, nout), lead(&o, nout), "batch {batch}");
+        let p = lead(&probs, 3 + np);
+        assert_eq!(&p[..3], &[9.0; 3]);
+        assert_eq!(probs[3 + np], SENTINEL);
+        for row in p[3..].chunks(7) {
+            let sum: f32 = row.iter().sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-5,
+                "a row of probabilities sums to {sum}"
+            );
+        }
+        K.attention_vjp_kept(&qkv, &probs, 3, &dout, s, &mut dk, &mut scratch)
+            .unwrap();
+        assert_eq!(lead(&dk, nqkv), lead(&dqkv, nqkv), "batch {batch}");
+        // a buffer too short for the probabilities is refused, naming it
+        let mut short = out(np, 0.0);
+        let e = K
+            .attention_keeping(&qkv, s, &mut ok, &mut scratch, &mut short, 3 + PAD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attention_keeping") && e.contains("probs"),
+            "{e}"
+        );
+        let e = K
+            .attention_vjp_kept(&qkv, &short, 3 + PAD, &dout, s, &mut dk, &mut scratch)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attention_vjp_kept") && e.contains("probs"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn residuals_scale_each_sample() {
     let (batch, per) = (3, 4);
     let x0 = rnd(batch * per, 1);
