@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use dtl_kernels::{CpuKernels, Kernels};
 use dtl_swin::SwinOn;
 use resident_common::{adamw_trajectory, case_from, forward_and_grads, pipeline_for, Case};
-use safetensors::tensor::{Dtype, SafeTensors};
 
 const VARIANT: &str = "swin_test_patch2_window4_32";
 const TOL: f64 = 1e-4;
@@ -25,30 +24,7 @@ fn dir() -> PathBuf {
 
 /// Every tensor of a fixture file as (shape, f64 values).
 fn read(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let raw = std::fs::read(dir().join(name)).unwrap();
-    let st = SafeTensors::deserialize(&raw).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let d = t.data();
-            let v: Vec<f64> = match t.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => d
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => d
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("unexpected dtype {other:?} of {n}"),
-            };
-            (n, (t.shape().to_vec(), v))
-        })
-        .collect()
+    resident_common::read_fixture(&dir(), name)
 }
 
 fn json(name: &str) -> serde_json::Value {

@@ -15,7 +15,10 @@ use dtl_runner::model::{smoothed_targets, Model};
 use dtl_runner::optim::AdamW;
 use dtl_runner::sides::{DtlSide, LinearHead};
 use dtl_vit::variants::VitTestPatch8_32;
-use safetensors::tensor::{Dtype, SafeTensors};
+
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::read_fixture;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dtl-reference")
@@ -23,29 +26,7 @@ pub fn fixtures() -> PathBuf {
 
 /// Every tensor of a fixture as (shape, f64 values).
 pub fn read(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let raw = std::fs::read(fixtures().join(name)).unwrap();
-    let st = SafeTensors::deserialize(&raw).unwrap();
-    let mut out = HashMap::new();
-    for (n, t) in st.tensors() {
-        let d = t.data();
-        let v: Vec<f64> = match t.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::F64 => d
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            Dtype::I64 => d
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                .collect(),
-            other => panic!("unexpected dtype {other:?} of {n}"),
-        };
-        out.insert(n, (t.shape().to_vec(), v));
-    }
-    out
+    read_fixture(&fixtures(), name)
 }
 
 pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {

@@ -15,7 +15,7 @@ use dtl_vit::VitOn;
 
 #[path = "../parity_common/mod.rs"]
 mod parity_common;
-pub use parity_common::{fixtures, read, rel_err};
+pub use parity_common::{fixtures, read, read_fixture, rel_err};
 
 /// The fixture's pipeline: its side network, head and optimizer settings.
 pub fn pipeline(cfg: &serde_json::Value) -> PipelineConfig {
@@ -436,38 +436,7 @@ pub fn swin_setup<K: Kernels + Clone>(
     let weights =
         dtl_swin::load_weights(&sc, &dir.join(format!("{name}_swin.safetensors")), "auto").unwrap();
     let swin = dtl_swin::SwinOn::upload(&k, &sc, &weights).unwrap();
-    let fx = read_at(&dir.join(format!("{name}_dtl.safetensors")));
+    let fx = read_fixture(&dir, &format!("{name}_dtl.safetensors"));
     let p = pipeline_for(&cfg, activations, variant);
     case_from(p, cfg, fx, k, swin)
-}
-
-/// Every tensor of the safetensors file at `path` as (shape, f64 values).
-pub fn read_at(
-    path: &std::path::Path,
-) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
-    use safetensors::tensor::{Dtype, SafeTensors};
-    let raw = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&raw).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let d = t.data();
-            let v: Vec<f64> = match t.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => d
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => d
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("unexpected dtype {other:?} of {n} in {}", path.display()),
-            };
-            (n, (t.shape().to_vec(), v))
-        })
-        .collect()
 }
