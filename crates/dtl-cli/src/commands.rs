@@ -137,17 +137,17 @@ pub fn run(
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
     if skip_done && resume.is_some() {
-        return Err(DtlError::invalid(
+        return Err(DtlError::argument(
             "--skip-done finds the run directories itself; leave out --resume",
         ));
     }
     if files.is_empty() {
-        return Err(DtlError::invalid(
+        return Err(DtlError::argument(
             "no pipeline file given; usage: dtl run <PIPELINE.toml>... [KEY=VALUE]...",
         ));
     }
     if resume.is_some() && files.len() > 1 {
-        return Err(DtlError::invalid("--resume takes exactly one pipeline"));
+        return Err(DtlError::argument("--resume takes exactly one pipeline"));
     }
     if let Some(r) = &resume {
         if !r.exists() {
@@ -311,7 +311,7 @@ pub fn run(
 pub fn validate(files: &[PathBuf], overrides: &[String]) -> Result<ExitCode> {
     let reg = registry()?;
     if files.is_empty() {
-        return Err(DtlError::invalid(
+        return Err(DtlError::argument(
             "dtl validate: no pipeline file given (arguments containing `=` are overrides)",
         ));
     }
@@ -490,12 +490,12 @@ pub fn bench(
 ) -> Result<ExitCode> {
     let (files, overrides) = crate::split_args(args);
     let [file] = files.as_slice() else {
-        return Err(DtlError::invalid(
+        return Err(DtlError::argument(
             "dtl bench takes exactly one pipeline file",
         ));
     };
     if batches.contains(&0) || steps == 0 {
-        return Err(DtlError::invalid("--batch and --steps must be at least 1"));
+        return Err(DtlError::argument("--batch and --steps must be at least 1"));
     }
     let what: Vec<String> = dtl_runner::bench::parse_what(&what)?
         .into_iter()
@@ -516,7 +516,7 @@ pub fn bench(
         dtl_runner::bench::check_profile(&cfg)?;
     }
     if profile.on && cfg.run.device == DeviceSpec::Cpu {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::argument(format!(
             "dtl bench: {}; {} runs on the CPU",
             dtl_runner::bench::PROFILE_NEEDS_CUDA,
             file.display()

@@ -137,7 +137,7 @@ pub fn bench_batches(
 ) -> Result<()> {
     for &b in batches {
         if b > dtl_core::limits::MAX_BATCH {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "--batch {b}: more than the largest batch, {}",
                 dtl_core::limits::MAX_BATCH
             )));
@@ -147,7 +147,7 @@ pub fn bench_batches(
         c.data.eval_batch_size = Some(b);
         let classes = cfg.head.classes.unwrap_or(1000);
         dtl_core::limits::check_memory(&c, spec, classes, file)
-            .map_err(|e| DtlError::invalid(format!("--batch {b}: {e}")))?;
+            .map_err(|e| DtlError::argument(format!("--batch {b}: {e}")))?;
     }
     Ok(())
 }

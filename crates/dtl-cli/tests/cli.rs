@@ -1,27 +1,9 @@
 //! The `dtl` binary as a user meets it: broken pipelines, listing, help.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
-fn dtl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dtl"))
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .expect("the dtl binary runs")
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{dtl, text, workspace};
 
 /// Every file in `tests/pipelines/broken/` fails validation with exit code 1 and a one-line
 /// error containing the text of its `.expected` file; nothing panics.

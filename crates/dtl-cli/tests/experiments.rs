@@ -2,27 +2,11 @@
 //! the random-weight `vit_test_patch8_32`, one epoch of a handful of images per run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn dtl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dtl"))
-        .args(args)
-        .output()
-        .expect("the dtl binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: &Output) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}\n{}", text(&out.stdout));
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
+mod common;
+use common::{dtl, ok, text};
 
 /// Writes a 32x32 image whose colour depends on `label`, so a run can learn something.
 fn image(path: &Path, label: usize, i: usize) {
@@ -740,7 +724,7 @@ fn domain_generalization_test_sets_and_summary() {
         dtl_vit::random::<dtl_vit::variants::VitTestPatch8_32>(cfg.run.seed).unwrap(),
     );
     let dev = Cpu::default();
-    let mut model = dtl_runner::job::build_model(&cfg, &vit, 4, &dev).unwrap();
+    let mut model = dtl_runner::step::build_model(&cfg, &vit, 4, &dev).unwrap();
     dtl_runner::checkpoint::load(&dir.join("last.safetensors"))
         .unwrap()
         .apply(model.params_mut())

@@ -25,13 +25,8 @@ use dtl_core::{registry, PipelineConfig, Sample, Split};
 use dtl_data as _;
 use dtl_vit as _;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
-}
+mod common;
+use common::workspace;
 
 /// xorshift64*: small, seeded, reproducible.
 struct Rng(u64);

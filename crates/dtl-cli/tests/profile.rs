@@ -2,28 +2,8 @@
 //! naming the flag and the device it needs, never a panic; and the JSON without the flag
 //! has no `profile` field.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn dtl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dtl"))
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .expect("the dtl binary runs")
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{dtl, text};
 
 const BENCH: [&str; 10] = [
     "bench",

@@ -1,29 +1,12 @@
 //! Hostile input and concurrent use, through the `dtl` binary: broken weights, changed inputs,
 //! two writers on one run directory, two new runs of one name, interrupted writes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_path_buf()
-}
-
-fn dtl_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dtl"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the dtl binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{dtl_in, text, workspace};
 
 fn errors(out: &Output) -> Vec<String> {
     text(&out.stderr)

@@ -25,7 +25,7 @@ impl RgbImage {
     pub fn new(width: u32, height: u32, data: Vec<u8>) -> Result<Self> {
         let want = width as usize * height as usize * 3;
         if data.len() != want {
-            return Err(crate::DtlError::invalid(format!(
+            return Err(crate::DtlError::shape(format!(
                 "RGB image {width}x{height} needs {want} bytes, got {}",
                 data.len()
             )));
@@ -192,12 +192,14 @@ impl TensorBatch {
     ) -> Result<Self> {
         let per = channels * height * width;
         if images.len() != per * labels.len() {
-            return Err(crate::DtlError::invalid(format!(
-                "a batch of {} images of {channels}x{height}x{width} needs {} values, got {}",
-                labels.len(),
+            return Err(crate::DtlError::value_count(
+                &format!(
+                    "a batch of {} images of {channels}x{height}x{width}",
+                    labels.len()
+                ),
                 per * labels.len(),
-                images.len()
-            )));
+                images.len(),
+            ));
         }
         Ok(TensorBatch {
             images,

@@ -51,10 +51,11 @@ impl<D: Device<f32>> Param<D> {
     pub fn from_vec(dev: &D, name: &str, shape: &[usize], values: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if values.len() != n {
-            return Err(crate::DtlError::invalid(format!(
-                "parameter `{name}`: shape {shape:?} needs {n} values, got {}",
-                values.len()
-            )));
+            return Err(crate::DtlError::value_count(
+                &format!("parameter `{name}`: shape {shape:?}"),
+                n,
+                values.len(),
+            ));
         }
         Ok(Param {
             name: name.to_string(),

@@ -39,6 +39,7 @@ use crate::ops::{
     K, PARTIALS,
 };
 use crate::profile::{self, Profiler};
+use crate::DeviceSettings;
 
 /// The emulation of the CUDA execution model the kernels are compiled against.
 const RUNTIME: &str = r#"
@@ -790,64 +791,12 @@ impl Emulator {
         Ok(())
     }
 
-    /// Selects the attention kernels of this handle (clones made later inherit it); the
-    /// initial selection is `DTL_ATTENTION`'s (see [`AttentionKernels`]). Plan the scratch
-    /// ([`Kernels::attention_scratch`]) after choosing.
-    ///
-    /// ```
-    /// use dtl_cuda::AttentionKernels;
-    /// if let Ok(mut emu) = dtl_cuda::Emulator::new() {
-    ///     emu.set_attention(AttentionKernels::Fused);
-    ///     assert_eq!(emu.attention_kernels(), AttentionKernels::Fused);
-    /// }
-    /// ```
-    pub fn set_attention(&mut self, kernels: AttentionKernels) {
-        self.attention = kernels;
-    }
-
-    /// The attention kernels this handle runs (see [`Emulator::set_attention`]).
-    ///
-    /// ```
-    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
-    ///     println!("{}", emu.attention_kernels().name());
-    /// }
-    /// ```
-    pub fn attention_kernels(&self) -> AttentionKernels {
-        self.attention
-    }
-
-    /// Selects how this handle adds the bias of a linear (clones made later inherit it); the
-    /// initial selection is `DTL_GEMM_EPILOGUE`'s (see [`GemmEpilogue`]). With
-    /// [`GemmEpilogue::Lt`] the bf16 linears run the model of cuBLASLt's bias epilogue.
-    ///
-    /// ```
-    /// use dtl_cuda::GemmEpilogue;
-    /// if let Ok(mut emu) = dtl_cuda::Emulator::new() {
-    ///     emu.set_gemm_epilogue(GemmEpilogue::Lt);
-    ///     assert_eq!(emu.gemm_epilogue(), GemmEpilogue::Lt);
-    /// }
-    /// ```
-    pub fn set_gemm_epilogue(&mut self, epilogue: GemmEpilogue) {
-        self.epilogue = epilogue;
-    }
-
-    /// How this handle adds the bias of a linear (see [`Emulator::set_gemm_epilogue`]).
-    ///
-    /// ```
-    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
-    ///     println!("{}", emu.gemm_epilogue().name());
-    /// }
-    /// ```
-    pub fn gemm_epilogue(&self) -> GemmEpilogue {
-        self.epilogue
-    }
-
     /// Makes the modelled cuBLASLt of this handle refuse (`true`) or take (`false`, the
     /// default) every bias-epilogue product, as a GPU's cuBLASLt refuses a shape it has no
     /// algorithm for: the linears then run the plain path. For testing that fallback.
     ///
     /// ```
-    /// use dtl_cuda::GemmEpilogue;
+    /// use dtl_cuda::{DeviceSettings, GemmEpilogue};
     /// use dtl_kernels::Kernels;
     /// if let Ok(mut emu) = dtl_cuda::Emulator::with_precision(dtl_core::choice::Precision::Bf16) {
     ///     emu.set_gemm_epilogue(GemmEpilogue::Lt);
@@ -864,16 +813,35 @@ impl Emulator {
     pub fn refuse_gemm_epilogue(&mut self, refuse: bool) {
         self.epilogue_refused = refuse;
     }
+}
 
-    /// How many bf16 linears with a bias ran with the bias epilogue and how many fell back to
-    /// the plain path, since the device was made (over all its clones).
-    ///
-    /// ```
-    /// if let Ok(emu) = dtl_cuda::Emulator::new() {
-    ///     assert_eq!(emu.epilogue_stats(), dtl_cuda::EpilogueStats::default());
-    /// }
-    /// ```
-    pub fn epilogue_stats(&self) -> EpilogueStats {
+/// The settings of an emulated device; see [`DeviceSettings`].
+///
+/// ```
+/// use dtl_cuda::{DeviceSettings, GemmEpilogue};
+/// if let Ok(mut emu) = dtl_cuda::Emulator::new() {
+///     emu.set_gemm_epilogue(GemmEpilogue::Lt);
+///     assert_eq!(emu.gemm_epilogue(), GemmEpilogue::Lt);
+/// }
+/// ```
+impl DeviceSettings for Emulator {
+    fn set_attention(&mut self, kernels: AttentionKernels) {
+        self.attention = kernels;
+    }
+
+    fn attention_kernels(&self) -> AttentionKernels {
+        self.attention
+    }
+
+    fn set_gemm_epilogue(&mut self, epilogue: GemmEpilogue) {
+        self.epilogue = epilogue;
+    }
+
+    fn gemm_epilogue(&self) -> GemmEpilogue {
+        self.epilogue
+    }
+
+    fn epilogue_stats(&self) -> EpilogueStats {
         self.dev.epilogue_counts.stats()
     }
 }
@@ -1036,14 +1004,6 @@ impl Exec for Emulator {
     fn with_partials(&self, f: &mut dyn FnMut(u64) -> Result<()>) -> Result<()> {
         let p = self.partials.0.lock().unwrap_or_else(|e| e.into_inner());
         f(*p as u64)
-    }
-
-    fn attention_kernels(&self) -> AttentionKernels {
-        self.attention
-    }
-
-    fn gemm_epilogue(&self) -> GemmEpilogue {
-        self.epilogue
     }
 
     fn epilogue_counts(&self) -> Option<&EpilogueCounts> {

@@ -32,9 +32,9 @@ const DKV_KEYS: usize = 8;
 ///
 /// Read from the environment variable `DTL_ATTENTION` (`fused` or `unfused`; unset or empty
 /// means [`AttentionKernels::Unfused`]) when a [`crate::Gpu`] or an [`crate::Emulator`] is
-/// opened, and changed with their `set_attention`. The default stays `Unfused` until the fused
-/// kernels have been measured faster on a GPU. A shape the fused kernels cannot take (a head
-/// dimension above 128) runs unfused whatever is selected, and
+/// opened, and changed with [`crate::DeviceSettings::set_attention`]. The default stays
+/// `Unfused` until the fused kernels have been measured faster on a GPU. A shape the fused
+/// kernels cannot take (a head dimension above 128) runs unfused whatever is selected, and
 /// [`dtl_kernels::Kernels::attention_scratch`] sizes the scratch for the path that runs.
 ///
 /// ```

@@ -10,6 +10,8 @@
 //!
 //! [`Emulator`] runs the same device code on the host (the kernels compiled as C++ against an
 //! emulation of the CUDA execution model), so that it is tested on machines without a GPU.
+//! Both take the same run-time settings ([`DeviceSettings`]: fused or unfused attention, the
+//! bias of a linear in cuBLASLt's epilogue or not).
 //!
 //! Without the feature only the device checks below exist, and they say that CUDA is not
 //! built in.
@@ -42,6 +44,8 @@ mod nvrtc;
 mod ops;
 #[cfg(feature = "cuda")]
 mod profile;
+#[cfg(feature = "cuda")]
+mod settings;
 
 #[cfg(feature = "cuda")]
 pub use emulator::{EmuBuf, Emulator};
@@ -56,6 +60,8 @@ pub use nvrtc::{
     compile_kernels, compile_ptx, nvrtc_architectures, nvrtc_version, target_architecture,
     KERNEL_NAMES, KERNEL_SOURCE,
 };
+#[cfg(feature = "cuda")]
+pub use settings::DeviceSettings;
 
 /// The message of every device check in a build without the `cuda` feature.
 #[cfg_attr(feature = "cuda", allow(dead_code))]

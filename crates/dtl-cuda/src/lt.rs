@@ -32,9 +32,9 @@ use crate::ops::Dp;
 ///
 /// Read from the environment variable `DTL_GEMM_EPILOGUE` (`lt` or `plain`; unset or empty
 /// means [`GemmEpilogue::Plain`]) when a [`crate::Gpu`] or an [`crate::Emulator`] is opened,
-/// and changed with their `set_gemm_epilogue`. The default stays `Plain` until the epilogue has
-/// been timed on a GPU. `Lt` is used for bf16 products with a bf16 bias only; every other
-/// linear, and any shape cuBLASLt does not take, runs the plain path.
+/// and changed with [`crate::DeviceSettings::set_gemm_epilogue`]. The default stays `Plain`
+/// until the epilogue has been timed on a GPU. `Lt` is used for bf16 products with a bf16 bias
+/// only; every other linear, and any shape cuBLASLt does not take, runs the plain path.
 ///
 /// ```
 /// use dtl_cuda::GemmEpilogue;

@@ -19,7 +19,7 @@
 #![cfg(feature = "cuda")]
 
 use dtl_core::choice::Precision;
-use dtl_cuda::{Emulator, EpilogueStats, GemmEpilogue, Gpu};
+use dtl_cuda::{DeviceSettings, Emulator, EpilogueStats, GemmEpilogue, Gpu};
 use dtl_kernels::Kernels;
 
 const U: f64 = 1.0 / 256.0;

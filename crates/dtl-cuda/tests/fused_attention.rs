@@ -8,7 +8,7 @@
 //! order than the CPU's, and the softmax is computed online).
 #![cfg(feature = "cuda")]
 
-use dtl_cuda::{AttentionKernels, EmuBuf, Emulator};
+use dtl_cuda::{AttentionKernels, DeviceSettings, EmuBuf, Emulator};
 use dtl_kernels::{AttnShape, CpuKernels, Kernels};
 
 const TOL: f64 = 1e-5;

@@ -80,9 +80,10 @@ pub(crate) fn option_classes(cfg: &DataConfig) -> Result<Option<usize>> {
     match cfg.options.get("classes") {
         None => Ok(None),
         Some(toml::Value::Integer(c)) if *c >= 1 => Ok(Some(*c as usize)),
-        Some(v) => Err(DtlError::invalid(format!(
-            "data.options.classes: expected a positive integer, got {v}"
-        ))),
+        Some(v) => Err(DtlError::setting(
+            "data.options.classes",
+            format!("expected a positive integer, got {v}"),
+        )),
     }
 }
 
@@ -90,9 +91,10 @@ pub(crate) fn option_str<'a>(cfg: &'a DataConfig, key: &str) -> Result<Option<&'
     match cfg.options.get(key) {
         None => Ok(None),
         Some(toml::Value::String(s)) => Ok(Some(s.as_str())),
-        Some(v) => Err(DtlError::invalid(format!(
-            "data.options.{key}: expected a string, got {v}"
-        ))),
+        Some(v) => Err(DtlError::setting(
+            format!("data.options.{key}"),
+            format!("expected a string, got {v}"),
+        )),
     }
 }
 
@@ -100,17 +102,19 @@ pub(crate) fn option_int(cfg: &DataConfig, key: &str) -> Result<Option<i64>> {
     match cfg.options.get(key) {
         None => Ok(None),
         Some(toml::Value::Integer(i)) => Ok(Some(*i)),
-        Some(v) => Err(DtlError::invalid(format!(
-            "data.options.{key}: expected an integer, got {v}"
-        ))),
+        Some(v) => Err(DtlError::setting(
+            format!("data.options.{key}"),
+            format!("expected an integer, got {v}"),
+        )),
     }
 }
 
 /// Reads `keep_labels` from `data.options`: distinct labels to keep, in their new order.
 fn option_keep_labels(cfg: &DataConfig) -> Result<Option<Vec<usize>>> {
     let bad = || {
-        DtlError::invalid(
-            "data.options.keep_labels: expected a list of distinct labels, e.g. [5, 6, 7, 8, 9]",
+        DtlError::setting(
+            "data.options.keep_labels",
+            "expected a list of distinct labels, e.g. [5, 6, 7, 8, 9]",
         )
     };
     match cfg.options.get("keep_labels") {
@@ -135,15 +139,14 @@ fn option_keep_labels(cfg: &DataConfig) -> Result<Option<Vec<usize>>> {
 pub(crate) fn check_options(cfg: &DataConfig, known: &[&str]) -> Result<()> {
     for k in cfg.options.keys() {
         if !known.contains(&k.as_str()) {
-            return Err(DtlError::invalid(format!(
-                "data.options.{k}: unknown option for data.kind = \"{}\"; valid options: {}",
-                cfg.kind,
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )));
+            return Err(DtlError::setting(
+                format!("data.options.{k}"),
+                format!(
+                    "unknown option for data.kind = \"{}\"; valid options: {}",
+                    cfg.kind,
+                    crate::params::names_or_none(known)
+                ),
+            ));
         }
     }
     Ok(())

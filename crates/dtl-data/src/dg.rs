@@ -128,8 +128,8 @@ pub fn open_dg(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
     // The source's folder; a target's test split does not need it.
     let src = || -> Result<PathBuf> {
         folder_of(source).map(|f| cfg.root.join(f)).ok_or_else(|| {
-            DtlError::invalid(format!(
-                "data.task: the source dataset folder `{}` does not exist; the layout is <root>/<dataset>/annotations/ with datasets {}",
+            DtlError::setting("data.task", format!(
+                "the source dataset folder `{}` does not exist; the layout is <root>/<dataset>/annotations/ with datasets {}",
                 cfg.root.join(source).display(),
                 names()
             ))
@@ -170,8 +170,8 @@ pub fn open_dg(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
                 )
             } else {
                 let dir = folder_of(name).ok_or_else(|| {
-                    DtlError::invalid(format!(
-                        "data.test: `{name}` is not a test set of this layout: no folder `{}`; name \"test\" (the source's val_meta.list) or a target: {}",
+                    DtlError::setting("data.test", format!(
+                        "`{name}` is not a test set of this layout: no folder `{}`; name \"test\" (the source's val_meta.list) or a target: {}",
                         cfg.root.join(dg_dataset(name).map_or(name, |d| d.0)).display(),
                         names()
                     ))
@@ -189,8 +189,8 @@ pub fn open_dg(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
     let ann = dataset_dir.join("annotations");
     let list = ann.join(&file);
     if !list.is_file() {
-        return Err(DtlError::invalid(format!(
-            "{key}: list `{}` does not exist (split `{name}`, shots {shots}, seed {seed}); NOAH's ImageNet lists have shots 1, 2, 4, 8 or 16 and seeds 0-2; lists present in `{}`: {}",
+        return Err(DtlError::setting(key, format!(
+            "list `{}` does not exist (split `{name}`, shots {shots}, seed {seed}); NOAH's ImageNet lists have shots 1, 2, 4, 8 or 16 and seeds 0-2; lists present in `{}`: {}",
             list.display(),
             ann.display(),
             present_lists(&ann)
@@ -338,8 +338,8 @@ impl ClassIndex {
 /// ```
 pub fn scan_class_folder(dir: &Path, index: &ClassIndex, exts: &[String]) -> Result<FolderDataset> {
     if !dir.is_dir() {
-        return Err(DtlError::invalid(format!(
-                "data.root: folder `{}` does not exist; class-folder expects <root>/<class>/<image> (or <root>/<split>/<class>/<image>)",
+        return Err(DtlError::setting("data.root", format!(
+                "folder `{}` does not exist; class-folder expects <root>/<class>/<image> (or <root>/<split>/<class>/<image>)",
                 dir.display()
             )));
     }
@@ -388,8 +388,8 @@ pub fn open_class_folder(cfg: &DataConfig, split: Split) -> Result<Box<dyn Datas
         Some(f) => {
             let path = cfg.root.join(f);
             if let Some(why) = dtl_core::paths::not_a_file(&path) {
-                return Err(DtlError::invalid(format!(
-                    "data.options.class_index: `{}` {why}; give a file (relative to data.root) with one class per line or a `<class>/<image> <label>` list",
+                return Err(DtlError::setting("data.options.class_index", format!(
+                    "`{}` {why}; give a file (relative to data.root) with one class per line or a `<class>/<image> <label>` list",
                     path.display()
                 )));
             }
@@ -399,10 +399,13 @@ pub fn open_class_folder(cfg: &DataConfig, split: Split) -> Result<Box<dyn Datas
     };
     if let Some(c) = option_classes(cfg)? {
         if c < index.classes {
-            return Err(DtlError::invalid(format!(
-                "data.options.classes: {c} is fewer than the {} classes of {}",
-                index.classes, index.source
-            )));
+            return Err(DtlError::setting(
+                "data.options.classes",
+                format!(
+                    "{c} is fewer than the {} classes of {}",
+                    index.classes, index.source
+                ),
+            ));
         }
         index.classes = c;
     }

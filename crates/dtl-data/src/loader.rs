@@ -89,15 +89,17 @@ impl OpList {
             Sample::Rgb(img) => crate::ops::to_tensor(&img, self.mean, self.std),
         };
         if t.channels != 3 || t.height != self.size || t.width != self.size {
-            return Err(DtlError::invalid(format!(
-                "{}: the ops produce {}x{}x{} images from {}, but the backbone takes 3x{s}x{s}; end the list with `resize` or `center_crop` to size {s}",
-                self.name,
-                t.channels,
-                t.height,
-                t.width,
-                what(),
-                s = self.size
-            )));
+            return Err(DtlError::setting(
+                &self.name,
+                format!(
+                    "the ops produce {}x{}x{} images from {}, but the backbone takes 3x{s}x{s}; end the list with `resize` or `center_crop` to size {s}",
+                    t.channels,
+                    t.height,
+                    t.width,
+                    what(),
+                    s = self.size
+                ),
+            ));
         }
         Ok(t)
     }
@@ -145,20 +147,26 @@ fn build_ops(
         let key = format!("augment.{list}[{i}]");
         let entry = reg
             .augment(&op.op)
-            .map_err(|e| DtlError::invalid(format!("{key}.op: {e}")))?;
+            .map_err(|e| DtlError::setting(format!("{key}.op"), e.to_string()))?;
         let aug = (entry.build)(&inject_defaults(op, cfg), &key)?;
         match (batch, aug.as_batch().is_some()) {
             (true, false) => {
-                return Err(DtlError::invalid(format!(
-                    "{key}: op `{}` works on single images; list it under augment.train or augment.test",
+                return Err(DtlError::setting(
+                    key,
+                    format!(
+                    "op `{}` works on single images; list it under augment.train or augment.test",
                     op.op
-                )))
+                ),
+                ))
             }
             (false, true) => {
-                return Err(DtlError::invalid(format!(
-                    "{key}: op `{}` works on whole batches; list it under augment.batch",
-                    op.op
-                )))
+                return Err(DtlError::setting(
+                    key,
+                    format!(
+                        "op `{}` works on whole batches; list it under augment.batch",
+                        op.op
+                    ),
+                ))
             }
             _ => {}
         }
@@ -260,21 +268,24 @@ impl DataPipeline {
     pub fn new(cfg: &PipelineConfig, image_size: usize) -> Result<DataPipeline> {
         let d = &cfg.data;
         if image_size == 0 {
-            return Err(DtlError::invalid("image size must be at least 1"));
+            return Err(DtlError::argument("image size must be at least 1"));
         }
         if d.batch_size == 0 {
-            return Err(DtlError::invalid(
-                "data.batch_size: must be at least 1, got 0",
+            return Err(DtlError::setting(
+                "data.batch_size",
+                "must be at least 1, got 0",
             ));
         }
         if cfg.eval_batch_size() == 0 {
-            return Err(DtlError::invalid(
-                "data.eval_batch_size: must be at least 1, got 0",
+            return Err(DtlError::setting(
+                "data.eval_batch_size",
+                "must be at least 1, got 0",
             ));
         }
         if d.prefetch == 0 {
-            return Err(DtlError::invalid(
-                "data.prefetch: must be at least 1, got 0",
+            return Err(DtlError::setting(
+                "data.prefetch",
+                "must be at least 1, got 0",
             ));
         }
         let reg = dtl_core::registry()?;
@@ -282,31 +293,38 @@ impl DataPipeline {
         let test: Arc<dyn Dataset> = Arc::from(reg.open_dataset(d, Split::Test)?);
         let num_classes = train.num_classes();
         if test.num_classes() > num_classes {
-            return Err(DtlError::invalid(format!(
-                "data.test: the test split `{}` has {} classes but the training split `{}` only {num_classes}",
-                d.test,
-                test.num_classes(),
-                d.train
-            )));
+            return Err(DtlError::setting(
+                "data.test",
+                format!(
+                    "the test split `{}` has {} classes but the training split `{}` only {num_classes}",
+                    d.test,
+                    test.num_classes(),
+                    d.train
+                ),
+            ));
         }
         for (key, limit) in [
             ("data.limit_train", d.limit_train),
             ("data.limit_test", d.limit_test),
         ] {
             if limit == Some(0) {
-                return Err(DtlError::invalid(format!(
-                    "{key}: must be at least 1, got 0; remove the key to use every item"
-                )));
+                return Err(DtlError::setting(
+                    key,
+                    "must be at least 1, got 0; remove the key to use every item",
+                ));
             }
         }
         let train_index = subset(train.len(), d.limit_train, cfg.run.seed, 0);
         let test_index = subset(test.len(), d.limit_test, cfg.run.seed, 1);
         if d.drop_last && train_index.len() < d.batch_size {
-            return Err(DtlError::invalid(format!(
-                "data.batch_size: {} is more than the {} training items, and data.drop_last = true leaves no batch; lower the batch size or set data.drop_last = false",
-                d.batch_size,
-                train_index.len()
-            )));
+            return Err(DtlError::setting(
+                "data.batch_size",
+                format!(
+                    "{} is more than the {} training items, and data.drop_last = true leaves no batch; lower the batch size or set data.drop_last = false",
+                    d.batch_size,
+                    train_index.len()
+                ),
+            ));
         }
         let train_ops = sample_list(cfg, "train", &cfg.augment.train, image_size)?;
         let test_ops = sample_list(cfg, "test", &cfg.augment.test, image_size)?;
@@ -336,22 +354,26 @@ impl DataPipeline {
     pub fn test_only(cfg: &PipelineConfig, image_size: usize, classes: usize) -> Result<Self> {
         let d = &cfg.data;
         if image_size == 0 || cfg.eval_batch_size() == 0 || d.prefetch == 0 {
-            return Err(DtlError::invalid(
+            return Err(DtlError::argument(
                 "the image size, data.eval_batch_size and data.prefetch must be at least 1",
             ));
         }
         if d.limit_test == Some(0) {
-            return Err(DtlError::invalid(
-                "data.limit_test: must be at least 1, got 0; remove the key to use every item",
+            return Err(DtlError::setting(
+                "data.limit_test",
+                "must be at least 1, got 0; remove the key to use every item",
             ));
         }
         let test: Arc<dyn Dataset> = Arc::from(dtl_core::registry()?.open_dataset(d, Split::Test)?);
         if test.num_classes() > classes {
-            return Err(DtlError::invalid(format!(
-                "data.test: the test split `{}` has {} classes but the training split only {classes}",
-                d.test,
-                test.num_classes()
-            )));
+            return Err(DtlError::setting(
+                "data.test",
+                format!(
+                    "the test split `{}` has {} classes but the training split only {classes}",
+                    d.test,
+                    test.num_classes()
+                ),
+            ));
         }
         let test_index = subset(test.len(), d.limit_test, cfg.run.seed, 1);
         let test_ops = sample_list(cfg, "test", &cfg.augment.test, image_size)?;
@@ -416,7 +438,7 @@ impl DataPipeline {
             for &i in index.iter() {
                 match ds.label(i) {
                     Some(l) if l >= classes => {
-                        return Err(DtlError::invalid(format!(
+                        return Err(DtlError::argument(format!(
                             "{}: {split} label {l} is out of range: {key} = {classes} allows labels 0-{}",
                             ds.describe(i),
                             classes.saturating_sub(1)
@@ -525,7 +547,7 @@ impl Job {
         for &i in idx {
             let ex = self.ds.get(i)?;
             if ex.label >= self.num_classes {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::argument(format!(
                     "{}: label {} is out of range: the pipeline has {} classes (0-{}), taken from the training split",
                     self.ds.describe(i),
                     ex.label,
@@ -546,7 +568,7 @@ impl Job {
             let mut rng = rng_for(self.seed, self.epoch, b as u64, Stream::Batch);
             for (key, op, aug) in self.batch_ops.iter() {
                 let batch_op = aug.as_batch().ok_or_else(|| {
-                    DtlError::invalid(format!("{key}: op `{op}` is not a batch op"))
+                    DtlError::setting(key, format!("op `{op}` is not a batch op"))
                 })?;
                 batch_op.apply_batch(&mut tb, &mut rng).map_err(|e| {
                     DtlError::invalid(format!(

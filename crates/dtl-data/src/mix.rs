@@ -118,7 +118,7 @@ impl Mix {
 
 impl Augment for Mix {
     fn apply(&self, _sample: Sample, _rng: &mut dyn RngCore) -> Result<Sample> {
-        Err(DtlError::invalid(
+        Err(DtlError::argument(
             "mixup/cutmix work on whole batches; list them under `augment.batch`",
         ))
     }
@@ -133,9 +133,7 @@ impl BatchAugment for Mix {
         let n = b.n();
         let classes = b.num_classes;
         if let Some(&bad) = b.labels.iter().find(|&&l| l >= classes) {
-            return Err(DtlError::invalid(format!(
-                "label {bad} is out of range for {classes} classes"
-            )));
+            return Err(DtlError::label_range(bad, classes));
         }
         let (mut lam, cut) = self.params(rng);
         let per = b.image_len();

@@ -31,7 +31,7 @@ pub(crate) fn randint(rng: &mut dyn RngCore, lo: i64, hi: i64) -> i64 {
 fn need_rgb(sample: Sample, op: &str) -> Result<RgbImage> {
     match sample {
         Sample::Rgb(img) => Ok(img),
-        Sample::Tensor(_) => Err(DtlError::invalid(format!(
+        Sample::Tensor(_) => Err(DtlError::argument(format!(
             "op `{op}` works on pixels but got a tensor; put it before `to_tensor`/`normalize`"
         ))),
     }
@@ -434,7 +434,7 @@ impl Augment for Normalize {
             Sample::Rgb(img) => to_tensor(&img, self.mean, self.std),
             Sample::Tensor(mut t) => {
                 if t.channels != 3 {
-                    return Err(DtlError::invalid(format!(
+                    return Err(DtlError::shape(format!(
                         "op `normalize` needs 3 channels, got {}",
                         t.channels
                     )));
@@ -533,7 +533,7 @@ impl Augment for RandomErasing {
         let mut t = match sample {
             Sample::Tensor(t) => t,
             Sample::Rgb(_) => {
-                return Err(DtlError::invalid(
+                return Err(DtlError::argument(
                     "op `random_erasing` works on tensors; put it after `normalize`",
                 ))
             }

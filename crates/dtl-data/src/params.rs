@@ -38,7 +38,7 @@ impl<'a> Params<'a> {
 
     /// An error about `key`.
     pub fn err(&self, key: &str, msg: impl std::fmt::Display) -> DtlError {
-        DtlError::invalid(format!("{}.{key}: {msg}", self.path))
+        DtlError::setting(format!("{}.{key}", self.path), msg.to_string())
     }
 
     fn get(&self, key: &'static str) -> Option<&'a toml::Value> {
@@ -183,16 +183,14 @@ impl<'a> Params<'a> {
         for k in self.table.keys() {
             if k != "op" && !known.contains(k.as_str()) {
                 let valid: Vec<&str> = known.iter().copied().collect();
-                return Err(DtlError::invalid(format!(
-                    "{}.{k}: unknown key for op `{}`; valid keys: {}",
-                    self.path,
-                    self.op,
-                    if valid.is_empty() {
-                        "none".to_string()
-                    } else {
-                        valid.join(", ")
-                    }
-                )));
+                return Err(DtlError::setting(
+                    format!("{}.{k}", self.path),
+                    format!(
+                        "unknown key for op `{}`; valid keys: {}",
+                        self.op,
+                        names_or_none(&valid)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -236,5 +234,14 @@ impl Size {
             Size::Short(s) => (s, s),
             Size::Exact(h, w) => (w, h),
         }
+    }
+}
+
+/// `names` joined by commas, or `none` when there are none: the list of valid keys in an error.
+pub(crate) fn names_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
     }
 }

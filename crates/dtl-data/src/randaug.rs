@@ -243,7 +243,7 @@ impl Augment for RandAugment {
         let mut img = match sample {
             Sample::Rgb(img) => img,
             Sample::Tensor(_) => {
-                return Err(DtlError::invalid(
+                return Err(DtlError::argument(
                     "op `rand_augment` works on pixels but got a tensor; put it before `to_tensor`/`normalize`",
                 ))
             }

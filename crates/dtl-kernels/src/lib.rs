@@ -37,6 +37,7 @@
 use dtl_core::choice::Precision;
 use dtl_core::{BackboneSpec, DropPath, DtlError, Result};
 
+pub mod block;
 pub mod cpu;
 pub mod profile;
 
@@ -1264,7 +1265,7 @@ pub trait Kernels: Send + Sync + 'static {
         let need = adamw_scalars_len(self.len(scalars), index)?;
         let host = self.download(scalars, need)?;
         let step = AdamwStep::from_scalars(&host[need - AdamwStep::SCALARS..])
-            .ok_or_else(|| DtlError::invalid("adamw_from: the step scalars are incomplete"))?;
+            .ok_or_else(|| DtlError::shape("adamw_from: the step scalars are incomplete"))?;
         self.adamw(param, grad, m, v, len, &step, clip)
     }
 
@@ -1543,7 +1544,7 @@ pub trait KernelBackbone<K: Kernels>: Send + Sync + 'static {
         out: &mut K::Buf,
     ) -> Result<()> {
         let _ = (k, ws, x, batch, out);
-        Err(DtlError::invalid(format!(
+        Err(DtlError::argument(format!(
             "backbone `{}` has a single stage; it has no transition into stage {stage}",
             self.spec().name
         )))
@@ -1561,7 +1562,7 @@ pub trait KernelBackbone<K: Kernels>: Send + Sync + 'static {
         dx: &mut K::Buf,
     ) -> Result<()> {
         let _ = (k, ws, x, dy, batch, dx);
-        Err(DtlError::invalid(format!(
+        Err(DtlError::argument(format!(
             "backbone `{}` has a single stage; it has no transition into stage {stage}",
             self.spec().name
         )))
@@ -1581,9 +1582,7 @@ pub trait KernelBackbone<K: Kernels>: Send + Sync + 'static {
 /// ```
 pub fn check_len(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
     if got < want {
-        Err(DtlError::invalid(format!(
-            "{op}: buffer `{name}` holds {got} values, needs at least {want}"
-        )))
+        Err(DtlError::buffer_len(op, name, got, want))
     } else {
         Ok(())
     }
@@ -1603,7 +1602,7 @@ pub fn adamw_scalars_len(have: usize, index: usize) -> Result<usize> {
         .and_then(|e| e.checked_mul(AdamwStep::SCALARS));
     match need {
         Some(need) if need <= have => Ok(need),
-        _ => Err(DtlError::invalid(format!(
+        _ => Err(DtlError::shape(format!(
             "adamw_from: buffer `scalars` holds {have} values ({} entries of {}), entry {index} \
              needs {}",
             have / AdamwStep::SCALARS,
@@ -1623,7 +1622,7 @@ pub fn checked_product(what: &str, dims: &[usize]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::shape(format!(
                 "{what}: the sizes {dims:?} overflow when multiplied"
             ))
         })

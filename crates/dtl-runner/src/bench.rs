@@ -56,7 +56,7 @@ impl std::str::FromStr for Measurement {
             .into_iter()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| {
-                DtlError::invalid(format!(
+                DtlError::argument(format!(
                     "bench: `{s}` is not a measurement; use train, forward or vjp"
                 ))
             })
@@ -222,14 +222,14 @@ pub fn run<B: Backbone<D>, D: TrainDevice>(
     let mut rows = Vec::new();
     let what = parse_what(&opts.what)?;
     if opts.profile {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::argument(format!(
             "bench: {PROFILE_NEEDS_CUDA}; this pipeline runs on {}",
             cfg.run.device
         )));
     }
     for &batch in &opts.batches {
         if batch == 0 {
-            return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
+            return Err(DtlError::argument("bench: batch sizes must be at least 1"));
         }
         let host: Tensor<(usize, Const<3>, usize, usize), f32, Cpu> =
             rng.sample_normal_like(&(batch, Const::<3>, s, s));
@@ -346,7 +346,7 @@ pub(crate) fn profile_start<K: dtl_kernels::Kernels>(k: &K, opts: &BenchOptions)
         return Ok(());
     }
     k.profile_start()
-        .map_err(|e| DtlError::invalid(format!("bench: {PROFILE_NEEDS_CUDA} ({e})")))
+        .map_err(|e| DtlError::Unavailable(format!("bench: {PROFILE_NEEDS_CUDA} ({e})")))
 }
 
 /// The timed steps (`steps` of them) ended and the device was waited for: the profile, if
@@ -390,7 +390,7 @@ pub fn check_profile(cfg: &PipelineConfig) -> Result<()> {
     if KINDS.contains(&cfg.side.kind.as_str()) {
         return Ok(());
     }
-    Err(DtlError::invalid(format!(
+    Err(DtlError::argument(format!(
         "bench: --profile times the training row of the pipeline's side network (side.kind), \
          and `{}` is not one dtl bench trains; use side.kind = \"dtl\", \"dtl+\" or \"linear\"",
         cfg.side.kind

@@ -17,8 +17,7 @@ use crate::data::{Batch, BatchIter, BatchSource};
 use crate::model::{smoothed_targets, Model};
 use crate::optim::{AdamW, Schedule};
 use crate::report::{self, Metrics};
-/// The training step, kept under its earlier path; see [`crate::step`].
-pub use crate::step::{build_model, drop_masks, loss_and_grads, train_step, StepGrads};
+use crate::step;
 
 /// How often `last.safetensors` is refreshed inside an epoch (it is always written at the
 /// end of an epoch).
@@ -372,7 +371,7 @@ impl<B: Backbone<Cpu> + Send + Sync> Trainer<CpuSource<B>> {
 
     /// The model of this pipeline with freshly initialised side network and head.
     pub fn build_model(&self, classes: usize) -> Result<Model<B, Cpu>> {
-        build_model(&self.cfg, &self.source.backbone, classes, &self.source.dev)
+        step::build_model(&self.cfg, &self.source.backbone, classes, &self.source.dev)
     }
 
     /// Evaluates `model` on the test split.
@@ -404,7 +403,7 @@ impl<B: Backbone<Cpu> + Send + Sync> EngineSource for CpuSource<B> {
         self.backbone.spec()
     }
     fn engine(&self, cfg: &PipelineConfig, classes: usize) -> Result<CpuEngine<B>> {
-        let model = build_model(cfg, &self.backbone, classes, &self.dev)?;
+        let model = step::build_model(cfg, &self.backbone, classes, &self.dev)?;
         let opt = AdamW::from_config(&cfg.optim, &model.params(), &self.dev);
         Ok(CpuEngine {
             model,
@@ -422,7 +421,7 @@ impl<B: Backbone<Cpu> + Send + Sync> EngineSource for CpuSource<B> {
 /// A batch's images as a CPU tensor, checked against the image size.
 fn cpu_images(dev: &Cpu, batch: &Batch, s: usize) -> Result<dtl_core::Images<Cpu>> {
     if batch.images.len() != batch.n * 3 * s * s || batch.labels.len() != batch.n {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "a batch of {} images needs {} values at {s}x{s}, got {} (and {} labels)",
             batch.n,
             batch.n * 3 * s * s,
@@ -462,9 +461,7 @@ fn evaluate_cpu<B: Backbone<Cpu>>(
         }
         for (row, &l) in logits.chunks_exact(classes).zip(&batch.labels) {
             if l >= classes {
-                return Err(DtlError::invalid(format!(
-                    "label {l} is out of range for {classes} classes"
-                )));
+                return Err(DtlError::label_range(l, classes));
             }
             let above = row.iter().filter(|&&v| v > row[l]).count();
             c1 += (above == 0) as usize;
@@ -514,7 +511,7 @@ impl<B: Backbone<Cpu> + Send + Sync> Engine for CpuEngine<B> {
         _read_loss: bool,
     ) -> Result<Option<f32>> {
         let images = cpu_images(&self.dev, batch, self.image_size)?;
-        let loss = train_step(
+        let loss = step::train_step(
             &mut self.model,
             &mut self.opt,
             &images,
@@ -603,14 +600,14 @@ impl<E> TrainRun<E> {
 fn batch_targets(batch: &Batch, classes: usize, smoothing: f64) -> Result<Vec<f32>> {
     match &batch.soft_targets {
         Some(s) if s.len() == batch.n * classes => Ok(s.clone()),
-        Some(s) => Err(DtlError::invalid(format!(
+        Some(s) => Err(DtlError::shape(format!(
             "soft targets hold {} values, expected {} images x {classes} classes",
             s.len(),
             batch.n
         ))),
         None => {
             if let Some(&l) = batch.labels.iter().find(|&&l| l >= classes) {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::argument(format!(
                     "label {l} is out of range for {classes} classes (head.classes)"
                 )));
             }
@@ -651,7 +648,7 @@ impl<S: EngineSource> Trainer<S> {
         let mut engine = self.source.engine(&self.cfg, classes)?;
         let spe = self.steps_per_epoch()?;
         if spe == 0 {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "the training split has {} images, fewer than one batch of {}; lower data.batch_size or set data.drop_last = false",
                 self.data()?.train_len(),
                 self.cfg.data.batch_size
@@ -788,10 +785,14 @@ impl<S: EngineSource> Trainer<S> {
         run.pos.epoch_loss_sum = run.engine.loss_sum()?;
         let train_loss = run.pos.epoch_loss_sum / run.pos.epoch_loss_count.max(1) as f64;
         if !train_loss.is_finite() {
-            return Err(DtlError::invalid(format!(
-                "the mean training loss of epoch {} is {train_loss}; lower optim.lr or set optim.clip_grad",
-                epoch + 1
-            )));
+            return Err(DtlError::diverged(
+                1,
+                1,
+                format!(
+                    "the mean training loss of epoch {} is {train_loss}; lower optim.lr or set optim.clip_grad",
+                    epoch + 1
+                ),
+            ));
         }
         let mut line =
             json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": train_loss, "lr": lr});
@@ -817,7 +818,7 @@ impl<S: EngineSource> Trainer<S> {
     }
 
     /// Step phase: one optimizer step on `batch`, batch `bi` of `epoch`, at learning rate
-    /// `lr`: the targets ([`batch_targets`]), the step's drop-path masks ([`drop_masks`]),
+    /// `lr`: the targets ([`batch_targets`]), the step's drop-path masks ([`step::drop_masks`]),
     /// [`Engine::train_step`] (forward, loss, backward, AdamW), then the position, the
     /// progress bar, a `step` line of the metrics every `run.log_every` steps and
     /// `last.safetensors` when the checkpoint interval has passed. Returns the stop report
@@ -834,7 +835,7 @@ impl<S: EngineSource> Trainer<S> {
         let cfg = &self.cfg;
         let t = Instant::now();
         let targets = batch_targets(batch, run.classes, cfg.optim.label_smoothing)?;
-        let drops = drop_masks(
+        let drops = step::drop_masks(
             cfg.backbone.drop_path,
             run.depth,
             batch.n,
@@ -847,11 +848,15 @@ impl<S: EngineSource> Trainer<S> {
                 .train_step(batch, &targets, &drops, lr, cfg.optim.clip_grad, logging)?;
         if let Some(loss) = loss {
             if !loss.is_finite() {
-                return Err(DtlError::invalid(format!(
-                    "the loss became {loss} at epoch {} step {}; lower optim.lr or set optim.clip_grad",
-                    epoch + 1,
-                    run.pos.step + 1
-                )));
+                return Err(DtlError::diverged(
+                    1,
+                    1,
+                    format!(
+                        "the loss became {loss} at epoch {} step {}; lower optim.lr or set optim.clip_grad",
+                        epoch + 1,
+                        run.pos.step + 1
+                    ),
+                ));
             }
             run.last_loss = Some(loss);
         }
@@ -1184,7 +1189,7 @@ fn open_test_sets(
     let mut test_mask = None;
     if let Some(sub) = &cfg.eval.test_classes {
         let t = crate::data::open_test_set(cfg, image_size, classes)
-            .map_err(|e| DtlError::invalid(format!("eval.test_classes: {e}")))?;
+            .map_err(|e| DtlError::setting("eval.test_classes", e.to_string()))?;
         test_mask = class_mask(sub, "eval.test_classes", t.dataset.as_ref(), classes)?;
     }
     let mut sets = Vec::new();
@@ -1193,7 +1198,7 @@ fn open_test_sets(
         let mut tcfg = cfg.clone();
         tcfg.data = t.data_config(&cfg.data);
         let opened = crate::data::open_test_set(&tcfg, image_size, classes)
-            .map_err(|e| DtlError::invalid(format!("{key}: {e}")))?;
+            .map_err(|e| DtlError::setting(&key, e.to_string()))?;
         let mask = match &t.classes {
             Some(sub) => class_mask(
                 sub,
@@ -1233,13 +1238,13 @@ pub fn check_test_sets(
 /// Refuses a class mask that does not cover the head's classes or keeps none of them.
 pub(crate) fn check_mask(mask: &[f32], classes: usize) -> Result<()> {
     if mask.len() != classes {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "a class mask of {} values for a head of {classes} classes",
             mask.len()
         )));
     }
     if !mask.contains(&0.0) {
-        return Err(DtlError::invalid("a class mask keeps no class"));
+        return Err(DtlError::argument("a class mask keeps no class"));
     }
     Ok(())
 }
@@ -1264,22 +1269,26 @@ fn class_mask(
         ClassSubset::List(v) => v.clone(),
     };
     if let Some(&l) = keep.iter().find(|&&l| l >= classes) {
-        return Err(DtlError::invalid(format!(
-            "{key}: label {l} is out of range: the head has {classes} classes (labels 0-{})",
-            classes - 1
-        )));
+        return Err(DtlError::setting(
+            key,
+            format!(
+                "label {l} is out of range: the head has {classes} classes (labels 0-{})",
+                classes - 1
+            ),
+        ));
     }
     if keep.is_empty() {
-        return Err(DtlError::invalid(format!(
-            "{key}: the test set has no labelled items, so no class is kept"
-        )));
+        return Err(DtlError::setting(
+            key,
+            "the test set has no labelled items, so no class is kept",
+        ));
     }
     let kept: std::collections::BTreeSet<usize> = keep.iter().copied().collect();
     for i in 0..ds.len() {
         if let Some(l) = ds.label(i) {
             if !kept.contains(&l) {
-                return Err(DtlError::invalid(format!(
-                    "{key}: item {} has label {l}, which is not one of the {} classes the test set is scored over; add it to the list or use \"present\"",
+                return Err(DtlError::setting(key, format!(
+                    "item {} has label {l}, which is not one of the {} classes the test set is scored over; add it to the list or use \"present\"",
                     ds.describe(i),
                     kept.len()
                 )));
@@ -1348,15 +1357,15 @@ mod tests {
         let dev = Cpu::default();
         let bb = Arc::new(FailingVjp(crate::toy::ToyBackbone::new(&dev, 3)));
         let classes = 4;
-        let mut model = build_model(&cfg, &bb, classes, &dev).unwrap();
+        let mut model = step::build_model(&cfg, &bb, classes, &dev).unwrap();
         let mut opt = crate::optim::AdamW::from_config(&cfg.optim, &model.params(), &dev);
         let size = bb.spec().image_size;
         let images: dtl_core::Images<Cpu> =
             dev.tensor_from_vec(vec![0.25; 2 * 3 * size * size], (2, Const::<3>, size, size));
         let targets = crate::model::smoothed_targets(&[0, 1], classes, 0.0);
-        let drops = drop_masks(0.0, bb.spec().depth, 2, 0, 0);
+        let drops = step::drop_masks(0.0, bb.spec().depth, 2, 0, 0);
         let before: Vec<Vec<f32>> = model.params().iter().map(|p| p.value.as_vec()).collect();
-        let e = train_step(&mut model, &mut opt, &images, &targets, &drops, 1e-2, None)
+        let e = step::train_step(&mut model, &mut opt, &images, &targets, &drops, 1e-2, None)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("error in backward pass: block "), "{e}");
@@ -1395,7 +1404,7 @@ mod tests {
         let dev = Cpu::default();
         let bb = Arc::new(crate::toy::ToyBackbone::new(&dev, 3));
         let classes = 5;
-        let mut model = build_model(&cfg, &bb, classes, &dev).unwrap();
+        let mut model = step::build_model(&cfg, &bb, classes, &dev).unwrap();
         // A trained-looking head: random weights instead of the zero-initialised B maps.
         for p in model.params_mut() {
             let n = p.value.as_vec().len();

@@ -80,7 +80,7 @@ fn check_inject(
     want: &(usize, usize, usize),
 ) -> Result<()> {
     if got != want {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "side network `inject` at block {block} returned shape {got:?}, the tokens are {want:?}"
         )));
     }
@@ -129,7 +129,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
     fn tokens(&self, x: Act<D>) -> Result<TracedTokens<D, B>> {
         x.try_realize::<(usize, B::Tokens, B::Width)>()
             .map_err(|x| {
-                DtlError::invalid(format!(
+                DtlError::shape(format!(
                     "activations of shape {:?} do not fit backbone `{}`",
                     x.shape(),
                     self.backbone.spec().name
@@ -141,7 +141,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
     /// empty tape.
     fn inject(&self, block: usize, z: Option<Act<D>>) -> Result<(Act<D>, Option<Act<D>>)> {
         let z = z.ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::state(format!(
                 "block {block} is injected before any block is tapped"
             ))
         })?;
@@ -167,7 +167,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
         let pooled = D::pool(x, prefix, self.cls_pool)?;
         let pooled = pooled
             .try_realize::<(usize, B::Width)>()
-            .map_err(|_| DtlError::invalid("pooled features do not match the backbone width"))?;
+            .map_err(|_| DtlError::shape("pooled features do not match the backbone width"))?;
         let f = frozen_norm(&self.backbone, pooled)?;
         self.head.forward(to2(f))
     }
@@ -270,7 +270,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
             |i, x| bb.block_forward(i, &x, None),
             |i, x, z| {
                 let zz = z.as_ref().ok_or_else(|| {
-                    DtlError::invalid(format!("block {i} is injected before any block is tapped"))
+                    DtlError::state(format!("block {i} is injected before any block is tapped"))
                 })?;
                 let inj = self.side.inject(i, &zz.with_empty_tape())?.split_tape().0;
                 let x3 = to3(x);
@@ -279,9 +279,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
                 let x = sum
                     .try_realize::<(usize, B::Tokens, B::Width)>()
                     .map_err(|_| {
-                        DtlError::invalid(
-                            "side network output does not match the backbone's tokens",
-                        )
+                        DtlError::shape("side network output does not match the backbone's tokens")
                     })?;
                 Ok((x, z))
             },
@@ -289,7 +287,7 @@ impl<B: Backbone<D>, D: TrainDevice> Model<B, D> {
         let prefix = bb.spec().prefix_tokens;
         let pooled = D::pool(to3(x), prefix, self.cls_pool)?
             .try_realize::<(usize, B::Width)>()
-            .map_err(|_| DtlError::invalid("pooled features do not match the backbone width"))?;
+            .map_err(|_| DtlError::shape("pooled features do not match the backbone width"))?;
         let f = to2(bb.norm_forward(&pooled)?);
         Ok(self
             .head

@@ -17,14 +17,14 @@ pub(crate) fn low_rank_rank<D: Device<f32>>(a: &Param<D>, b: &Param<D>, d: usize
     let (r, ad) = match a.shape.as_slice() {
         [r, ad] => (*r, *ad),
         s => {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "parameter `{}` must be (rank, width), got {s:?}",
                 a.name
             )))
         }
     };
     if ad != d || b.shape != [d, r] || a.value.shape().0 != r * d || b.value.shape().0 != d * r {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "low-rank map `{}` {:?} / `{}` {:?} does not fit activations of width {d}",
             a.name, a.shape, b.name, b.shape
         )));
@@ -44,7 +44,7 @@ pub(crate) fn conv_kernel<D: Device<f32>>(
     let k = match w.shape.as_slice() {
         [wd, 1, k1, k2] if *wd == d && k1 == k2 && w.value.shape().0 == d * k1 * k1 => *k1,
         sh => {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "parameter `{}` must be ({d}, 1, k, k), got {sh:?}",
                 w.name
             )))
@@ -52,7 +52,7 @@ pub(crate) fn conv_kernel<D: Device<f32>>(
     };
     let (gh, gw) = grid;
     if n != prefix + gh * gw {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "depthwise conv: {n} tokens do not match {prefix} prefix tokens plus a {gh}x{gw} grid"
         )));
     }
@@ -69,14 +69,14 @@ pub(crate) fn linear_classes<D: Device<f32>>(
     let c = match w.shape.as_slice() {
         [c, wd] if *wd == d && w.value.shape().0 == c * d => *c,
         sh => {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "parameter `{}` must be (classes, {d}), got {sh:?}",
                 w.name
             )))
         }
     };
     if bias.shape != [c] || bias.value.shape().0 != c {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "parameter `{}` must be ({c},), got {:?}",
             bias.name, bias.shape
         )));
@@ -483,7 +483,7 @@ pub fn soft_cross_entropy(
 ) -> Result<Tensor<Rank0, f32, Cpu, CpuTape>> {
     let (bs, c) = *logits.shape();
     if targets.len() != bs * c {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "targets hold {} values, logits are {bs}x{c}",
             targets.len()
         )));

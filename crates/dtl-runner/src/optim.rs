@@ -86,7 +86,7 @@ impl<D: TrainDevice> AdamW<D> {
     /// One update of every tensor with learning rate `lr`.
     pub fn step(&mut self, params: Vec<&mut Param<D>>, grads: &[Flat<D>], lr: f64) -> Result<()> {
         if params.len() != self.layout.len() || grads.len() != self.layout.len() {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "optimizer holds {} tensors, got {} parameters and {} gradients",
                 self.layout.len(),
                 params.len(),
@@ -106,7 +106,7 @@ impl<D: TrainDevice> AdamW<D> {
             .enumerate()
         {
             if p.numel() != n || g.shape().0 != n {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "optimizer tensor {i} holds {n} values, got {} parameters and {} gradients",
                     p.numel(),
                     g.shape().0
@@ -141,13 +141,13 @@ impl<D: TrainDevice> AdamW<D> {
     /// Restores tensor `i`'s moments from host values.
     pub fn set_moments(&mut self, i: usize, exp_avg: &[f32], exp_avg_sq: &[f32]) -> Result<()> {
         let n = self.layout.get(i).map(|l| l.0).ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::argument(format!(
                 "optimizer has {} tensors, no tensor {i}",
                 self.layout.len()
             ))
         })?;
         if exp_avg.len() != n || exp_avg_sq.len() != n {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "optimizer tensor {i} holds {n} values, got moments of {} and {}",
                 exp_avg.len(),
                 exp_avg_sq.len()

@@ -392,10 +392,11 @@ pub fn graphs_from_env() -> Result<bool> {
         Ok(v) => match v.trim() {
             "" | "1" | "on" | "true" => Ok(true),
             "0" | "off" | "false" => Ok(false),
-            other => Err(DtlError::invalid(format!(
-                "DTL_GRAPHS = `{other}`: use 1 (record the training step as a CUDA graph, the \
-                 default) or 0 (plain launches)"
-            ))),
+            other => Err(DtlError::env(
+                "DTL_GRAPHS",
+                other,
+                "1 (record the training step as a CUDA graph, the default) or 0 (plain launches)",
+            )),
         },
     }
 }
@@ -478,7 +479,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     ) -> Result<Self> {
         let find = |name: &str, shape: &[usize]| -> Result<usize> {
             let i = params.iter().position(|p| p.name == name).ok_or_else(|| {
-                DtlError::invalid(format!(
+                DtlError::argument(format!(
                     "the side network and head hold no tensor `{name}` (they hold {})",
                     params
                         .iter()
@@ -488,7 +489,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 ))
             })?;
             if params[i].shape != shape {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "tensor `{name}` has shape {:?}, the kernel-set step needs {shape:?}",
                     params[i].shape
                 )));
@@ -530,12 +531,12 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 kernel,
             } => {
                 if taps.is_empty() || injects.is_empty() || injects[0] < taps[0] {
-                    return Err(DtlError::invalid(
+                    return Err(DtlError::argument(
                         "side network: needs at least one tap and one inject, and no inject before the first tap",
                     ));
                 }
                 if let Some(bad) = taps.iter().chain(&injects).find(|&&i| i >= spec.depth) {
-                    return Err(DtlError::invalid(format!(
+                    return Err(DtlError::argument(format!(
                         "side network: block {bad} is past the depth of `{}` (blocks 0-{})",
                         spec.name,
                         spec.depth.saturating_sub(1)
@@ -677,7 +678,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     /// larger batch later plans again).
     pub fn plan(&mut self, batch: usize) -> Result<()> {
         if batch == 0 {
-            return Err(DtlError::invalid("the batch size must be at least 1"));
+            return Err(DtlError::argument("the batch size must be at least 1"));
         }
         if self.bufs.as_ref().is_some_and(|b| b.cap >= batch) {
             return Ok(());
@@ -808,7 +809,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let s = &self.spec;
         let want = n * s.in_chans * s.image_size * s.image_size;
         if n == 0 || images != want {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "a batch of {n} images needs {want} values at {0}x{0}, got {images}",
                 s.image_size
             )));
@@ -1008,9 +1009,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let (block, a, b) = l.taps[ti];
         let st = self.spec.stage(block);
         let (rows, d, r) = (n * st.tokens(), st.width, l.rank);
-        let x = bufs.saved[block].as_ref().ok_or_else(|| {
-            DtlError::invalid(format!("the input of tapped block {block} was not kept"))
-        })?;
+        let x = bufs.saved[block]
+            .as_ref()
+            .ok_or_else(|| DtlError::not_kept(&format!("input of tapped block {block}")))?;
         k.linear_wgrad(
             &bufs.gz,
             &bufs.t[ti],
@@ -1093,9 +1094,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
             let (st_tokens, st_d) = self.stage_dims(si);
             let act = n * st_tokens * st_d;
             if self.layout.injects.contains(&i) {
-                let z = bufs.zk[i].as_ref().ok_or_else(|| {
-                    DtlError::invalid(format!("the side state at inject {i} was not kept"))
-                })?;
+                let z = bufs.zk[i]
+                    .as_ref()
+                    .ok_or_else(|| DtlError::not_kept(&format!("side state at inject {i}")))?;
                 match &self.layout.conv {
                     None => k.swish_vjp(z, &bufs.gx, act, beta, &mut bufs.gz, true)?,
                     Some((w, kernel)) => {
@@ -1108,9 +1109,9 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 }
             }
             if i > first {
-                let x = bufs.saved[i].as_ref().ok_or_else(|| {
-                    DtlError::invalid(format!("the input of block {i} was not kept"))
-                })?;
+                let x = bufs.saved[i]
+                    .as_ref()
+                    .ok_or_else(|| DtlError::not_kept(&format!("input of block {i}")))?;
                 let drop = if drops.get(i).copied().unwrap_or(false) {
                     Some(&bufs.drops[i])
                 } else {
@@ -1153,9 +1154,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
                 // Down through the transition into this stage; the side state of the stage
                 // before started from zero, and so does its gradient.
                 let x = bufs.trans[si].as_ref().ok_or_else(|| {
-                    DtlError::invalid(format!(
-                        "the input of the transition into stage {si} was not kept"
-                    ))
+                    DtlError::not_kept(&format!("input of the transition into stage {si}"))
                 })?;
                 self.backbone
                     .stage_vjp(k, &mut bufs.ws, si, x, &bufs.gx, n, &mut bufs.gx2)?;
@@ -1185,7 +1184,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         self.check_batch(images.len(), n)?;
         if let Some(t) = targets {
             if t.len() != n * self.classes {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "targets hold {} values, expected {n} images x {} classes",
                     t.len(),
                     self.classes
@@ -1203,7 +1202,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         for (i, d) in drops.iter().enumerate().take(self.spec.depth) {
             if let Some(d) = d {
                 if d.attn.len() != n || d.mlp.len() != n {
-                    return Err(DtlError::invalid(format!(
+                    return Err(DtlError::shape(format!(
                         "drop path scales for {} / {} samples given to a batch of {n}",
                         d.attn.len(),
                         d.mlp.len()
@@ -1366,7 +1365,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let mut bufs = self
             .bufs
             .take()
-            .ok_or_else(|| DtlError::invalid("update before any forward and backward pass"))?;
+            .ok_or_else(|| DtlError::state("update before any forward and backward pass"))?;
         let r = self.update_planned(&mut bufs, lr, clip.map(|c| c as f32));
         self.bufs = Some(bufs);
         r
@@ -1456,7 +1455,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let bufs = self
             .bufs
             .as_ref()
-            .ok_or_else(|| DtlError::invalid("no step has run yet"))?;
+            .ok_or_else(|| DtlError::state("no step has run yet"))?;
         Ok(self.k.download(&bufs.loss, 1)?[0])
     }
 
@@ -1465,7 +1464,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let bufs = self
             .bufs
             .as_ref()
-            .ok_or_else(|| DtlError::invalid("no step has run yet"))?;
+            .ok_or_else(|| DtlError::state("no step has run yet"))?;
         self.k.download(&bufs.logits, n * self.classes)
     }
 
@@ -1511,16 +1510,13 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         mask: Option<&K::Buf>,
     ) -> Result<()> {
         if labels.len() != n {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "a batch of {n} images came with {} labels",
                 labels.len()
             )));
         }
         if let Some(&l) = labels.iter().find(|&&l| l >= self.classes) {
-            return Err(DtlError::invalid(format!(
-                "label {l} is out of range for {} classes",
-                self.classes
-            )));
+            return Err(DtlError::label_range(l, self.classes));
         }
         self.upload_batch(images, n, None, &[])?;
         let mut bufs = self.bufs.take().expect("planned by upload_batch");
@@ -1543,7 +1539,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         let bufs = self
             .bufs
             .as_ref()
-            .ok_or_else(|| DtlError::invalid("no evaluation has started"))?;
+            .ok_or_else(|| DtlError::state("no evaluation has started"))?;
         let s = self.k.download(&bufs.stats, 4)?;
         Ok(EvalCounts {
             top1: s[0] as f64,
@@ -1621,7 +1617,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
     /// Replaces the parameters' values (in [`Self::params`] order), e.g. with a reference's.
     pub fn set_params(&mut self, values: &[Vec<f32>]) -> Result<()> {
         if values.len() != self.params.len() {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{} tensors given for {} parameters",
                 values.len(),
                 self.params.len()
@@ -1629,7 +1625,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
         }
         for (p, v) in self.params.iter_mut().zip(values) {
             if v.len() != p.numel() {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "`{}` holds {} values, {} given",
                     p.name,
                     p.numel(),
@@ -1646,7 +1642,7 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> ResidentModel<K, B> {
 /// grid and prefix (what the norm and the head see).
 fn check_stages(spec: &BackboneSpec) -> Result<()> {
     let bad = |why: String| {
-        Err(DtlError::invalid(format!(
+        Err(DtlError::argument(format!(
             "backbone `{}`: its stages {:?} {why}",
             spec.name,
             spec.stages
@@ -1848,10 +1844,14 @@ impl<K: Kernels + Clone, B: KernelBackbone<K>> Engine for ResidentEngine<K, B> {
         }
         let c = self.model.eval_end(images)?;
         if c.non_finite > 0.0 {
-            return Err(DtlError::invalid(format!(
-                "the logits of {} of {images} test images are not finite (NaN or Inf): the side network or head has diverged; lower optim.lr or set optim.clip_grad",
-                c.non_finite
-            )));
+            return Err(DtlError::diverged(
+                c.non_finite as usize,
+                images,
+                format!(
+                    "the logits of {} of {images} test images are not finite (NaN or Inf): the side network or head has diverged; lower optim.lr or set optim.clip_grad",
+                    c.non_finite
+                ),
+            ));
         }
         let n = images.max(1) as f64;
         Ok(EvalResult {
@@ -1904,7 +1904,7 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.run.seed);
     for &batch in &opts.batches {
         if batch == 0 {
-            return Err(DtlError::invalid("bench: batch sizes must be at least 1"));
+            return Err(DtlError::argument("bench: batch sizes must be at least 1"));
         }
         let images: Vec<f32> = {
             use rand::Rng;
@@ -1945,7 +1945,7 @@ pub fn bench<K: Kernels + Clone, B: KernelBackbone<K>>(
                         }
                         let mut step = 0u64;
                         let mut run = || {
-                            let drops = crate::job::drop_masks(
+                            let drops = crate::step::drop_masks(
                                 c.backbone.drop_path,
                                 spec.depth,
                                 batch,

@@ -78,8 +78,12 @@ pub fn non_finite_logits(step: usize, bad: usize, n: usize, images: &[f32]) -> D
     } else {
         "the backbone weights and the trained parameters are finite, so the side network or head overflows: it has diverged in training; retrain with a lower optim.lr or with optim.clip_grad"
     };
-    DtlError::invalid(format!(
-        "evaluation step {}: the logits of {bad} of {n} images are not finite (NaN or Inf); {advice}",
-        step + 1
-    ))
+    DtlError::diverged(
+        bad,
+        n,
+        format!(
+            "evaluation step {}: the logits of {bad} of {n} images are not finite (NaN or Inf); {advice}",
+            step + 1
+        ),
+    )
 }

@@ -33,13 +33,13 @@ fn host_param<D: TrainDevice>(
     values: Vec<f32>,
 ) -> Result<Param<D>> {
     if shape != want {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "{what}: tensor `{name}` has shape {shape:?}, expected {want:?}"
         )));
     }
     let n: usize = want.iter().product();
     if values.len() != n {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "{what}: tensor `{name}` of shape {want:?} needs {n} values, got {} (shape [{}])",
             values.len(),
             values.len()
@@ -140,17 +140,17 @@ impl<D: TrainDevice> DtlSide<D> {
         kernel: usize,
     ) -> Result<Vec<(String, Vec<usize>)>> {
         if rank == 0 {
-            return Err(DtlError::invalid("side.rank must be at least 1"));
+            return Err(DtlError::argument("side.rank must be at least 1"));
         }
         if let Some(bad) = taps.iter().chain(injects).find(|&&i| i >= spec.depth) {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "side network: block {bad} is past the depth of `{}` (blocks 0-{})",
                 spec.name,
                 spec.depth.saturating_sub(1)
             )));
         }
         if taps.is_empty() || injects.is_empty() || injects[0] < taps[0] {
-            return Err(DtlError::invalid(
+            return Err(DtlError::argument(
                 "side network: needs at least one tap and one inject, and no inject before the first tap",
             ));
         }
@@ -208,7 +208,7 @@ impl<D: TrainDevice> DtlSide<D> {
         let shapes = Self::shapes(spec, rank, &taps, &injects, kernel)?;
         if values.len() != shapes.len() {
             let names: Vec<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "side network: {} tensors given, `{}` needs {} ({})",
                 values.len(),
                 spec.name,
@@ -270,7 +270,7 @@ impl<D: TrainDevice> DtlSide<D> {
 
     fn maps(&self, block: usize) -> Result<(&Param<D>, &Param<D>)> {
         let k = self.taps.iter().position(|&t| t == block).ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::argument(format!(
                 "side network: block {block} is not tapped (taps {:?})",
                 self.taps
             ))
@@ -379,12 +379,12 @@ impl<D: TrainDevice> SideNetwork<D> for LinearProbe {
         &[]
     }
     fn tap(&self, block: usize, _x: Act<D>, _z: Option<Act<D>>) -> Result<Act<D>> {
-        Err(DtlError::invalid(format!(
+        Err(DtlError::argument(format!(
             "the linear probe taps no block (asked for block {block})"
         )))
     }
     fn inject(&self, block: usize, _z: &Act<D>) -> Result<Act<D>> {
-        Err(DtlError::invalid(format!(
+        Err(DtlError::argument(format!(
             "the linear probe injects into no block (asked for block {block})"
         )))
     }
@@ -412,7 +412,7 @@ impl<D: TrainDevice> LinearHead<D> {
     /// from the seeded CPU generator `init`.
     pub fn new(width: usize, classes: usize, init: &Cpu, dev: &D) -> Result<Self> {
         if classes == 0 {
-            return Err(DtlError::invalid(
+            return Err(DtlError::argument(
                 "head: the number of classes must be at least 1",
             ));
         }
@@ -454,7 +454,7 @@ impl<D: TrainDevice> LinearHead<D> {
         let (classes, width) = match weight.0.as_slice() {
             &[c, w] if c > 0 && w > 0 => (c, w),
             other => {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "head: tensor `head.weight` has shape {other:?}, expected [classes, width] \
                      with both at least 1"
                 )))

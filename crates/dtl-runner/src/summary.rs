@@ -378,10 +378,12 @@ pub fn expand_run_dirs(args: &[String]) -> Result<Vec<PathBuf>> {
         let mut matched: Vec<PathBuf> = Vec::new();
         if a.contains(['*', '?', '[']) {
             let paths = glob::glob(a)
-                .map_err(|e| DtlError::invalid(format!("`{a}` is not a valid pattern: {e}")))?;
+                .map_err(|e| DtlError::argument(format!("`{a}` is not a valid pattern: {e}")))?;
             matched.extend(paths.filter_map(|p| p.ok()));
             if matched.is_empty() {
-                return Err(DtlError::invalid(format!("`{a}` matches no run directory")));
+                return Err(DtlError::argument(format!(
+                    "`{a}` matches no run directory"
+                )));
             }
         } else {
             matched.push(PathBuf::from(a));
@@ -422,7 +424,7 @@ pub fn expand_run_dirs(args: &[String]) -> Result<Vec<PathBuf>> {
             }
         }
         if pattern && !found {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "`{a}` matches no run directory (a folder with report.json or pipeline.toml)"
             )));
         }
@@ -648,7 +650,7 @@ pub fn summarize(
 ) -> Result<Summary> {
     if let Some(k) = sort {
         if !SORT_KEYS.contains(&k) {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "--sort {k}: not a column; the columns are {}",
                 SORT_KEYS.join(", ")
             )));

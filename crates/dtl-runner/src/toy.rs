@@ -92,7 +92,7 @@ impl Backbone<Cpu> for ToyBackbone {
     fn embed(&self, images: &Images<Cpu>) -> Result<Tensor<(usize, Const<N>, Const<W>), f32, Cpu>> {
         let (b, _, h, w) = *images.shape();
         if h != 8 || w != 8 {
-            return Err(dtl_core::DtlError::invalid(format!(
+            return Err(dtl_core::DtlError::shape(format!(
                 "toy backbone takes 8x8 images, got {h}x{w}"
             )));
         }

@@ -2,6 +2,9 @@
 //! blocks, stage transitions and final norm written once over the kernel set.
 
 use dtl_core::{BackboneSpec, DtlError, Result};
+use dtl_kernels::block::{
+    check_batch, saved_mut, saved_ref, BlockCall, BlockScratch, Branch, NormOn, PreNorm, Residual,
+};
 use dtl_kernels::{AttnShape, DropScales, KernelBackbone, Kernels, MergeShape, WindowShape};
 
 use crate::weights::{MergeWeights, SwinBlockWeights, SwinWeights};
@@ -76,18 +79,8 @@ pub fn score_bias(
 
 /// One block's weights on a device, with its dense score bias.
 struct BlockOn<K: Kernels> {
-    norm1_w: K::Buf,
-    norm1_b: K::Buf,
-    qkv_w: K::Buf,
-    qkv_b: K::Buf,
-    proj_w: K::Buf,
-    proj_b: K::Buf,
-    norm2_w: K::Buf,
-    norm2_b: K::Buf,
-    fc1_w: K::Buf,
-    fc1_b: K::Buf,
-    fc2_w: K::Buf,
-    fc2_b: K::Buf,
+    /// The norm/linear pairs, timm layouts.
+    w: PreNorm<K::Buf>,
     /// `groups x heads x T x T`.
     bias: K::Buf,
     groups: usize,
@@ -165,18 +158,13 @@ struct Largest {
     scratch: usize,
 }
 
-/// One call of a block: the device, the block's weights and geometry, the batch and its
-/// drop-path scales; the block's halves are its methods.
+/// One call of a block: the call of its norm/linear pairs (the device, the batch and its
+/// drop-path scales), the block's score bias and its window geometry; the block's halves are
+/// its methods.
 struct At<'a, K: Kernels> {
-    k: &'a K,
+    c: BlockCall<'a, K>,
     blk: &'a BlockOn<K>,
     g: Geo,
-    batch: usize,
-    /// Tokens of the batch: `batch x g.tokens()`.
-    rows: usize,
-    drop: Option<&'a DropScales<K>>,
-    /// The LayerNorms' epsilon.
-    eps: f32,
 }
 
 impl<K: Kernels> Clone for At<'_, K> {
@@ -219,12 +207,10 @@ pub struct SwinOn<K: Kernels> {
     spec: BackboneSpec,
     patch_w: K::Buf,
     patch_b: K::Buf,
-    patch_norm_w: K::Buf,
-    patch_norm_b: K::Buf,
+    patch_norm: NormOn<K>,
     blocks: Vec<BlockOn<K>>,
     merges: Vec<MergeOn<K>>,
-    norm_w: K::Buf,
-    norm_b: K::Buf,
+    norm: NormOn<K>,
 }
 
 impl<K: Kernels> std::fmt::Debug for SwinOn<K> {
@@ -341,31 +327,22 @@ impl<K: Kernels> SwinOn<K> {
     /// ```
     pub fn upload(k: &K, cfg: &SwinConfig, weights: &SwinWeights) -> Result<Self> {
         let (prep, w) = prepare(cfg, weights.clone())?;
+        let eps = cfg.spec().norm_eps as f32;
         // Frozen weights at the device's precision; the dense score bias stays f32 (below).
         let up = |v: &[f32]| k.upload_frozen(v);
         let blocks = prep
             .blocks
             .into_iter()
             .map(|(b, bias, groups)| {
+                let (pairs, table) = b.into_parts();
                 Ok(BlockOn {
-                    norm1_w: up(&b.norm1_w)?,
-                    norm1_b: up(&b.norm1_b)?,
-                    qkv_w: up(&b.qkv_w)?,
-                    qkv_b: up(&b.qkv_b)?,
-                    proj_w: up(&b.proj_w)?,
-                    proj_b: up(&b.proj_b)?,
-                    norm2_w: up(&b.norm2_w)?,
-                    norm2_b: up(&b.norm2_b)?,
-                    fc1_w: up(&b.fc1_w)?,
-                    fc1_b: up(&b.fc1_b)?,
-                    fc2_w: up(&b.fc2_w)?,
-                    fc2_b: up(&b.fc2_b)?,
+                    w: pairs.upload(k)?,
                     // f32 whatever the precision: the bias is added to the scores before the
                     // softmax, as PyTorch's autocast adds timm's f32 relative-position table to
                     // the bf16 scores in f32; a bf16 bias would round the table to 3 digits.
                     bias: k.upload_new(&bias)?,
                     groups,
-                    table: b.rel_table,
+                    table,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -385,12 +362,10 @@ impl<K: Kernels> SwinOn<K> {
             spec: cfg.spec(),
             patch_w: up(&w.patch_w)?,
             patch_b: up(&w.patch_b)?,
-            patch_norm_w: up(&w.patch_norm_w)?,
-            patch_norm_b: up(&w.patch_norm_b)?,
+            patch_norm: NormOn::upload(k, &w.patch_norm_w, &w.patch_norm_b, eps)?,
             blocks,
             merges,
-            norm_w: up(&w.norm_w)?,
-            norm_b: up(&w.norm_b)?,
+            norm: NormOn::upload(k, &w.norm_w, &w.norm_b, eps)?,
         })
     }
 
@@ -432,21 +407,8 @@ impl<K: Kernels> SwinOn<K> {
         for (i, b) in self.blocks.iter().enumerate() {
             let g = self.geo(i)?;
             let (d, h) = (g.width, g.hidden);
-            blocks.push(SwinBlockWeights {
-                norm1_w: k.download(&b.norm1_w, d)?,
-                norm1_b: k.download(&b.norm1_b, d)?,
-                qkv_w: k.download(&b.qkv_w, 3 * d * d)?,
-                qkv_b: k.download(&b.qkv_b, 3 * d)?,
-                proj_w: k.download(&b.proj_w, d * d)?,
-                proj_b: k.download(&b.proj_b, d)?,
-                rel_table: b.table.clone(),
-                norm2_w: k.download(&b.norm2_w, d)?,
-                norm2_b: k.download(&b.norm2_b, d)?,
-                fc1_w: k.download(&b.fc1_w, h * d)?,
-                fc1_b: k.download(&b.fc1_b, h)?,
-                fc2_w: k.download(&b.fc2_w, d * h)?,
-                fc2_b: k.download(&b.fc2_b, d)?,
-            });
+            let pairs = b.w.download(k, d, h)?;
+            blocks.push(SwinBlockWeights::from_parts(pairs, b.table.clone()));
         }
         let merges = self
             .merges
@@ -461,16 +423,19 @@ impl<K: Kernels> SwinOn<K> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let cl = c.width(c.stages() - 1);
+        let patch_w = k.download(&self.patch_w, c0 * c.in_chans * p * p)?;
+        let patch_b = k.download(&self.patch_b, c0)?;
+        let (patch_norm_w, patch_norm_b) = self.patch_norm.download(k)?;
+        let (norm_w, norm_b) = self.norm.download(k)?;
         Ok(SwinWeights {
-            patch_w: k.download(&self.patch_w, c0 * c.in_chans * p * p)?,
-            patch_b: k.download(&self.patch_b, c0)?,
-            patch_norm_w: k.download(&self.patch_norm_w, c0)?,
-            patch_norm_b: k.download(&self.patch_norm_b, c0)?,
+            patch_w,
+            patch_b,
+            patch_norm_w,
+            patch_norm_b,
             blocks,
             merges,
-            norm_w: k.download(&self.norm_w, cl)?,
-            norm_b: k.download(&self.norm_b, cl)?,
+            norm_w,
+            norm_b,
         })
     }
 
@@ -500,7 +465,7 @@ impl<K: Kernels> SwinOn<K> {
         let nw = (g.res / g.window) * (g.res / g.window);
         let t = g.window * g.window;
         if (groups != 1 && groups != nw) || bias.len() != groups * g.heads * t * t {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: block {block} takes a score bias of 1 or {nw} groups of {} heads x {t} x {t} values; {} values in {groups} groups given",
                 self.cfg.name,
                 g.heads,
@@ -515,7 +480,7 @@ impl<K: Kernels> SwinOn<K> {
 
     fn geo(&self, block: usize) -> Result<Geo> {
         let (s, _) = self.cfg.locate(block).ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::argument(format!(
                 "{}: block {block} does not exist (the variant has {} blocks)",
                 self.cfg.name,
                 self.blocks.len()
@@ -533,24 +498,18 @@ impl<K: Kernels> SwinOn<K> {
     }
 
     fn check_batch(&self, ws: &SwinWorkspace<K>, batch: usize) -> Result<()> {
-        if batch > ws.batch {
-            return Err(DtlError::invalid(format!(
-                "{}: a batch of {batch} given to a workspace planned for {}",
-                self.cfg.name, ws.batch
-            )));
-        }
-        Ok(())
+        check_batch(&self.cfg.name, ws.batch, batch)
     }
 
     fn merge(&self, stage: usize) -> Result<&MergeOn<K>> {
         if stage == 0 {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "{}: stage 0 has no transition into it (it starts from the patch embedding)",
                 self.cfg.name
             )));
         }
         self.merges.get(stage - 1).ok_or_else(|| {
-            DtlError::invalid(format!(
+            DtlError::argument(format!(
                 "{}: stage {stage} does not exist (the variant has {} stages)",
                 self.cfg.name,
                 self.cfg.stages()
@@ -570,15 +529,13 @@ impl<K: Kernels> SwinOn<K> {
     ) -> Result<At<'a, K>> {
         self.check_batch(ws, batch)?;
         let g = self.geo(block)?;
-        Ok(At {
-            k,
-            blk: &self.blocks[block],
-            g,
-            batch,
-            rows: batch * g.tokens(),
-            drop,
-            eps: self.spec.norm_eps as f32,
-        })
+        let blk = &self.blocks[block];
+        let eps = self.spec.norm_eps as f32;
+        // every branch joins through `add_scaled`, with or without drop path
+        let joins = Residual::Scaled;
+        let (tokens, width, hidden) = (g.tokens(), g.width, g.hidden);
+        let c = BlockCall::new(k, &blk.w, batch, tokens, width, hidden, eps, drop, joins);
+        Ok(At { c, blk, g })
     }
 
     /// The transition into stage `stage` for a batch of `batch` on `ws`: its weights and its
@@ -634,21 +591,13 @@ impl<K: Kernels> At<'_, K> {
         x: &K::Buf,
         x1: &mut K::Buf,
     ) -> Result<()> {
-        let At { k, blk, g, .. } = *self;
-        let (batch, rows, drop, eps) = (self.batch, self.rows, self.drop, self.eps);
+        let At { c, blk, g } = *self;
+        let (k, w) = (c.k, c.w);
+        let (batch, rows, eps) = (c.batch, c.rows(), c.eps);
         let (n, d) = (g.tokens(), g.width);
-        k.layer_norm(x, &blk.norm1_w, &blk.norm1_b, rows, d, eps, &mut ws.h)?;
+        k.layer_norm(x, &w.norm1_w, &w.norm1_b, rows, d, eps, &mut ws.h)?;
         k.window_partition(&ws.h, g.windows(batch), &mut ws.a)?;
-        k.linear(
-            &ws.a,
-            &blk.qkv_w,
-            Some(&blk.qkv_b),
-            rows,
-            d,
-            3 * d,
-            qkv,
-            false,
-        )?;
+        k.linear(&ws.a, &w.qkv_w, Some(&w.qkv_b), rows, d, 3 * d, qkv, false)?;
         k.attention_bias(
             qkv,
             g.attn(batch),
@@ -659,8 +608,8 @@ impl<K: Kernels> At<'_, K> {
         )?;
         k.linear(
             &ws.h,
-            &blk.proj_w,
-            Some(&blk.proj_b),
+            &w.proj_w,
+            Some(&w.proj_b),
             rows,
             d,
             d,
@@ -669,69 +618,31 @@ impl<K: Kernels> At<'_, K> {
         )?;
         k.window_merge(&ws.a, g.windows(batch), &mut ws.h)?;
         k.copy(x, x1, rows * d)?;
-        k.add_scaled(x1, &ws.h, batch, n * d, drop.map(|dp| &dp.attn))
+        k.add_scaled(x1, &ws.h, batch, n * d, c.scales(Branch::Attn))
     }
 
-    /// The MLP pre-activation `u = fc1(LN2(x1))`.
-    fn mlp_pre(&self, ws: &mut Scratch<K>, u: &mut K::Buf, x1: &K::Buf) -> Result<()> {
-        let At { k, blk, g, .. } = *self;
-        let (rows, eps) = (self.rows, self.eps);
-        let d = g.width;
-        k.layer_norm(x1, &blk.norm2_w, &blk.norm2_b, rows, d, eps, &mut ws.h)?;
-        k.linear(
-            &ws.h,
-            &blk.fc1_w,
-            Some(&blk.fc1_b),
-            rows,
-            d,
-            g.hidden,
-            u,
-            false,
-        )
-    }
-
-    /// `out += s_mlp * fc2(gelu(u))` (`out` holding `x1`).
-    fn mlp_out(&self, ws: &mut Scratch<K>, u: &K::Buf, out: &mut K::Buf) -> Result<()> {
-        let At { k, blk, g, .. } = *self;
-        let (batch, rows, drop) = (self.batch, self.rows, self.drop);
-        let (n, d, hidden) = (g.tokens(), g.width, g.hidden);
-        k.gelu(u, rows * hidden, &mut ws.g)?;
-        k.linear(
-            &ws.g,
-            &blk.fc2_w,
-            Some(&blk.fc2_b),
-            rows,
-            hidden,
-            d,
-            &mut ws.a,
-            false,
-        )?;
-        k.add_scaled(out, &ws.a, batch, n * d, drop.map(|dp| &dp.mlp))
-    }
-
-    /// The block's VJP from its internals `x1`, `qkv` and `u`.
+    /// The block's VJP from its internals `x1`, `qkv` and `u`; without `u`, the MLP
+    /// pre-activation is recomputed into `spare`.
+    #[allow(clippy::too_many_arguments)]
     fn vjp_from(
         &self,
         s: &mut Scratch<K>,
+        spare: &mut K::Buf,
         x: &K::Buf,
-        (x1, qkv, u): (&K::Buf, &K::Buf, &K::Buf),
+        (x1, qkv, u): (&K::Buf, &K::Buf, Option<&K::Buf>),
         dy: &K::Buf,
         dx: &mut K::Buf,
     ) -> Result<()> {
-        let At { k, blk, g, .. } = *self;
-        let (batch, rows, drop, eps) = (self.batch, self.rows, self.drop, self.eps);
-        let (n, d, hidden) = (g.tokens(), g.width, g.hidden);
+        let At { c, blk, g } = *self;
+        let (k, w) = (c.k, c.w);
+        let (batch, rows, eps) = (c.batch, c.rows(), c.eps);
+        let d = g.width;
         // MLP branch: dx1 = dy + LN2'(x1)^T fc1^T (gelu'(u) fc2^T (s_mlp dy))
-        k.scaled(dy, batch, n * d, drop.map(|dp| &dp.mlp), &mut s.a)?;
-        k.linear_vjp(&s.a, &blk.fc2_w, rows, hidden, d, &mut s.g, false)?;
-        k.gelu_vjp(u, rows * hidden, &mut s.g)?;
-        k.linear_vjp(&s.g, &blk.fc1_w, rows, d, hidden, &mut s.h, false)?;
-        k.copy(dy, dx, rows * d)?;
-        k.layer_norm_vjp(x1, &blk.norm2_w, &s.h, rows, d, eps, dx, true)?;
+        c.mlp_vjp_saved(s.mlp(), x1, u, spare, dy, dx)?;
         // attention branch: windows of s_attn dx1, back through proj, attention, qkv
-        k.scaled(dx, batch, n * d, drop.map(|dp| &dp.attn), &mut s.a)?;
-        k.window_partition(&s.a, g.windows(batch), &mut s.t)?;
-        k.linear_vjp(&s.t, &blk.proj_w, rows, d, d, &mut s.h, false)?;
+        let da = c.branch_grad(dx, Branch::Attn, &mut s.a)?;
+        k.window_partition(da, g.windows(batch), &mut s.t)?;
+        k.linear_vjp(&s.t, &w.proj_w, rows, d, d, &mut s.h, false)?;
         k.attention_bias_vjp(
             qkv,
             &s.h,
@@ -741,17 +652,21 @@ impl<K: Kernels> At<'_, K> {
             &mut s.g,
             &mut s.scratch,
         )?;
-        k.linear_vjp(&s.g, &blk.qkv_w, rows, d, 3 * d, &mut s.t, false)?;
+        k.linear_vjp(&s.g, &w.qkv_w, rows, d, 3 * d, &mut s.t, false)?;
         k.window_merge(&s.t, g.windows(batch), &mut s.h)?;
-        k.layer_norm_vjp(x, &blk.norm1_w, &s.h, rows, d, eps, dx, true)
+        k.layer_norm_vjp(x, &w.norm1_w, &s.h, rows, d, eps, dx, true)
     }
 }
 
-/// The error for a saved state of the wrong number of buffers.
-fn saved_count(name: &str, got: usize) -> DtlError {
-    DtlError::invalid(format!(
-        "{name}: a block's saved internals are 3 buffers (x1, qkv, u) or 2 (x1, qkv), {got} given"
-    ))
+impl<K: Kernels> Scratch<K> {
+    /// The scratch of a block's MLP half.
+    fn mlp(&mut self) -> BlockScratch<'_, K> {
+        BlockScratch {
+            h: &mut self.h,
+            a: &mut self.a,
+            g: &mut self.g,
+        }
+    }
 }
 
 impl SwinOn<dtl_kernels::CpuKernels> {
@@ -765,26 +680,19 @@ impl SwinOn<dtl_kernels::CpuKernels> {
     pub fn from_weights(cfg: &SwinConfig, weights: SwinWeights) -> Result<Self> {
         use dtl_kernels::CpuBuf;
         let (prep, w) = prepare(cfg, weights)?;
+        let eps = cfg.spec().norm_eps as f32;
         let own = CpuBuf::from_vec;
         let blocks = prep
             .blocks
             .into_iter()
-            .map(|(b, bias, groups)| BlockOn {
-                norm1_w: own(b.norm1_w),
-                norm1_b: own(b.norm1_b),
-                qkv_w: own(b.qkv_w),
-                qkv_b: own(b.qkv_b),
-                proj_w: own(b.proj_w),
-                proj_b: own(b.proj_b),
-                norm2_w: own(b.norm2_w),
-                norm2_b: own(b.norm2_b),
-                fc1_w: own(b.fc1_w),
-                fc1_b: own(b.fc1_b),
-                fc2_w: own(b.fc2_w),
-                fc2_b: own(b.fc2_b),
-                bias: own(bias),
-                groups,
-                table: b.rel_table,
+            .map(|(b, bias, groups)| {
+                let (pairs, table) = b.into_parts();
+                BlockOn {
+                    w: pairs.map(own),
+                    bias: own(bias),
+                    groups,
+                    table,
+                }
             })
             .collect();
         let merges = w
@@ -801,12 +709,20 @@ impl SwinOn<dtl_kernels::CpuKernels> {
             spec: cfg.spec(),
             patch_w: own(w.patch_w),
             patch_b: own(w.patch_b),
-            patch_norm_w: own(w.patch_norm_w),
-            patch_norm_b: own(w.patch_norm_b),
+            patch_norm: NormOn {
+                w: own(w.patch_norm_w),
+                b: own(w.patch_norm_b),
+                width: cfg.embed_dim,
+                eps,
+            },
             blocks,
             merges,
-            norm_w: own(w.norm_w),
-            norm_b: own(w.norm_b),
+            norm: NormOn {
+                w: own(w.norm_w),
+                b: own(w.norm_b),
+                width: cfg.width(cfg.stages() - 1),
+                eps,
+            },
         })
     }
 }
@@ -871,16 +787,7 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
             &mut ws.s.h,
             false,
         )?;
-        let eps = self.spec.norm_eps as f32;
-        k.layer_norm(
-            &ws.s.h,
-            &self.patch_norm_w,
-            &self.patch_norm_b,
-            batch * np,
-            d,
-            eps,
-            out,
-        )
+        self.patch_norm.forward(k, &ws.s.h, batch * np, out)
     }
 
     fn block_forward(
@@ -896,8 +803,7 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         let at = self.placed(k, ws, block, batch, drop)?;
         let s = &mut ws.s;
         at.attn_half(s, &mut ws.qkv, x, out)?;
-        at.mlp_pre(s, &mut ws.u, out)?;
-        at.mlp_out(s, &ws.u, out)
+        at.c.mlp_half(s.mlp(), &mut ws.u, out)
     }
 
     fn block_vjp(
@@ -912,11 +818,10 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         dx: &mut K::Buf,
     ) -> Result<()> {
         let at = self.placed(k, ws, block, batch, drop)?;
-        // recompute x1, qkv and the MLP pre-activation
+        // recompute x1 and qkv here, the MLP pre-activation in the VJP
         let s = &mut ws.s;
         at.attn_half(s, &mut ws.qkv, x, &mut ws.x1)?;
-        at.mlp_pre(s, &mut ws.u, &ws.x1)?;
-        at.vjp_from(s, x, (&ws.x1, &ws.qkv, &ws.u), dy, dx)
+        at.vjp_from(s, &mut ws.u, x, (&ws.x1, &ws.qkv, None), dy, dx)
     }
 
     /// `x1` (rows x C), `qkv` (rows x 3C), `u` (rows x hidden), each for the largest stage.
@@ -937,18 +842,12 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         saved: &mut [K::Buf],
     ) -> Result<()> {
         let at = self.placed(k, ws, block, batch, drop)?;
-        let (x1, qkv, u) = match saved {
-            [x1, qkv, u] => (x1, qkv, Some(u)),
-            [x1, qkv] => (x1, qkv, None),
-            _ => return Err(saved_count(&self.cfg.name, saved.len())),
-        };
+        let (x1, qkv, u) = saved_mut(&self.cfg.name, saved)?;
         let s = &mut ws.s;
         at.attn_half(s, qkv, x, x1)?;
         // without a kept `u`, the MLP pre-activation lives in the workspace
         let u = u.unwrap_or(&mut ws.u);
-        at.mlp_pre(s, u, x1)?;
-        k.copy(x1, out, at.rows * at.g.width)?;
-        at.mlp_out(s, u, out)
+        at.c.mlp_half_from(s.mlp(), x1, u, out)
     }
 
     fn block_vjp_saved(
@@ -964,16 +863,9 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
         dx: &mut K::Buf,
     ) -> Result<()> {
         let at = self.placed(k, ws, block, batch, drop)?;
-        let (x1, qkv, u) = match saved {
-            [x1, qkv, u] => (x1, qkv, u),
-            [x1, qkv] => {
-                // recompute the MLP pre-activation only
-                at.mlp_pre(&mut ws.s, &mut ws.u, x1)?;
-                (x1, qkv, &ws.u)
-            }
-            _ => return Err(saved_count(&self.cfg.name, saved.len())),
-        };
-        at.vjp_from(&mut ws.s, x, (x1, qkv, u), dy, dx)
+        // without a kept `u`, the MLP pre-activation alone is recomputed
+        let internals = saved_ref(&self.cfg.name, saved)?;
+        at.vjp_from(&mut ws.s, &mut ws.u, x, internals, dy, dx)
     }
 
     fn stage_forward(
@@ -1045,13 +937,11 @@ impl<K: Kernels> KernelBackbone<K> for SwinOn<K> {
     }
 
     fn norm_forward(&self, k: &K, x: &K::Buf, rows: usize, out: &mut K::Buf) -> Result<()> {
-        let (d, eps) = (self.spec.width, self.spec.norm_eps as f32);
-        k.layer_norm(x, &self.norm_w, &self.norm_b, rows, d, eps, out)
+        self.norm.forward(k, x, rows, out)
     }
 
     fn norm_vjp(&self, k: &K, x: &K::Buf, dy: &K::Buf, rows: usize, dx: &mut K::Buf) -> Result<()> {
-        let (d, eps) = (self.spec.width, self.spec.norm_eps as f32);
-        k.layer_norm_vjp(x, &self.norm_w, dy, rows, d, eps, dx, false)
+        self.norm.vjp(k, x, dy, rows, dx)
     }
 }
 

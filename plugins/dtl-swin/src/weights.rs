@@ -1,6 +1,7 @@
 //! A Swin backbone's frozen weights on the host, in timm's layouts.
 
 use dtl_core::{DtlError, Result};
+use dtl_kernels::block::PreNorm;
 use rand::{Rng, SeedableRng};
 
 use crate::SwinConfig;
@@ -42,6 +43,93 @@ pub struct SwinBlockWeights {
     pub fc2_w: Vec<f32>,
     /// `mlp.fc2.bias`.
     pub fc2_b: Vec<f32>,
+}
+
+impl SwinBlockWeights {
+    /// The norm/linear pairs, borrowed.
+    pub(crate) fn pre_norm(&self) -> PreNorm<&[f32]> {
+        PreNorm {
+            norm1_w: &self.norm1_w,
+            norm1_b: &self.norm1_b,
+            qkv_w: &self.qkv_w,
+            qkv_b: &self.qkv_b,
+            proj_w: &self.proj_w,
+            proj_b: &self.proj_b,
+            norm2_w: &self.norm2_w,
+            norm2_b: &self.norm2_b,
+            fc1_w: &self.fc1_w,
+            fc1_b: &self.fc1_b,
+            fc2_w: &self.fc2_w,
+            fc2_b: &self.fc2_b,
+        }
+    }
+
+    /// The norm/linear pairs and the relative-position bias table.
+    pub(crate) fn into_parts(self) -> (PreNorm<Vec<f32>>, Vec<f32>) {
+        let SwinBlockWeights {
+            norm1_w,
+            norm1_b,
+            qkv_w,
+            qkv_b,
+            proj_w,
+            proj_b,
+            rel_table,
+            norm2_w,
+            norm2_b,
+            fc1_w,
+            fc1_b,
+            fc2_w,
+            fc2_b,
+        } = self;
+        let pairs = PreNorm {
+            norm1_w,
+            norm1_b,
+            qkv_w,
+            qkv_b,
+            proj_w,
+            proj_b,
+            norm2_w,
+            norm2_b,
+            fc1_w,
+            fc1_b,
+            fc2_w,
+            fc2_b,
+        };
+        (pairs, rel_table)
+    }
+
+    /// The block from its norm/linear pairs and its relative-position bias table.
+    pub(crate) fn from_parts(pairs: PreNorm<Vec<f32>>, rel_table: Vec<f32>) -> Self {
+        let PreNorm {
+            norm1_w,
+            norm1_b,
+            qkv_w,
+            qkv_b,
+            proj_w,
+            proj_b,
+            norm2_w,
+            norm2_b,
+            fc1_w,
+            fc1_b,
+            fc2_w,
+            fc2_b,
+        } = pairs;
+        SwinBlockWeights {
+            norm1_w,
+            norm1_b,
+            qkv_w,
+            qkv_b,
+            proj_w,
+            proj_b,
+            rel_table,
+            norm2_w,
+            norm2_b,
+            fc1_w,
+            fc1_b,
+            fc2_w,
+            fc2_b,
+        }
+    }
 }
 
 /// The patch merging of the transition into a stage (timm 1.0's `layers.<s>.downsample`):
@@ -182,7 +270,7 @@ impl SwinWeights {
         let name = &cfg.name;
         let want = |key: &str, got: usize, n: usize| -> Result<()> {
             if got != n {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "{name}: tensor `{key}` holds {got} values, the variant needs {n}"
                 )));
             }
@@ -199,7 +287,7 @@ impl SwinWeights {
         want("patch_embed.norm.bias", self.patch_norm_b.len(), c0)?;
         let depth: usize = cfg.depths.iter().sum();
         if self.blocks.len() != depth || self.merges.len() + 1 != cfg.stages() {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{name}: {} blocks and {} patch mergings given, the variant has {depth} blocks and {} mergings",
                 self.blocks.len(),
                 self.merges.len(),
@@ -221,24 +309,13 @@ impl SwinWeights {
             for j in 0..cfg.depths[s] {
                 let b = &self.blocks[g];
                 g += 1;
-                let k = |t: &str| format!("layers.{s}.blocks.{j}.{t}");
-                want(&k("norm1.weight"), b.norm1_w.len(), c)?;
-                want(&k("norm1.bias"), b.norm1_b.len(), c)?;
-                want(&k("attn.qkv.weight"), b.qkv_w.len(), 3 * c * c)?;
-                want(&k("attn.qkv.bias"), b.qkv_b.len(), 3 * c)?;
-                want(&k("attn.proj.weight"), b.proj_w.len(), c * c)?;
-                want(&k("attn.proj.bias"), b.proj_b.len(), c)?;
+                let prefix = format!("layers.{s}.blocks.{j}.");
+                b.pre_norm().check(name, &prefix, c, h)?;
                 want(
-                    &k("attn.relative_position_bias_table"),
+                    &format!("{prefix}attn.relative_position_bias_table"),
                     b.rel_table.len(),
                     cfg.table_len(s) * cfg.heads[s],
                 )?;
-                want(&k("norm2.weight"), b.norm2_w.len(), c)?;
-                want(&k("norm2.bias"), b.norm2_b.len(), c)?;
-                want(&k("mlp.fc1.weight"), b.fc1_w.len(), h * c)?;
-                want(&k("mlp.fc1.bias"), b.fc1_b.len(), h)?;
-                want(&k("mlp.fc2.weight"), b.fc2_w.len(), c * h)?;
-                want(&k("mlp.fc2.bias"), b.fc2_b.len(), c)?;
             }
         }
         let cl = cfg.width(cfg.stages() - 1);

@@ -22,7 +22,7 @@ pub(crate) fn embed<T: ConstDim, W: ConstDim, D: Device<f32>>(
     let (b, _, h, w) = *images.shape();
     let size = spec.image_size;
     if h != size || w != size {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "{}: images are {h}x{w}, the backbone takes {size}x{size}",
             spec.name
         )));
@@ -52,7 +52,7 @@ pub(crate) fn block_vjp<T: ConstDim, W: ConstDim, D: Device<f32>>(
 ) -> Result<Tokens<T, W, D>> {
     let b = x.shape().0;
     if grad_out.shape().0 != b {
-        return Err(DtlError::invalid(format!(
+        return Err(DtlError::shape(format!(
             "{}: block VJP got a gradient for {} samples and an input of {b}",
             spec.name,
             grad_out.shape().0

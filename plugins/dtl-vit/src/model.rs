@@ -94,7 +94,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
     /// ```
     pub fn new(spec: BackboneSpec, weights: VitWeights) -> Result<Self> {
         if spec.tokens() != T::SIZE || spec.width != W::SIZE {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: the spec has {} tokens of width {}, but the type is Vit<Const<{}>, Const<{}>>",
                 spec.name,
                 spec.tokens(),
@@ -186,7 +186,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
 
     fn rows_ok(&self, what: &str, len: usize, batch: usize, per: usize) -> Result<()> {
         if len != batch * per {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: {what} holds {len} values, expected {batch} x {per}",
                 self.spec_ref().name
             )));
@@ -197,7 +197,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
     fn block_ok(&self, i: usize) -> Result<()> {
         let s = self.spec_ref();
         if i >= s.depth {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::argument(format!(
                 "{}: block {i} does not exist (the variant has {} blocks)",
                 s.name, s.depth
             )));
@@ -214,7 +214,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
             None => Ok(None),
             Some(d) => {
                 if d.attn.len() != batch || d.mlp.len() != batch {
-                    return Err(DtlError::invalid(format!(
+                    return Err(DtlError::shape(format!(
                         "drop path scales for {} / {} samples given to a batch of {batch}",
                         d.attn.len(),
                         d.mlp.len()
@@ -300,7 +300,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
     fn norm_forward_buf(&self, x: &CpuBuf) -> Result<Vec<f32>> {
         let d = W::SIZE;
         if x.len() % d != 0 {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: {} values are not whole rows of width {d}",
                 self.spec_ref().name,
                 x.len()
@@ -314,7 +314,7 @@ impl<T: ConstDim, W: ConstDim> Vit<T, W> {
     fn norm_vjp_buf(&self, x: &CpuBuf, grad_out: &CpuBuf) -> Result<Vec<f32>> {
         let d = W::SIZE;
         if x.len() % d != 0 || x.len() != grad_out.len() {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: norm VJP got {} inputs and {} gradients, expected equal whole rows of width {d}",
                 self.spec_ref().name,
                 x.len(),

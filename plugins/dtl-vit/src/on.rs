@@ -2,62 +2,12 @@
 //! over the kernel set: what both the CPU and a GPU run.
 
 use dtl_core::{BackboneSpec, DtlError, Result};
+use dtl_kernels::block::{
+    check_batch, saved_mut, saved_ref, BlockCall, BlockScratch, Branch, NormOn, PreNorm, Residual,
+};
 use dtl_kernels::{AttnShape, DropScales, KernelBackbone, Kernels};
 
-use crate::weights::{BlockWeights, VitWeights};
-
-/// One block's weights on a device, timm layouts (see [`BlockWeights`]).
-struct BlockOn<K: Kernels> {
-    norm1_w: K::Buf,
-    norm1_b: K::Buf,
-    qkv_w: K::Buf,
-    qkv_b: K::Buf,
-    proj_w: K::Buf,
-    proj_b: K::Buf,
-    norm2_w: K::Buf,
-    norm2_b: K::Buf,
-    fc1_w: K::Buf,
-    fc1_b: K::Buf,
-    fc2_w: K::Buf,
-    fc2_b: K::Buf,
-}
-
-impl<K: Kernels> BlockOn<K> {
-    fn upload(k: &K, b: &BlockWeights) -> Result<Self> {
-        Ok(BlockOn {
-            norm1_w: k.upload_frozen(&b.norm1_w)?,
-            norm1_b: k.upload_frozen(&b.norm1_b)?,
-            qkv_w: k.upload_frozen(&b.qkv_w)?,
-            qkv_b: k.upload_frozen(&b.qkv_b)?,
-            proj_w: k.upload_frozen(&b.proj_w)?,
-            proj_b: k.upload_frozen(&b.proj_b)?,
-            norm2_w: k.upload_frozen(&b.norm2_w)?,
-            norm2_b: k.upload_frozen(&b.norm2_b)?,
-            fc1_w: k.upload_frozen(&b.fc1_w)?,
-            fc1_b: k.upload_frozen(&b.fc1_b)?,
-            fc2_w: k.upload_frozen(&b.fc2_w)?,
-            fc2_b: k.upload_frozen(&b.fc2_b)?,
-        })
-    }
-
-    fn download(&self, k: &K, spec: &BackboneSpec) -> Result<BlockWeights> {
-        let (d, h) = (spec.width, spec.mlp_hidden);
-        Ok(BlockWeights {
-            norm1_w: k.download(&self.norm1_w, d)?,
-            norm1_b: k.download(&self.norm1_b, d)?,
-            qkv_w: k.download(&self.qkv_w, 3 * d * d)?,
-            qkv_b: k.download(&self.qkv_b, 3 * d)?,
-            proj_w: k.download(&self.proj_w, d * d)?,
-            proj_b: k.download(&self.proj_b, d)?,
-            norm2_w: k.download(&self.norm2_w, d)?,
-            norm2_b: k.download(&self.norm2_b, d)?,
-            fc1_w: k.download(&self.fc1_w, h * d)?,
-            fc1_b: k.download(&self.fc1_b, h)?,
-            fc2_w: k.download(&self.fc2_w, d * h)?,
-            fc2_b: k.download(&self.fc2_b, d)?,
-        })
-    }
-}
+use crate::weights::VitWeights;
 
 /// A timm ViT's frozen weights on the device `K`, with its patch embedding, blocks and final
 /// norm written once over the kernel set ([`KernelBackbone`]).
@@ -90,9 +40,9 @@ pub struct VitOn<K: Kernels> {
     patch_b: K::Buf,
     prefix_tokens: K::Buf,
     pos_embed: K::Buf,
-    blocks: Vec<BlockOn<K>>,
-    norm_w: K::Buf,
-    norm_b: K::Buf,
+    /// One block's weights, timm layouts (see [`BlockWeights`](crate::BlockWeights)).
+    blocks: Vec<PreNorm<K::Buf>>,
+    norm: NormOn<K>,
 }
 
 impl<K: Kernels> std::fmt::Debug for VitOn<K> {
@@ -121,14 +71,6 @@ pub(crate) fn check_spec(spec: &BackboneSpec) -> Result<()> {
     Ok(())
 }
 
-/// The error for a saved state of the wrong number of buffers.
-fn saved_count(spec: &BackboneSpec, got: usize) -> DtlError {
-    DtlError::invalid(format!(
-        "{}: a block's saved internals are 3 buffers (x1, qkv, u) or 2 (x1, qkv), {got} given",
-        spec.name
-    ))
-}
-
 impl<K: Kernels> VitOn<K> {
     /// Uploads `weights` (checked against `spec`) to the device of `k`, every tensor as a
     /// frozen weight ([`Kernels::upload_frozen`]: rounded once to bf16 on a device opened for
@@ -151,7 +93,7 @@ impl<K: Kernels> VitOn<K> {
         let blocks = weights
             .blocks
             .iter()
-            .map(|b| BlockOn::upload(k, b))
+            .map(|b| b.upload(k))
             .collect::<Result<Vec<_>>>()?;
         Ok(VitOn {
             spec: spec.clone(),
@@ -160,8 +102,7 @@ impl<K: Kernels> VitOn<K> {
             prefix_tokens: k.upload_frozen(&weights.cls_token)?,
             pos_embed: k.upload_frozen(&weights.pos_embed)?,
             blocks,
-            norm_w: k.upload_frozen(&weights.norm_w)?,
-            norm_b: k.upload_frozen(&weights.norm_b)?,
+            norm: NormOn::upload(k, &weights.norm_w, &weights.norm_b, spec.norm_eps as f32)?,
         })
     }
 
@@ -192,29 +133,60 @@ impl<K: Kernels> VitOn<K> {
         let s = &self.spec;
         let d = s.width;
         let patch = s.in_chans * s.patch_size * s.patch_size;
+        let patch_w = k.download(&self.patch_w, d * patch)?;
+        let patch_b = k.download(&self.patch_b, d)?;
+        let cls_token = k.download(&self.prefix_tokens, s.prefix_tokens * d)?;
+        let pos_embed = k.download(&self.pos_embed, s.tokens() * d)?;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| b.download(k, d, s.mlp_hidden))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm_w, norm_b) = self.norm.download(k)?;
         Ok(VitWeights {
-            patch_w: k.download(&self.patch_w, d * patch)?,
-            patch_b: k.download(&self.patch_b, d)?,
-            cls_token: k.download(&self.prefix_tokens, s.prefix_tokens * d)?,
-            pos_embed: k.download(&self.pos_embed, s.tokens() * d)?,
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| b.download(k, s))
-                .collect::<Result<Vec<_>>>()?,
-            norm_w: k.download(&self.norm_w, d)?,
-            norm_b: k.download(&self.norm_b, d)?,
+            patch_w,
+            patch_b,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm_w,
+            norm_b,
         })
     }
 
-    fn block(&self, i: usize) -> Result<&BlockOn<K>> {
-        self.blocks.get(i).ok_or_else(|| {
-            DtlError::invalid(format!(
-                "{}: block {i} does not exist (the variant has {} blocks)",
+    /// A call of block `block` on `k` for a batch of `batch` on `ws` with drop-path scales
+    /// `drop`.
+    fn call<'a>(
+        &'a self,
+        k: &'a K,
+        ws: &VitWorkspace<K>,
+        block: usize,
+        batch: usize,
+        drop: Option<&'a DropScales<K>>,
+    ) -> Result<BlockCall<'a, K>> {
+        check_batch(&self.spec.name, ws.batch, batch)?;
+        let w = self.blocks.get(block).ok_or_else(|| {
+            DtlError::argument(format!(
+                "{}: block {block} does not exist (the variant has {} blocks)",
                 self.spec.name,
                 self.blocks.len()
             ))
-        })
+        })?;
+        let s = &self.spec;
+        let eps = s.norm_eps as f32;
+        // no drop path: each branch's last product accumulates straight onto the residual
+        let joins = Residual::Fused;
+        Ok(BlockCall::new(
+            k,
+            w,
+            batch,
+            s.tokens(),
+            s.width,
+            s.mlp_hidden,
+            eps,
+            drop,
+            joins,
+        ))
     }
 
     fn attn_shape(&self, batch: usize) -> AttnShape {
@@ -226,27 +198,13 @@ impl<K: Kernels> VitOn<K> {
         }
     }
 
-    fn check_batch(&self, ws: &VitWorkspace<K>, batch: usize) -> Result<()> {
-        if batch > ws.batch {
-            return Err(DtlError::invalid(format!(
-                "{}: a batch of {batch} given to a workspace planned for {}",
-                self.spec.name, ws.batch
-            )));
-        }
-        Ok(())
-    }
-
     /// The attention half of a block: `x1 = x + s_attn * proj(attn(LN1(x)))`, leaving the
     /// fused `qkv` in `s.qkv`.
-    #[allow(clippy::too_many_arguments)]
     fn attn_half(
         &self,
-        k: &K,
+        c: &BlockCall<'_, K>,
         s: &mut Scratch<K>,
-        blk: &BlockOn<K>,
         x: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
         x1: &mut K::Buf,
     ) -> Result<()> {
         let t = Bufs {
@@ -254,28 +212,23 @@ impl<K: Kernels> VitOn<K> {
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_half_into(k, t, &mut s.qkv, None, blk, x, batch, drop, x1)
+        self.attn_half_into(c, t, &mut s.qkv, None, x, x1)
     }
 
     /// [`Self::attn_half`] with the fused `qkv` written to `qkv`, and the attention
     /// probabilities to `keep` (a buffer and the value they start at), when given.
-    #[allow(clippy::too_many_arguments)]
     fn attn_half_into(
         &self,
-        k: &K,
+        c: &BlockCall<'_, K>,
         t: Bufs<'_, K>,
         qkv: &mut K::Buf,
         keep: Option<(&mut K::Buf, usize)>,
-        blk: &BlockOn<K>,
         x: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
         x1: &mut K::Buf,
     ) -> Result<()> {
-        let (n, d) = (self.spec.tokens(), self.spec.width);
-        let rows = batch * n;
-        let eps = self.spec.norm_eps as f32;
-        k.layer_norm(x, &blk.norm1_w, &blk.norm1_b, rows, d, eps, t.h)?;
+        let (k, blk) = (c.k, c.w);
+        let (rows, d) = (c.rows(), c.width);
+        k.layer_norm(x, &blk.norm1_w, &blk.norm1_b, rows, d, c.eps, t.h)?;
         k.linear(
             t.h,
             &blk.qkv_w,
@@ -288,95 +241,12 @@ impl<K: Kernels> VitOn<K> {
         )?;
         match keep {
             Some((probs, at)) => {
-                k.attention_keeping(qkv, self.attn_shape(batch), t.h, t.scratch, probs, at)?
+                k.attention_keeping(qkv, self.attn_shape(c.batch), t.h, t.scratch, probs, at)?
             }
-            None => k.attention(qkv, self.attn_shape(batch), t.h, t.scratch)?,
+            None => k.attention(qkv, self.attn_shape(c.batch), t.h, t.scratch)?,
         }
         k.copy(x, x1, rows * d)?;
-        match drop {
-            // no drop path: the projection accumulates straight onto the residual
-            None => k.linear(t.h, &blk.proj_w, Some(&blk.proj_b), rows, d, d, x1, true),
-            Some(dp) => {
-                k.linear(t.h, &blk.proj_w, Some(&blk.proj_b), rows, d, d, t.a, false)?;
-                k.add_scaled(x1, t.a, batch, n * d, Some(&dp.attn))
-            }
-        }
-    }
-
-    /// The MLP pre-activation `u = fc1(LN2(x1))` into `u` (`h`: scratch).
-    fn mlp_pre(
-        &self,
-        k: &K,
-        h: &mut K::Buf,
-        u: &mut K::Buf,
-        blk: &BlockOn<K>,
-        x1: &K::Buf,
-        rows: usize,
-    ) -> Result<()> {
-        let d = self.spec.width;
-        let eps = self.spec.norm_eps as f32;
-        k.layer_norm(x1, &blk.norm2_w, &blk.norm2_b, rows, d, eps, h)?;
-        let hidden = self.spec.mlp_hidden;
-        k.linear(h, &blk.fc1_w, Some(&blk.fc1_b), rows, d, hidden, u, false)
-    }
-
-    /// The MLP half of a block: `out = x1 + s_mlp * fc2(gelu(u))`, `g` and `a` scratch.
-    #[allow(clippy::too_many_arguments)]
-    fn mlp_out(
-        &self,
-        k: &K,
-        g: &mut K::Buf,
-        a: &mut K::Buf,
-        blk: &BlockOn<K>,
-        u: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
-        out: &mut K::Buf,
-    ) -> Result<()> {
-        let (n, d, hidden) = (self.spec.tokens(), self.spec.width, self.spec.mlp_hidden);
-        let rows = batch * n;
-        k.gelu(u, rows * hidden, g)?;
-        match drop {
-            None => k.linear(g, &blk.fc2_w, Some(&blk.fc2_b), rows, hidden, d, out, true),
-            Some(dp) => {
-                k.linear(g, &blk.fc2_w, Some(&blk.fc2_b), rows, hidden, d, a, false)?;
-                k.add_scaled(out, a, batch, n * d, Some(&dp.mlp))
-            }
-        }
-    }
-
-    /// The MLP branch of a block's VJP: `dx = dy + LN2'(x1)^T (fc1^T (gelu'(u) (fc2^T s_mlp dy)))`.
-    #[allow(clippy::too_many_arguments)]
-    fn mlp_vjp(
-        &self,
-        k: &K,
-        t: Bufs<'_, K>,
-        g: &mut K::Buf,
-        blk: &BlockOn<K>,
-        x1: &K::Buf,
-        u: &K::Buf,
-        dy: &K::Buf,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
-        dx: &mut K::Buf,
-    ) -> Result<()> {
-        let (n, d, hidden) = (self.spec.tokens(), self.spec.width, self.spec.mlp_hidden);
-        let rows = batch * n;
-        let eps = self.spec.norm_eps as f32;
-        // dm = s_mlp * dy; du = gelu'(u) * (dm fc2); dh2 = du fc1
-        let dm = match drop {
-            None => dy,
-            Some(dp) => {
-                k.scaled(dy, batch, n * d, Some(&dp.mlp), t.a)?;
-                &*t.a
-            }
-        };
-        k.linear_vjp(dm, &blk.fc2_w, rows, hidden, d, g, false)?;
-        k.gelu_vjp(u, rows * hidden, g)?;
-        k.linear_vjp(g, &blk.fc1_w, rows, d, hidden, t.h, false)?;
-        // dx1 = dy + LN2'(x1)^T dh2
-        k.copy(dy, dx, rows * d)?;
-        k.layer_norm_vjp(x1, &blk.norm2_w, t.h, rows, d, eps, dx, true)
+        c.add_branch(t.h, &blk.proj_w, &blk.proj_b, d, Branch::Attn, t.a, x1)
     }
 
     /// The attention branch of a block's VJP, `dx` holding `dx1` on entry and the input's
@@ -384,38 +254,27 @@ impl<K: Kernels> VitOn<K> {
     #[allow(clippy::too_many_arguments)]
     fn attn_vjp(
         &self,
-        k: &K,
+        c: &BlockCall<'_, K>,
         t: Bufs<'_, K>,
         g: &mut K::Buf,
-        blk: &BlockOn<K>,
         x: &K::Buf,
         qkv: &K::Buf,
         kept: Option<(&K::Buf, usize)>,
-        batch: usize,
-        drop: Option<&DropScales<K>>,
         dx: &mut K::Buf,
     ) -> Result<()> {
-        let (n, d) = (self.spec.tokens(), self.spec.width);
-        let rows = batch * n;
-        let eps = self.spec.norm_eps as f32;
+        let (k, blk) = (c.k, c.w);
+        let (rows, d) = (c.rows(), c.width);
         // da = s_attn * dx1; d(attention output) = da proj
-        let da = match drop {
-            None => &*dx,
-            Some(dp) => {
-                k.scaled(dx, batch, n * d, Some(&dp.attn), t.a)?;
-                &*t.a
-            }
-        };
+        let da = c.branch_grad(dx, Branch::Attn, t.a)?;
         k.linear_vjp(da, &blk.proj_w, rows, d, d, t.h, false)?;
+        let shape = self.attn_shape(c.batch);
         match kept {
-            Some((probs, at)) => {
-                k.attention_vjp_kept(qkv, probs, at, t.h, self.attn_shape(batch), g, t.scratch)?
-            }
-            None => k.attention_vjp(qkv, t.h, self.attn_shape(batch), g, t.scratch)?,
+            Some((probs, at)) => k.attention_vjp_kept(qkv, probs, at, t.h, shape, g, t.scratch)?,
+            None => k.attention_vjp(qkv, t.h, shape, g, t.scratch)?,
         }
         // dh1 = dqkv qkv_w; dx = dx1 + LN1'(x)^T dh1
         k.linear_vjp(g, &blk.qkv_w, rows, d, 3 * d, t.a, false)?;
-        k.layer_norm_vjp(x, &blk.norm1_w, t.a, rows, d, eps, dx, true)
+        k.layer_norm_vjp(x, &blk.norm1_w, t.a, rows, d, c.eps, dx, true)
     }
 }
 
@@ -524,7 +383,7 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         batch: usize,
         out: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
+        check_batch(&self.spec.name, ws.batch, batch)?;
         let s = &self.spec;
         let (c, p, d) = (s.in_chans, s.patch_size, s.width);
         let np = s.patches();
@@ -561,13 +420,18 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         drop: Option<&DropScales<K>>,
         out: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let blk = self.block(block)?;
-        let rows = batch * self.spec.tokens();
+        let c = self.call(k, ws, block, batch, drop)?;
         let s = &mut ws.s;
-        self.attn_half(k, s, blk, x, batch, drop, out)?;
-        self.mlp_pre(k, &mut s.h, &mut s.u, blk, out, rows)?;
-        self.mlp_out(k, &mut s.g, &mut s.a, blk, &s.u, batch, drop, out)
+        self.attn_half(&c, s, x, out)?;
+        c.mlp_half(
+            BlockScratch {
+                h: &mut s.h,
+                a: &mut s.a,
+                g: &mut s.g,
+            },
+            &mut s.u,
+            out,
+        )
     }
 
     fn block_vjp(
@@ -581,27 +445,23 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         drop: Option<&DropScales<K>>,
         dx: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let blk = self.block(block)?;
-        let rows = batch * self.spec.tokens();
+        let c = self.call(k, ws, block, batch, drop)?;
         let (s, x1) = (&mut ws.s, &mut ws.x1);
-        // recompute
-        self.attn_half(k, s, blk, x, batch, drop, x1)?;
-        self.mlp_pre(k, &mut s.h, &mut s.u, blk, x1, rows)?;
-        let t = Bufs {
+        // recompute x1 and qkv here, the MLP pre-activation in the MLP branch
+        self.attn_half(&c, s, x, x1)?;
+        let mlp = BlockScratch {
             h: &mut s.h,
             a: &mut s.a,
-            scratch: &mut s.qkv,
+            g: &mut s.g,
         };
-        // `scratch` is unused by the MLP branch
-        self.mlp_vjp(k, t, &mut s.g, blk, x1, &s.u, dy, batch, drop, dx)?;
+        c.mlp_vjp_saved(mlp, x1, None, &mut s.u, dy, dx)?;
         // `u` is no longer needed: it serves as the attention's scratch
         let t = Bufs {
             h: &mut s.h,
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        self.attn_vjp(k, t, &mut s.g, blk, x, &s.qkv, None, batch, drop, dx)
+        self.attn_vjp(&c, t, &mut s.g, x, &s.qkv, None, dx)
     }
 
     /// `x1` (rows x width), `qkv` (rows x 3 width), `u` (rows x hidden) followed by the
@@ -616,7 +476,7 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         let probs = K::attention_probs_len(self.attn_shape(batch));
         let u = p(&[rows, s.mlp_hidden])?
             .checked_add(probs)
-            .ok_or_else(|| DtlError::invalid(format!("{}: batch {batch} is too large", s.name)))?;
+            .ok_or_else(|| DtlError::argument(format!("{}: batch {batch} is too large", s.name)))?;
         Ok(vec![p(&[rows, s.width])?, p(&[rows, 3, s.width])?, u])
     }
 
@@ -631,30 +491,26 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         out: &mut K::Buf,
         saved: &mut [K::Buf],
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let blk = self.block(block)?;
-        let (n, d) = (self.spec.tokens(), self.spec.width);
-        let rows = batch * n;
+        let c = self.call(k, ws, block, batch, drop)?;
         let s = &mut ws.s;
-        let (x1, qkv, mut u) = match saved {
-            [x1, qkv, u] => (x1, qkv, Some(u)),
-            [x1, qkv] => (x1, qkv, None),
-            _ => return Err(saved_count(&self.spec, saved.len())),
-        };
+        let (x1, qkv, mut u) = saved_mut(&self.spec.name, saved)?;
         let t = Bufs {
             h: &mut s.h,
             a: &mut s.a,
             scratch: &mut s.u,
         };
         // with a kept `u`, the attention probabilities go after it (see `saved_lens`)
-        let at = rows * self.spec.mlp_hidden;
+        let at = c.rows() * c.hidden;
         let keep = u.as_mut().map(|b| (&mut **b, at));
-        self.attn_half_into(k, t, qkv, keep, blk, x, batch, drop, x1)?;
+        self.attn_half_into(&c, t, qkv, keep, x, x1)?;
         // without a kept `u`, the MLP pre-activation lives in the scratch
         let u = u.unwrap_or(&mut s.u);
-        self.mlp_pre(k, &mut s.h, u, blk, x1, rows)?;
-        k.copy(x1, out, rows * d)?;
-        self.mlp_out(k, &mut s.g, &mut s.a, blk, u, batch, drop, out)
+        let mlp = BlockScratch {
+            h: &mut s.h,
+            a: &mut s.a,
+            g: &mut s.g,
+        };
+        c.mlp_half_from(mlp, x1, u, out)
     }
 
     fn block_vjp_saved(
@@ -669,53 +525,32 @@ impl<K: Kernels> KernelBackbone<K> for VitOn<K> {
         saved: &[K::Buf],
         dx: &mut K::Buf,
     ) -> Result<()> {
-        self.check_batch(ws, batch)?;
-        let blk = self.block(block)?;
+        let c = self.call(k, ws, block, batch, drop)?;
         let s = &mut ws.s;
-        match saved {
-            [x1, _, u] => {
-                let t = Bufs {
-                    h: &mut s.h,
-                    a: &mut s.a,
-                    scratch: &mut s.u,
-                };
-                self.mlp_vjp(k, t, &mut s.g, blk, x1, u, dy, batch, drop, dx)?;
-            }
-            [x1, _] => {
-                // recompute the MLP pre-activation only
-                let rows = batch * self.spec.tokens();
-                self.mlp_pre(k, &mut s.h, &mut s.u, blk, x1, rows)?;
-                let t = Bufs {
-                    h: &mut s.h,
-                    a: &mut s.a,
-                    scratch: &mut s.qkv,
-                };
-                // `scratch` is unused by the MLP branch
-                self.mlp_vjp(k, t, &mut s.g, blk, x1, &s.u, dy, batch, drop, dx)?;
-            }
-            _ => return Err(saved_count(&self.spec, saved.len())),
-        }
-        let qkv = &saved[1];
+        let (x1, qkv, u) = saved_ref(&self.spec.name, saved)?;
+        // without a kept `u`, the MLP pre-activation is recomputed into the scratch
+        let mlp = BlockScratch {
+            h: &mut s.h,
+            a: &mut s.a,
+            g: &mut s.g,
+        };
+        c.mlp_vjp_saved(mlp, x1, u, &mut s.u, dy, dx)?;
         let t = Bufs {
             h: &mut s.h,
             a: &mut s.a,
             scratch: &mut s.u,
         };
-        let kept = match saved {
-            [_, _, u] => Some((u, batch * self.spec.tokens() * self.spec.mlp_hidden)),
-            _ => None,
-        };
-        self.attn_vjp(k, t, &mut s.g, blk, x, qkv, kept, batch, drop, dx)
+        // the attention probabilities, kept after `u`
+        let kept = u.map(|u| (u, c.rows() * c.hidden));
+        self.attn_vjp(&c, t, &mut s.g, x, qkv, kept, dx)
     }
 
     fn norm_forward(&self, k: &K, x: &K::Buf, rows: usize, out: &mut K::Buf) -> Result<()> {
-        let (d, eps) = (self.spec.width, self.spec.norm_eps as f32);
-        k.layer_norm(x, &self.norm_w, &self.norm_b, rows, d, eps, out)
+        self.norm.forward(k, x, rows, out)
     }
 
     fn norm_vjp(&self, k: &K, x: &K::Buf, dy: &K::Buf, rows: usize, dx: &mut K::Buf) -> Result<()> {
-        let (d, eps) = (self.spec.width, self.spec.norm_eps as f32);
-        k.layer_norm_vjp(x, &self.norm_w, dy, rows, d, eps, dx, false)
+        self.norm.vjp(k, x, dy, rows, dx)
     }
 }
 
@@ -733,24 +568,7 @@ impl VitOn<dtl_kernels::CpuKernels> {
         check_spec(spec)?;
         weights.check(spec)?;
         let own = |v: Vec<f32>| CpuBuf::from_vec(v);
-        let blocks = weights
-            .blocks
-            .into_iter()
-            .map(|b| BlockOn {
-                norm1_w: own(b.norm1_w),
-                norm1_b: own(b.norm1_b),
-                qkv_w: own(b.qkv_w),
-                qkv_b: own(b.qkv_b),
-                proj_w: own(b.proj_w),
-                proj_b: own(b.proj_b),
-                norm2_w: own(b.norm2_w),
-                norm2_b: own(b.norm2_b),
-                fc1_w: own(b.fc1_w),
-                fc1_b: own(b.fc1_b),
-                fc2_w: own(b.fc2_w),
-                fc2_b: own(b.fc2_b),
-            })
-            .collect();
+        let blocks = weights.blocks.into_iter().map(|b| b.map(own)).collect();
         Ok(VitOn {
             spec: spec.clone(),
             patch_w: own(weights.patch_w),
@@ -758,31 +576,13 @@ impl VitOn<dtl_kernels::CpuKernels> {
             prefix_tokens: own(weights.cls_token),
             pos_embed: own(weights.pos_embed),
             blocks,
-            norm_w: own(weights.norm_w),
-            norm_b: own(weights.norm_b),
+            norm: NormOn {
+                w: own(weights.norm_w),
+                b: own(weights.norm_b),
+                width: spec.width,
+                eps: spec.norm_eps as f32,
+            },
         })
-    }
-}
-
-impl<K: Kernels> Clone for BlockOn<K>
-where
-    K::Buf: Clone,
-{
-    fn clone(&self) -> Self {
-        BlockOn {
-            norm1_w: self.norm1_w.clone(),
-            norm1_b: self.norm1_b.clone(),
-            qkv_w: self.qkv_w.clone(),
-            qkv_b: self.qkv_b.clone(),
-            proj_w: self.proj_w.clone(),
-            proj_b: self.proj_b.clone(),
-            norm2_w: self.norm2_w.clone(),
-            norm2_b: self.norm2_b.clone(),
-            fc1_w: self.fc1_w.clone(),
-            fc1_b: self.fc1_b.clone(),
-            fc2_w: self.fc2_w.clone(),
-            fc2_b: self.fc2_b.clone(),
-        }
     }
 }
 
@@ -808,8 +608,7 @@ where
             prefix_tokens: self.prefix_tokens.clone(),
             pos_embed: self.pos_embed.clone(),
             blocks: self.blocks.clone(),
-            norm_w: self.norm_w.clone(),
-            norm_b: self.norm_b.clone(),
+            norm: self.norm.clone(),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The frozen parameters of a ViT, stored flat in PyTorch's layouts.
 
 use dtl_core::{BackboneSpec, DtlError, Result};
+use dtl_kernels::block::PreNorm;
 use rand::{Rng, SeedableRng};
 
-/// Parameters of one transformer block, flat, in timm's (PyTorch) layouts.
+/// Parameters of one transformer block, flat, in timm's (PyTorch) layouts: the block's
+/// norm/linear pairs as host vectors ([`PreNorm`], whose fields name the tensors).
 ///
 /// Linear weights are `(out, in)` row-major; `qkv_w` is timm's fused `(3 D, D)` matrix whose
 /// output rows are `[q | k | v]`, each split into heads.
@@ -13,33 +15,7 @@ use rand::{Rng, SeedableRng};
 /// let b = &dtl_vit::VitWeights::random(&spec, 0).blocks[0];
 /// assert_eq!((b.qkv_w.len(), b.fc1_w.len()), (3 * 8 * 8, 32 * 8));
 /// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockWeights {
-    /// `norm1.weight` (D).
-    pub norm1_w: Vec<f32>,
-    /// `norm1.bias` (D).
-    pub norm1_b: Vec<f32>,
-    /// `attn.qkv.weight` (3 D, D).
-    pub qkv_w: Vec<f32>,
-    /// `attn.qkv.bias` (3 D).
-    pub qkv_b: Vec<f32>,
-    /// `attn.proj.weight` (D, D).
-    pub proj_w: Vec<f32>,
-    /// `attn.proj.bias` (D).
-    pub proj_b: Vec<f32>,
-    /// `norm2.weight` (D).
-    pub norm2_w: Vec<f32>,
-    /// `norm2.bias` (D).
-    pub norm2_b: Vec<f32>,
-    /// `mlp.fc1.weight` (hidden, D).
-    pub fc1_w: Vec<f32>,
-    /// `mlp.fc1.bias` (hidden).
-    pub fc1_b: Vec<f32>,
-    /// `mlp.fc2.weight` (D, hidden).
-    pub fc2_w: Vec<f32>,
-    /// `mlp.fc2.bias` (D).
-    pub fc2_b: Vec<f32>,
-}
+pub type BlockWeights = PreNorm<Vec<f32>>;
 
 /// Every frozen parameter of a ViT (no classifier head).
 ///
@@ -143,56 +119,32 @@ impl VitWeights {
         let d = spec.width;
         let hidden = spec.mlp_hidden;
         let patch = spec.in_chans * spec.patch_size * spec.patch_size;
-        let mut checks: Vec<(String, usize, usize)> = vec![
-            (
-                "patch_embed.proj.weight".into(),
-                self.patch_w.len(),
-                d * patch,
-            ),
-            ("patch_embed.proj.bias".into(), self.patch_b.len(), d),
-            (
-                "cls_token".into(),
-                self.cls_token.len(),
-                spec.prefix_tokens * d,
-            ),
-            ("pos_embed".into(), self.pos_embed.len(), spec.tokens() * d),
-            ("norm.weight".into(), self.norm_w.len(), d),
-            ("norm.bias".into(), self.norm_b.len(), d),
+        let checks = [
+            ("patch_embed.proj.weight", self.patch_w.len(), d * patch),
+            ("patch_embed.proj.bias", self.patch_b.len(), d),
+            ("cls_token", self.cls_token.len(), spec.prefix_tokens * d),
+            ("pos_embed", self.pos_embed.len(), spec.tokens() * d),
+            ("norm.weight", self.norm_w.len(), d),
+            ("norm.bias", self.norm_b.len(), d),
         ];
         if self.blocks.len() != spec.depth {
-            return Err(DtlError::invalid(format!(
+            return Err(DtlError::shape(format!(
                 "{}: weights hold {} blocks, the variant has {}",
                 spec.name,
                 self.blocks.len(),
                 spec.depth
             )));
         }
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("blocks.{i}.");
-            for (name, len, want) in [
-                ("norm1.weight", b.norm1_w.len(), d),
-                ("norm1.bias", b.norm1_b.len(), d),
-                ("attn.qkv.weight", b.qkv_w.len(), 3 * d * d),
-                ("attn.qkv.bias", b.qkv_b.len(), 3 * d),
-                ("attn.proj.weight", b.proj_w.len(), d * d),
-                ("attn.proj.bias", b.proj_b.len(), d),
-                ("norm2.weight", b.norm2_w.len(), d),
-                ("norm2.bias", b.norm2_b.len(), d),
-                ("mlp.fc1.weight", b.fc1_w.len(), hidden * d),
-                ("mlp.fc1.bias", b.fc1_b.len(), hidden),
-                ("mlp.fc2.weight", b.fc2_w.len(), d * hidden),
-                ("mlp.fc2.bias", b.fc2_b.len(), d),
-            ] {
-                checks.push((format!("{p}{name}"), len, want));
-            }
-        }
         for (name, len, want) in checks {
             if len != want {
-                return Err(DtlError::invalid(format!(
+                return Err(DtlError::shape(format!(
                     "{}: tensor `{name}` holds {len} values, the variant needs {want}",
                     spec.name
                 )));
             }
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.check(&spec.name, &format!("blocks.{i}."), d, hidden)?;
         }
         Ok(())
     }

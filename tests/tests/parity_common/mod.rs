@@ -10,15 +10,15 @@ use std::sync::Arc;
 use dfdx::prelude::*;
 use dtl_core::{Backbone, Head};
 use dtl_runner::device::TrainDevice;
-use dtl_runner::job::loss_and_grads;
 use dtl_runner::model::{smoothed_targets, Model};
 use dtl_runner::optim::AdamW;
 use dtl_runner::sides::{DtlSide, LinearHead};
+use dtl_runner::step::loss_and_grads;
 use dtl_vit::variants::VitTestPatch8_32;
 
 #[path = "../common/mod.rs"]
 mod common;
-pub use common::read_fixture;
+pub use common::{read_fixture, rel_err};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dtl-reference")
@@ -27,16 +27,6 @@ pub fn fixtures() -> PathBuf {
 /// Every tensor of a fixture as (shape, f64 values).
 pub fn read(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
     read_fixture(&fixtures(), name)
-}
-
-pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |a, &b| a.max(b.abs())).max(1e-12);
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max)
-        / scale
 }
 
 /// The reference ViT of the fixtures.
@@ -221,7 +211,7 @@ pub fn adamw_trajectory<B: Backbone<D>, D: TrainDevice>(
     assert_eq!(want.len() as u64, a["steps"].as_u64().unwrap());
     assert_eq!(a["no_decay"], "names ending in .bias");
     for (i, &w) in want.iter().enumerate() {
-        let loss = dtl_runner::job::train_step(
+        let loss = dtl_runner::step::train_step(
             &mut case.model,
             &mut opt,
             &images,

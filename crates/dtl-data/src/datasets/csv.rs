@@ -120,16 +120,17 @@ fn open_csv(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
         1 => 1,
         3 => 3,
         c => {
-            return Err(DtlError::invalid(format!(
-                "data.options.channels: must be 1 (greyscale) or 3 (RGB, values r,g,b per pixel), got {c}"
-            )))
+            return Err(DtlError::setting(
+                "data.options.channels",
+                format!("must be 1 (greyscale) or 3 (RGB, values r,g,b per pixel), got {c}"),
+            ))
         }
     };
     let name = split_name(cfg, split);
     let path = find_csv(&cfg.root, name).ok_or_else(|| {
         let key = if split == Split::Train { "data.train" } else { "data.test" };
-        DtlError::invalid(format!(
-            "{key}: `{}` has no `{name}.csv` or `{name}.csv.gz`; the csv layout expects <root>/<split>.csv[.gz]",
+        DtlError::setting(key, format!(
+            "`{}` has no `{name}.csv` or `{name}.csv.gz`; the csv layout expects <root>/<split>.csv[.gz]",
             cfg.root.display()
         ))
     })?;

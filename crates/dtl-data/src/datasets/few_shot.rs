@@ -36,8 +36,8 @@ fn few_shot_dataset(name: &str) -> Option<(&'static str, usize)> {
 fn open_few_shot(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
     check_options(cfg, &["shots", "seed", "images", "classes"])?;
     let task = cfg.task.as_deref().ok_or_else(|| {
-        DtlError::invalid(
-            "data.task: required for data.kind = \"few-shot\"; name the dataset, e.g. \"fgvc-aircraft\", \"food-101\", \"oxford-flowers102\", \"oxford-pets\", \"stanford-cars\"",
+        DtlError::setting(
+            "data.task", "required for data.kind = \"few-shot\"; name the dataset, e.g. \"fgvc-aircraft\", \"food-101\", \"oxford-flowers102\", \"oxford-pets\", \"stanford-cars\"",
         )
     })?;
     let candidates = |name: &str| {
@@ -59,8 +59,8 @@ fn open_few_shot(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
         }
     }
     let ann = ann.ok_or_else(|| {
-        DtlError::invalid(format!(
-            "data.task: no annotations for `{task}`: looked for `{}`; the FGFS layout is few-shot_split/<dataset>/annotations/ under data.root",
+        DtlError::setting("data.task", format!(
+            "no annotations for `{task}`: looked for `{}`; the FGFS layout is few-shot_split/<dataset>/annotations/ under data.root",
             candidates(&folder)[0].display()
         ))
     })?;
@@ -89,8 +89,8 @@ fn open_few_shot(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
         } else {
             "data.test".to_string()
         };
-        return Err(DtlError::invalid(format!(
-            "{key}: list `{}` does not exist (split `{name}`, shots {shots}, seed {seed}); shots are 1, 2, 4, 8 or 16 and seeds 0-2; lists present: {}",
+        return Err(DtlError::setting(key, format!(
+            "list `{}` does not exist (split `{name}`, shots {shots}, seed {seed}); shots are 1, 2, 4, 8 or 16 and seeds 0-2; lists present: {}",
             list.display(),
             present.join(", ")
         )));

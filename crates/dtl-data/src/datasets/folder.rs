@@ -82,8 +82,8 @@ impl FolderDataset {
         let dir = root.join(split);
         for d in [&train_dir, &dir] {
             if !d.is_dir() {
-                return Err(DtlError::invalid(format!(
-                    "data.root: split folder `{}` does not exist; image-folder expects <root>/<split>/<class>/<image>",
+                return Err(DtlError::setting("data.root", format!(
+                    "split folder `{}` does not exist; image-folder expects <root>/<split>/<class>/<image>",
                     d.display()
                 )));
             }
@@ -164,11 +164,17 @@ pub(crate) fn image_extensions(cfg: &DataConfig) -> Result<Vec<String>> {
             .map(|v| {
                 v.as_str()
                     .map(|s| s.trim_start_matches('.').to_ascii_lowercase())
-                    .ok_or_else(|| DtlError::invalid("data.options.extensions: expected a list of strings such as [\"jpg\", \"png\"]"))
+                    .ok_or_else(|| {
+                        DtlError::setting(
+                            "data.options.extensions",
+                            "expected a list of strings such as [\"jpg\", \"png\"]",
+                        )
+                    })
             })
             .collect(),
-        Some(_) => Err(DtlError::invalid(
-            "data.options.extensions: expected a list of strings such as [\"jpg\", \"png\"]",
+        Some(_) => Err(DtlError::setting(
+            "data.options.extensions",
+            "expected a list of strings such as [\"jpg\", \"png\"]",
         )),
     }
 }

@@ -30,8 +30,8 @@ fn find_idx(root: &Path, prefix: &str, kind: &str) -> Result<PathBuf> {
         .map(|n| root.join(n))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            DtlError::invalid(format!(
-                "data.root: `{}` has no `{}` or `{}`; the idx layout expects MNIST-style files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)",
+            DtlError::setting("data.root", format!(
+                "`{}` has no `{}` or `{}`; the idx layout expects MNIST-style files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)",
                 root.display(),
                 names[0],
                 names[1]
@@ -77,9 +77,10 @@ fn open_idx(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
             } else {
                 "data.test"
             };
-            return Err(DtlError::invalid(format!(
-                "{key}: `{other}` is not an idx split; use \"train\" or \"test\""
-            )));
+            return Err(DtlError::setting(
+                key,
+                format!("`{other}` is not an idx split; use \"train\" or \"test\""),
+            ));
         }
     };
     let img_path = find_idx(&cfg.root, prefix, "images-idx3")?;

@@ -109,8 +109,8 @@ pub const VTAB_SPLITS: [&str; 4] = ["train800val200", "train800", "val200", "tes
 fn open_vtab(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
     check_options(cfg, &["classes"])?;
     let task = cfg.task.as_deref().ok_or_else(|| {
-        DtlError::invalid(format!(
-            "data.task: required for data.kind = \"vtab-1k\"; name a task folder under `{}`, e.g. \"cifar\", \"caltech101\", \"oxford_flowers102\"",
+        DtlError::setting("data.task", format!(
+            "required for data.kind = \"vtab-1k\"; name a task folder under `{}`, e.g. \"cifar\", \"caltech101\", \"oxford_flowers102\"",
             cfg.root.display()
         ))
     })?;
@@ -127,16 +127,19 @@ fn open_vtab(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
         let hint = dtl_core::error::closest(task, names.iter().copied())
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();
-        return Err(DtlError::invalid(format!(
-            "data.task: `{task}` is not a VTAB-1k task and `{}` has no such folder{hint}; tasks: {}",
-            cfg.root.display(),
-            names.join(", ")
-        )));
+        return Err(DtlError::setting(
+            "data.task",
+            format!(
+                "`{task}` is not a VTAB-1k task and `{}` has no such folder{hint}; tasks: {}",
+                cfg.root.display(),
+                names.join(", ")
+            ),
+        ));
     };
     let dir = cfg.root.join(&folder);
     if !dir.is_dir() {
-        return Err(DtlError::invalid(format!(
-            "data.task: task folder `{}` does not exist; extract the VTAB-1k task `{folder}` there (it holds {})",
+        return Err(DtlError::setting("data.task", format!(
+            "task folder `{}` does not exist; extract the VTAB-1k task `{folder}` there (it holds {})",
             dir.display(),
             VTAB_SPLITS.map(|s| format!("{s}.txt")).join(", ")
         )));
@@ -149,11 +152,14 @@ fn open_vtab(cfg: &DataConfig, split: Split) -> Result<Box<dyn Dataset>> {
         } else {
             "data.test"
         };
-        return Err(DtlError::invalid(format!(
-            "{key}: split `{name}` has no list file: `{}` {why}; VTAB-1k splits: {}",
-            list.display(),
-            VTAB_SPLITS.join(", ")
-        )));
+        return Err(DtlError::setting(
+            key,
+            format!(
+                "split `{name}` has no list file: `{}` {why}; VTAB-1k splits: {}",
+                list.display(),
+                VTAB_SPLITS.join(", ")
+            ),
+        ));
     }
     let (classes, why) = match (option_classes(cfg)?, known) {
         (Some(c), _) => (Some(c), " (data.options.classes)".to_string()),
