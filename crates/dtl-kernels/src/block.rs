@@ -271,11 +271,7 @@ impl<T: AsRef<[f32]>> PreNorm<T> {
         let got = self.as_ref().map(|v| v.as_ref().len());
         let want = PreNorm::lens(width, hidden);
         for (key, (got, want)) in PreNorm::TIMM_NAMES.zip(got.zip(want)).into_array() {
-            if got != want {
-                return Err(DtlError::shape(format!(
-                    "{name}: tensor `{prefix}{key}` holds {got} values, the variant needs {want}"
-                )));
-            }
+            check_tensor_len(name, &format!("{prefix}{key}"), got, want)?;
         }
         Ok(())
     }
@@ -894,6 +890,23 @@ pub fn check_batch(name: &str, planned: usize, batch: usize) -> Result<()> {
     if batch > planned {
         return Err(DtlError::argument(format!(
             "{name}: a batch of {batch} given to a workspace planned for {planned}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a weights tensor `key` of the model `name` holding `got` values where the variant
+/// needs `want`: the one length check of every backbone's weights.
+///
+/// ```
+/// assert!(dtl_kernels::block::check_tensor_len("toy", "norm.bias", 4, 4).is_ok());
+/// let e = dtl_kernels::block::check_tensor_len("toy", "norm.bias", 3, 4).unwrap_err();
+/// assert_eq!(e.to_string(), "toy: tensor `norm.bias` holds 3 values, the variant needs 4");
+/// ```
+pub fn check_tensor_len(name: &str, key: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(DtlError::shape(format!(
+            "{name}: tensor `{key}` holds {got} values, the variant needs {want}"
         )));
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! A Swin backbone's frozen weights on the host, in timm's layouts.
 
 use dtl_core::{DtlError, Result};
-use dtl_kernels::block::PreNorm;
+use dtl_kernels::block::{check_tensor_len, PreNorm};
 use rand::{Rng, SeedableRng};
 
 use crate::SwinConfig;
@@ -268,14 +268,7 @@ impl SwinWeights {
     pub fn check(&self, cfg: &SwinConfig) -> Result<()> {
         cfg.check()?;
         let name = &cfg.name;
-        let want = |key: &str, got: usize, n: usize| -> Result<()> {
-            if got != n {
-                return Err(DtlError::shape(format!(
-                    "{name}: tensor `{key}` holds {got} values, the variant needs {n}"
-                )));
-            }
-            Ok(())
-        };
+        let want = |key: &str, got: usize, n: usize| check_tensor_len(name, key, got, n);
         let (c0, p) = (cfg.embed_dim, cfg.patch_size);
         want(
             "patch_embed.proj.weight",

@@ -1,7 +1,7 @@
 //! The frozen parameters of a ViT, stored flat in PyTorch's layouts.
 
 use dtl_core::{BackboneSpec, DtlError, Result};
-use dtl_kernels::block::PreNorm;
+use dtl_kernels::block::{check_tensor_len, PreNorm};
 use rand::{Rng, SeedableRng};
 
 /// Parameters of one transformer block, flat, in timm's (PyTorch) layouts: the block's
@@ -136,12 +136,7 @@ impl VitWeights {
             )));
         }
         for (name, len, want) in checks {
-            if len != want {
-                return Err(DtlError::shape(format!(
-                    "{}: tensor `{name}` holds {len} values, the variant needs {want}",
-                    spec.name
-                )));
-            }
+            check_tensor_len(&spec.name, name, len, want)?;
         }
         for (i, b) in self.blocks.iter().enumerate() {
             b.check(&spec.name, &format!("blocks.{i}."), d, hidden)?;
